@@ -1,0 +1,1 @@
+"""Load run records, fit scaling laws, plot and report."""

@@ -1,0 +1,1 @@
+"""Data pipelines (grain): the synthetic world (default) and real data set loaders."""

@@ -1,0 +1,1 @@
+"""The model zoo: one module per family, a registry by name, shared blocks."""

@@ -1,0 +1,59 @@
+"""What every model family provides: the contract the training loop, FLOP accounting and sweeps use.
+
+A family is an `nnx.Module` registered with `register_model(name, ConfigClass)`:
+
+    class Wukong(CTRModel):
+        def __init__(self, config: WukongConfig, spec: CTRFeatureSpec, *, rngs: nnx.Rngs): ...
+        def __call__(self, batch) -> logits [B]
+
+and its frozen config (a `ModelConfig`) exposes, without building the model:
+    flops_per_example(spec) -> float           forward dense FLOPs (2 x multiply-adds)
+    embedding_bytes_per_example(spec) -> float  bytes gathered from embedding tables
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+from flax import nnx
+
+from scaling.models.embedding import EmbeddingTable
+
+
+class CTRModel(nnx.Module):
+    """Base class of CTR families: batch {'sparse' [B,F] int32, 'dense' [B,D]} -> logits [B]."""
+
+    batch_keys: tuple[str, ...] = ("sparse", "dense")
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    dense: int
+    embedding: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.embedding
+
+
+def _count(state: nnx.State) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(state)))
+
+
+def param_counts(model: nnx.Module) -> ParamCounts:
+    """Parameters split into embedding tables and everything else (dense)."""
+    _, emb, dense = nnx.split(model, EmbeddingTable, nnx.Param)
+    return ParamCounts(dense=_count(dense), embedding=_count(emb))
+
+
+def abstract_param_counts(config, spec) -> ParamCounts:
+    """Parameter counts without allocating (via nnx.eval_shape)."""
+    from scaling.models.registry import build_model
+
+    model = nnx.eval_shape(lambda: build_model(config, spec, rngs=nnx.Rngs(0)))
+    return param_counts(model)

@@ -1,0 +1,1 @@
+"""Classical baselines (issues 4/7 and 5/7)."""
