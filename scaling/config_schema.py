@@ -184,35 +184,42 @@ def check_constraints(obj: Any, path: str) -> None:
             raise ConfigError(f"{path}.{err.path}" if path and err.path else (err.path or path), err.message) from None
 
 
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _apply_size(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
+    """Start from the family's size preset (if `size` names one), then let explicit keys override."""
+    size = data.get("size")
+    sizes = getattr(cls, "SIZES", {})
+    if size is None or not sizes or size == "custom":
+        return data
+    if size not in sizes:
+        hint = _did_you_mean(str(size), list(sizes))
+        raise ConfigError(_join(path, "size"), f"unknown size {size!r}{hint}; expected one of {', '.join(sizes)} or 'custom'")
+    return {**sizes[size], **data}
+
+
 def _resolve_choice(base: type, data: Mapping[str, Any], path: str) -> tuple[type, dict[str, Any]]:
     registry = base.registry()
     name = data.get("name")
     if name is None:
-        raise ConfigError(f"{path}.name" if path else "name", f"required; one of {', '.join(sorted(registry))}")
+        raise ConfigError(_join(path, "name"), f"required; one of {', '.join(sorted(registry))}")
     if name not in registry:
         hint = _did_you_mean(str(name), sorted(registry))
         raise ConfigError(
-            f"{path}.name" if path else "name",
-            f"unknown {base.KIND} {name!r}{hint}; expected one of {', '.join(sorted(registry))}",
+            _join(path, "name"), f"unknown {base.KIND} {name!r}{hint}; expected one of {', '.join(sorted(registry))}"
         )
-    cls = registry[name]
-    merged: dict[str, Any] = {}
-    size = data.get("size")
-    if size is not None and cls.SIZES:
-        if size not in cls.SIZES:
-            hint = _did_you_mean(str(size), list(cls.SIZES))
-            raise ConfigError(f"{path}.size", f"unknown size {size!r} for {name}{hint}; expected one of {', '.join(cls.SIZES)}")
-        merged.update(cls.SIZES[size])
-    merged.update(data)
-    return cls, merged
+    return registry[name], dict(data)
 
 
 def build(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:
     """Build dataclass `cls` from a mapping: unknown keys, wrong types and ranges raise ConfigError."""
     data = dict(data or {})
-    if isinstance(cls, type) and issubclass(cls, Choice) and cls.registry is not Choice.registry:
+    if isinstance(cls, type) and issubclass(cls, Choice):
         if cls not in cls.registry().values():
             cls, data = _resolve_choice(cls, data, path)
+        data = _apply_size(cls, data, path)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields]

@@ -1,0 +1,1 @@
+"""Throughput, kernel and memory benchmarks; each prints JSON (they are not tests)."""

@@ -1,0 +1,83 @@
+"""Train throughput: examples/s and achieved GFLOP/s per model size, beside the CPU/GPU matmul roofline.
+
+    python -m benchmarks.train_throughput [--steps 200] [--batch-size 512] [--out FILE]
+
+Achieved GFLOP/s = 3 x forward FLOPs/example x examples/s (the DESIGN's train-FLOP convention).
+The roofline is a dense float32 matmul measured in the same process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+
+from scaling.config import load_run_config
+from scaling.train.loop import train
+
+QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "quickstart.yaml")
+MODELS = [("wukong", "xs"), ("wukong", "m"), ("wukong", "xl"), ("dlrm", "m")]
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Dense float32 n x n matmul throughput (GFLOP/s): the roofline the models are compared with."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--models", default=",".join(f"{m}:{s}" for m, s in MODELS), help="family:size,...")
+    parser.add_argument("--out", default="", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for item in args.models.split(","):
+            family, size = item.split(":")
+            config = load_run_config(QUICK, [
+                f"model.name={family}", f"model.size={size}", f"train.steps={args.steps}",
+                f"train.batch_size={args.batch_size}", "train.eval_every=0", "train.checkpoint_every=0",
+                f"train.log_every={max(args.steps // 4, 1)}", "data.eval_examples=4096",
+                "logging.progress=false", "logging.wandb.mode=disabled", f"train.output_dir={tmp}",
+            ])
+            record = train(config)
+            rows.append({
+                "model": family, "size": size, "status": record.status,
+                "params_dense": record.params_dense, "params_embedding": record.params_embedding,
+                "mflops_per_example": record.flops_per_example_analytic / 1e6,
+                "examples_per_s": record.examples_per_s,
+                "achieved_train_gflops_per_s": 3 * record.flops_per_example_analytic * record.examples_per_s / 1e9,
+            })
+    roof = matmul_gflops()
+    for row in rows:
+        row["fraction_of_matmul_roofline"] = row["achieved_train_gflops_per_s"] / roof
+    out = {
+        "benchmark": "train_throughput", "device": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(), "batch_size": args.batch_size, "steps": args.steps,
+        "matmul_gflops_per_s": roof, "models": rows,
+    }
+    text = json.dumps(out, indent=2)
+    print(text)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

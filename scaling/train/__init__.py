@@ -1,0 +1,1 @@
+"""Training: optimizers, the jitted step, evaluation, checkpoints, run records and loggers."""

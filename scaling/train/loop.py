@@ -1,0 +1,348 @@
+"""The train/eval loop: one run config in, one run directory and run record out.
+
+    runs/<name>/<run_id>/
+      config.yaml      the resolved config (reloadable with `scaling train`)
+      metrics.jsonl    one line per log interval and per evaluation
+      result.json      the run record (scaling/train/run_record.py)
+      checkpoints/     orbax, keep-last-N, with the data iterator position
+      traceback.txt    only when the run failed
+
+Running the same config again resumes from the latest checkpoint; a finished run is not retrained.
+Ctrl-C or SIGTERM saves a checkpoint at the current step before exiting; SIGKILL loses at most the
+steps since the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import signal
+import time
+import traceback
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from scaling.config import RunConfig, dump_yaml, run_id
+from scaling.config_schema import to_dict
+from scaling.flops import xla_flops_per_example
+from scaling.models.base import param_counts
+from scaling.models.registry import build_model
+from scaling.sharding.mesh import batch_divisor, batch_sharding, make_mesh, replicated
+from scaling.train import metrics as M
+from scaling.train.checkpoint import Checkpointer
+from scaling.train.loggers import MetricsFile, ProgressBar, WandbMirror
+from scaling.train.optimizers import dense_optimizer, embedding_optimizer
+from scaling.train.run_record import (
+    RunRecord,
+    classify_failure,
+    device_info,
+    library_versions,
+    peak_memory_bytes,
+    read_record,
+)
+from scaling.train.step import StepFunctions, TrainState, split_model
+
+
+class Interrupted(Exception):
+    """Raised after a checkpoint was saved because the run was asked to stop."""
+
+
+class Diverged(Exception):
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"loss became NaN/inf at step {step}")
+
+
+def run_directory(config: RunConfig) -> str:
+    return os.path.join(config.train.output_dir, config.name, run_id(config))
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """Turn SIGINT/SIGTERM into a flag the loop checks between steps (never mid-step)."""
+    flag = {"stop": None}
+    previous = {}
+
+    def handler(signum, frame):
+        if flag["stop"] is not None:  # second Ctrl-C: give up immediately
+            raise KeyboardInterrupt
+        flag["stop"] = signal.Signals(signum).name
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+    try:
+        yield flag
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _device_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class _Evaluator:
+    """Scores the fixed held-out set in fixed-shape batches (padding is dropped before metrics)."""
+
+    arrays: dict[str, np.ndarray]
+    batch_size: int
+    keys: tuple[str, ...]
+    sharding: Any
+    reference: dict[str, float]
+    reference_logloss: float | None
+
+    def __call__(self, eval_fn, state: TrainState) -> dict[str, float]:
+        n = len(self.arrays["label"])
+        logits = []
+        for start in range(0, n, self.batch_size):
+            chunk = {k: self.arrays[k][start : start + self.batch_size] for k in self.keys}
+            pad = self.batch_size - len(chunk[self.keys[0]])
+            if pad:
+                chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in chunk.items()}
+            out = eval_fn(state, _device_batch(chunk, self.sharding))
+            logits.append(np.asarray(out)[: self.batch_size - pad])
+        scores = np.concatenate(logits)
+        result = M.ctr_metrics(self.arrays["label"], scores, base_rate=self.reference.get("base_rate"))
+        if "bayes_logloss" in self.reference:
+            result["excess_logloss"] = result["logloss"] - self.reference["bayes_logloss"]
+        if self.reference_logloss is not None:
+            result["relative_logloss_pct"] = M.relative_logloss(result["logloss"], self.reference_logloss)
+        return result
+
+
+def _reference_logloss(path: str) -> float | None:
+    if not path:
+        return None
+    record = read_record(path)
+    return float(record["final_eval"]["logloss"])
+
+
+def train(config: RunConfig, *, restart: bool = False) -> RunRecord:
+    """Train (or resume, or return the finished record of) the run described by `config`."""
+    run_dir = run_directory(config)
+    result_path = os.path.join(run_dir, "result.json")
+    if restart and os.path.isdir(run_dir):
+        import shutil
+
+        shutil.rmtree(run_dir)
+    if os.path.exists(result_path):
+        existing = read_record(result_path)
+        if existing.get("status") == "ok":
+            return RunRecord(**{k: v for k, v in existing.items() if k in RunRecord.__dataclass_fields__})
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(dump_yaml(config))
+    return _Run(config, run_dir).execute()
+
+
+class _Run:
+    def __init__(self, config: RunConfig, run_dir: str):
+        self.config = config
+        self.run_dir = run_dir
+        self.rid = run_id(config)
+        self.t0 = time.time()
+        self.prior_wall = 0.0
+
+    # -- record helpers -------------------------------------------------------------------------
+    def _record(self, status, reason, *, counts=None, flops=(0.0, None), emb_bytes=0.0, step=0,
+                progress=None, reference=None, rate=0.0) -> RunRecord:
+        cfg = self.config
+        progress = progress or {}
+        examples = step * cfg.train.batch_size
+        evals = progress.get("evals", [])
+        final = evals[-1]["metrics"] if evals else {}
+        best = min(evals, key=lambda e: e["metrics"]["logloss"]) if evals else {"metrics": {}, "step": -1}
+        return RunRecord(
+            run_id=self.rid,
+            name=cfg.name,
+            family=cfg.model.name,
+            size=getattr(cfg.model, "size", "custom"),
+            seed=cfg.seed,
+            status=status,
+            reason=reason,
+            config=to_dict(cfg),
+            params_dense=counts.dense if counts else 0,
+            params_embedding=counts.embedding if counts else 0,
+            flops_per_example_analytic=float(flops[0]),
+            flops_per_example_xla=None if flops[1] is None else float(flops[1]),
+            embedding_bytes_per_example=float(emb_bytes),
+            examples_seen=examples,
+            steps=step,
+            train_flops=3.0 * float(flops[0]) * examples,
+            final_eval=final,
+            best_eval=best["metrics"],
+            best_eval_step=best["step"],
+            data_reference=reference or {},
+            wall_time_s=self.prior_wall + time.time() - self.t0,
+            examples_per_s=rate,
+            memory=peak_memory_bytes(),
+            device=device_info(),
+            versions=library_versions(),
+        )
+
+    def execute(self) -> RunRecord:
+        try:
+            return self._train()
+        except Interrupted:
+            raise
+        except Diverged as err:
+            record = self._record("diverged", str(err), **self.partial)
+            record.write(self.run_dir)
+            return record
+        except Exception as err:
+            with open(os.path.join(self.run_dir, "traceback.txt"), "w") as f:
+                f.write(traceback.format_exc())
+            record = self._record(classify_failure(err), f"{type(err).__name__}: {err}", **getattr(self, "partial", {}))
+            record.write(self.run_dir)
+            return record
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _train(self) -> RunRecord:
+        cfg = self.config
+        self.partial: dict[str, Any] = {}
+        mesh = make_mesh(cfg.sharding.mesh)
+        divisor = batch_divisor(mesh)
+        if cfg.train.batch_size % divisor or cfg.train.eval_batch_size % divisor:
+            raise ValueError(f"train.batch_size and train.eval_batch_size must be multiples of {divisor} (devices holding the batch)")
+
+        dataset = cfg.data.build()
+        spec = dataset.spec
+        reference = dataset.reference_metrics()
+        with jax.set_mesh(mesh):
+            model = build_model(cfg.model, spec, rngs=nnx.Rngs(cfg.seed))
+            counts = param_counts(model)
+            analytic = cfg.model.flops_per_example(spec)
+            emb_bytes = cfg.model.embedding_bytes_per_example(spec)
+            xla = xla_flops_per_example(model, spec)
+            graphdef, embed, dense = split_model(model)
+            del model
+            dtype = jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
+            fns = StepFunctions(
+                graphdef=graphdef,
+                dense_tx=dense_optimizer(cfg.optimizer.dense, cfg.optimizer.schedule, cfg.train.steps),
+                embed_tx=embedding_optimizer(cfg.optimizer.embedding, cfg.optimizer.schedule, cfg.train.steps),
+                compute_dtype=dtype,
+            )
+            state_sharding = replicated(mesh)  # the `dp` layout: params replicated, batch split
+            data_sharding = batch_sharding(mesh)
+            state = jax.jit(fns.init_state, out_shardings=state_sharding)(dense, embed)
+            self.partial = dict(counts=counts, flops=(analytic, xla), emb_bytes=emb_bytes, reference=reference)
+
+            checkpointer = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
+            start_step, progress, data_state = 0, {"evals": [], "wall_time_s": 0.0}, None
+            latest = checkpointer.latest_step()
+            if latest is not None:
+                state, data_state, progress = checkpointer.restore(latest, state)
+                start_step = latest
+                self.prior_wall = float(progress.get("wall_time_s", 0.0))
+
+            iterator = dataset.train_iterator(cfg.train.batch_size)
+            if data_state is not None:
+                iterator.set_state(data_state)
+
+            keys = tuple(k for k in ("sparse", "dense", "label") if k in dataset.eval_arrays())
+            abstract_batch = {
+                k: jax.ShapeDtypeStruct((cfg.train.batch_size,) + v.shape[1:], v.dtype, sharding=data_sharding)
+                for k, v in ((k, dataset.eval_arrays()[k]) for k in keys)
+            }
+            step_fn = (
+                jax.jit(fns.train_step, in_shardings=(state_sharding, data_sharding),
+                        out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
+                .lower(state, abstract_batch)
+                .compile()
+            )
+            eval_fn = jax.jit(fns.eval_logits, in_shardings=(state_sharding, data_sharding), out_shardings=replicated(mesh))
+            evaluator = _Evaluator(
+                arrays=dataset.eval_arrays(),
+                batch_size=cfg.train.eval_batch_size,
+                keys=tuple(k for k in keys if k != "label"),
+                sharding=data_sharding,
+                reference=reference,
+                reference_logloss=_reference_logloss(cfg.train.reference_run),
+            )
+
+            metrics_file = MetricsFile(self.run_dir, start_step if latest is not None else None)
+            wandb = WandbMirror(cfg.logging, cfg, self.rid, self.run_dir, {
+                "params_dense": counts.dense, "params_embedding": counts.embedding,
+                "gflops_per_example": analytic / 1e9, "size": getattr(cfg.model, "size", "custom"),
+            })
+            bar = ProgressBar(cfg.logging.progress, cfg.train.steps, start_step, f"{cfg.model.name}:{getattr(cfg.model, 'size', '')}")
+            rate = 0.0
+            try:
+                with _stop_requests() as stop:
+                    state, rate = self._loop(state, step_fn, eval_fn, evaluator, iterator, checkpointer,
+                                             metrics_file, wandb, bar, progress, start_step, stop)
+            finally:
+                bar.close()
+            steps = cfg.train.steps
+            record = self._record("ok", "", counts=counts, flops=(analytic, xla), emb_bytes=emb_bytes,
+                                  step=steps, progress=progress, reference=reference, rate=rate)
+            record.write(self.run_dir)
+            wandb.finish(record.to_json() | {f"final/{k}": v for k, v in record.final_eval.items()})
+            checkpointer.close()
+            return record
+
+    def _loop(self, state, step_fn, eval_fn, evaluator, iterator, checkpointer, metrics_file, wandb, bar,
+              progress, start_step, stop):
+        cfg = self.config.train
+        window: list[dict[str, jax.Array]] = []
+        timed_from, timed_steps, rate = None, 0, 0.0
+        step = start_step
+
+        def save(at_step: int) -> None:
+            progress["wall_time_s"] = self.prior_wall + time.time() - self.t0
+            checkpointer.save(at_step, state, iterator.get_state(), progress)
+
+        def evaluate(at_step: int) -> None:
+            result = evaluator(eval_fn, state)
+            progress["evals"].append({"step": at_step, "metrics": result})
+            row = {"step": at_step, "split": "eval", **{f"eval/{k}": v for k, v in result.items()}}
+            metrics_file.write(row)
+            wandb.log(row, at_step)
+
+        while step < cfg.steps:
+            batch = _device_batch(next(iterator), evaluator.sharding)
+            state, step_metrics = step_fn(state, batch)
+            window.append(step_metrics)
+            step += 1
+            if timed_from is None:  # exclude compile/warm-up from throughput
+                jax.block_until_ready(step_metrics["loss"])
+                timed_from, timed_steps = time.time(), 0
+            else:
+                timed_steps += 1
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                fetched = jax.device_get(window)
+                window = []
+                nonfinite = int(jax.device_get(state.nonfinite_step))
+                if nonfinite >= 0:
+                    self.partial.update(step=nonfinite, progress=progress)
+                    raise Diverged(nonfinite)
+                elapsed = time.time() - timed_from
+                rate = timed_steps * cfg.batch_size / elapsed if elapsed > 0 and timed_steps else 0.0
+                loss = float(np.mean([m["loss"] for m in fetched]))
+                row = {"step": step, "split": "train", "train/loss": loss,
+                       "train/grad_norm_dense": float(np.mean([m["grad_norm_dense"] for m in fetched])),
+                       "examples_seen": step * cfg.batch_size, "examples_per_s": rate,
+                       "wall_time_s": self.prior_wall + time.time() - self.t0}
+                metrics_file.write(row)
+                wandb.log(row, step)
+                bar.update(step, loss, rate)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                evaluate(step)
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                save(step)
+            if stop["stop"] is not None and step < cfg.steps:
+                save(step)
+                checkpointer.close()
+                raise Interrupted(f"{stop['stop']} at step {step}; checkpoint saved in {checkpointer.directory}")
+        return state, rate

@@ -1,0 +1,118 @@
+"""The run record (`result.json`): one per run, the unit that analysis and sweeps read.
+
+Fields follow DESIGN.md: family, size, every hyperparameter, seed, dense/embedding parameter
+counts, forward FLOPs/example (analytic and XLA), embedding bytes/example, examples seen, train
+FLOPs (3 x forward x examples), final and best eval metrics (float64), wall time, examples/s,
+peak memory, device kind/count, status and reason, versions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import sys
+from typing import Any, Literal
+
+import jax
+
+Status = Literal["ok", "diverged", "failed", "oom", "running"]
+
+_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "wandb", "recsys-scaling")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def device_info() -> dict[str, Any]:
+    devices = jax.devices()
+    return {
+        "platform": devices[0].platform,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "process_count": jax.process_count(),
+    }
+
+
+def peak_memory_bytes() -> dict[str, int | None]:
+    """Peak device memory (where the backend reports it) and the host process's peak RSS."""
+    device_peak = None
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        device_peak = stats.get("peak_bytes_in_use")
+    except Exception:  # backends without memory stats
+        device_peak = None
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    host_peak = rss_kb * 1024 if sys.platform != "darwin" else rss_kb
+    return {"device_peak_bytes": device_peak, "host_peak_rss_bytes": int(host_peak)}
+
+
+def classify_failure(exc: BaseException) -> Status:
+    text = f"{type(exc).__name__}: {exc}"
+    if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or isinstance(exc, MemoryError):
+        return "oom"
+    return "failed"
+
+
+@dataclasses.dataclass
+class RunRecord:
+    run_id: str
+    name: str
+    family: str
+    size: str
+    seed: int
+    status: Status
+    reason: str
+    config: dict[str, Any]
+    params_dense: int
+    params_embedding: int
+    flops_per_example_analytic: float
+    flops_per_example_xla: float | None
+    embedding_bytes_per_example: float
+    examples_seen: int
+    steps: int
+    train_flops: float
+    final_eval: dict[str, float]
+    best_eval: dict[str, float]
+    best_eval_step: int
+    data_reference: dict[str, float]
+    wall_time_s: float
+    examples_per_s: float
+    memory: dict[str, int | None]
+    device: dict[str, Any]
+    versions: dict[str, str]
+
+    @property
+    def gflops_per_example(self) -> float:
+        return self.flops_per_example_analytic / 1e9
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["gflops_per_example"] = self.gflops_per_example
+        return out
+
+    def write(self, run_dir: str) -> str:
+        path = os.path.join(run_dir, "result.json")
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.to_json(), f, indent=2, sort_keys=False, default=float)
+        os.replace(tmp, path)
+        return path
+
+
+def read_record(path: str) -> dict[str, Any]:
+    """Read a result.json (or the one inside a run directory)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "result.json")
+    with open(path) as f:
+        return json.load(f)

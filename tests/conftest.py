@@ -1,0 +1,34 @@
+"""Shared fixtures. Tests run on the CPU; multi-device tests start their own subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: str | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m scaling.cli ...` in a subprocess and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "scaling.cli", *args], capture_output=True, text=True, env=full_env,
+        cwd=cwd or ROOT, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path) -> list[str]:
+    """Overrides that make any CTR config train in seconds, writing under tmp_path."""
+    return [
+        f"train.output_dir={tmp_path / 'runs'}",
+        "train.steps=30", "train.batch_size=64", "train.eval_every=15", "train.checkpoint_every=10",
+        "train.log_every=5", "train.eval_batch_size=256", "data.eval_examples=1024",
+        "logging.progress=false", "logging.wandb.mode=disabled",
+    ]

@@ -1,0 +1,101 @@
+"""FLOP accounting: every registered family's analytic count agrees with XLA's within 10%."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from scaling.config import ModelConfig
+from scaling.config_schema import build
+from scaling.data.spec import CTRFeatureSpec
+from scaling.flops import (
+    FlopReport,
+    flops_from_cost,
+    abstract_model,
+    analytic_flops_per_example,
+    flop_report,
+    xla_flops_per_example,
+)
+from scaling.models.base import param_counts
+from scaling.models.mlp import MLP, LayerNorm, layer_norm_flops, mlp_flops
+from scaling.models.registry import build_model, model_config_classes
+
+# The shape the ladders are designed for: 26 categorical fields, 13 dense features.
+SPEC = CTRFeatureSpec(cardinalities=(50,) * 26, num_dense=13)
+FAMILIES = sorted(model_config_classes())
+
+
+def _sizes(family: str) -> list[str]:
+    sizes = list(model_config_classes()[family].SIZES)
+    return [sizes[0], sizes[len(sizes) // 2], sizes[-1]]  # smallest, middle, largest
+
+
+@pytest.mark.parametrize("family, size", [(f, s) for f in FAMILIES for s in _sizes(f)])
+def test_analytic_matches_xla(family, size):
+    config = build(ModelConfig, {"name": family, "size": size})
+    analytic = analytic_flops_per_example(config, SPEC)
+    xla = xla_flops_per_example(abstract_model(config, SPEC), SPEC, batch_size=4)
+    assert analytic > 0 and xla > 0
+    assert abs(analytic - xla) / xla < 0.10, (family, size, analytic, xla)
+
+
+def test_families_are_registered():
+    assert {"wukong", "dlrm"} <= set(FAMILIES)
+
+
+def test_custom_configs_match_xla():
+    # Off-ladder shapes: Wukong with n0 == n_F + n_L (no residual projection) and deep FMB MLP;
+    # DLRM without a bottom hidden layer.
+    wukong = build(
+        ModelConfig,
+        {"name": "wukong", "num_layers": 2, "num_fm": 20, "num_lcb": 7, "fm_rank": 5, "fmb_mlp_depth": 3, "fmb_mlp_width": 40},
+    )
+    dlrm = build(ModelConfig, {"name": "dlrm", "bottom_mlp": [], "top_mlp": [300, 20]})
+    for config in (wukong, dlrm):
+        xla = xla_flops_per_example(abstract_model(config, SPEC), SPEC, batch_size=4)
+        assert abs(config.flops_per_example(SPEC) - xla) / xla < 0.10
+
+
+def test_mlp_and_layer_norm_formulas_match_xla():
+    mlp = MLP(24, (40, 16), 3, rngs=nnx.Rngs(0))
+    assert xla_like(mlp, (4, 24)) == pytest.approx(mlp_flops(24, (40, 16), 3), rel=0.01)
+    ln = LayerNorm(32)
+    assert xla_like(ln, (4, 5, 32)) == pytest.approx(layer_norm_flops(32, 5), rel=0.01)
+
+
+def xla_like(module: nnx.Module, shape: tuple[int, ...]) -> float:
+    """XLA FLOPs per leading-axis example of a module applied to an array of `shape`."""
+    graphdef, state = nnx.split(module)
+    compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, jnp.zeros(shape)).compile()
+    return flops_from_cost(compiled.cost_analysis()) / shape[0]
+
+
+def test_xla_flops_are_per_example():
+    config = build(ModelConfig, {"name": "dlrm", "size": "xs"})
+    model = abstract_model(config, SPEC)
+    assert xla_flops_per_example(model, SPEC, batch_size=2) == pytest.approx(
+        xla_flops_per_example(model, SPEC, batch_size=8), rel=0.01
+    )
+
+
+def test_cost_analysis_forms():
+    assert flops_from_cost({"flops": 10.0, "bytes accessed": 3.0}) == 10.0
+    assert flops_from_cost([{"flops": 10.0}, {"flops": 5.0}]) == 15.0
+    with pytest.raises(RuntimeError):
+        flops_from_cost(None)
+
+
+def test_flop_report():
+    spec = CTRFeatureSpec(cardinalities=(5, 7, 3, 11), num_dense=3)
+    config = build(ModelConfig, {"name": "wukong", "size": "xxs", "embed_dim": 4})
+    report = flop_report(config, spec)
+    assert isinstance(report, FlopReport) and report.family == "wukong" and report.size == "xxs"
+    counts = param_counts(build_model(config, spec, rngs=nnx.Rngs(0)))
+    assert (report.dense_params, report.embedding_params) == (counts.dense, counts.embedding)
+    assert report.embedding_params == 26 * 4
+    assert report.embedding_bytes == 4 * 4 * 4  # 4 fields x d=4 x float32
+    assert report.analytic_flops == config.flops_per_example(spec)
+    assert abs(report.relative_error) < 0.10
+    assert report.train_flops == 3 * report.analytic_flops
