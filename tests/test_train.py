@@ -15,6 +15,7 @@ import pytest
 from scaling.config import load_run_config
 from scaling.train.loop import run_directory, train
 from tests.conftest import ROOT, run_cli
+from tests.wandb_records import read_records
 
 QUICK = os.path.join(ROOT, "sweeps", "quickstart.yaml")
 
@@ -98,20 +99,32 @@ def test_nan_loss_stops_with_diverged(tiny_overrides):
     assert "step" in record.reason and record.steps < 30
 
 
-def test_wandb_offline_writes_run(tiny_overrides, tmp_path):
+def test_wandb_offline_writes_run(tiny_overrides):
     config = _config(tiny_overrides, "model.size=xs", "logging.wandb.mode=offline", "train.steps=10",
-                     "logging.wandb.tags=[test]")
+                     "logging.wandb.tags=[test]", "name=wbgroup")
     record = train(config)
     assert record.status == "ok"
     wandb_dir = os.path.join(run_directory(config), "wandb")
     runs = [d for d in os.listdir(wandb_dir) if d.startswith("offline-run-")]
     assert len(runs) == 1
-    files = os.path.join(wandb_dir, runs[0], "files")
-    config_yaml = open(os.path.join(files, "config.yaml")).read()
-    assert "gflops_per_example" in config_yaml and "wukong" in config_yaml
-    summary = json.load(open(os.path.join(files, "wandb-summary.json")))
+    (log,) = [f for f in os.listdir(os.path.join(wandb_dir, runs[0])) if f.endswith(".wandb")]
+    records = read_records(os.path.join(wandb_dir, runs[0], log))
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert run.run_id == record.run_id and run.run_group == "wbgroup" and run.job_type == "wukong"
+    assert list(run.tags) == ["test"]
+    config_items = {u.key: json.loads(u.value_json) for u in run.config.update}
+    assert config_items["model"]["name"] == "wukong" and config_items["size"] == "xs"
+    assert config_items["gflops_per_example"] == pytest.approx(record.flops_per_example_analytic / 1e9)
+    summary = {}
+    for r in records:
+        if r.WhichOneof("record_type") == "summary":
+            summary.update({u.key: json.loads(u.value_json) for u in r.summary.update})
     assert summary["final/logloss"] == pytest.approx(record.final_eval["logloss"])
-    assert summary["params_dense"] == record.params_dense
+    assert summary["params_dense"] == record.params_dense and summary["status"] == "ok"
+    history = [{"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    assert [h["_step"] for h in history] == [5, 10]
+    assert history[-1]["eval/logloss"] == pytest.approx(record.final_eval["logloss"])
 
 
 def _wait_for_checkpoint(run_dir, proc, timeout=240):

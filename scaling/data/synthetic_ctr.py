@@ -41,18 +41,20 @@ class Teacher:
         remove_linear: bool = True,
     ):
         self.world = world
-        F, D, r, m = world.num_fields, world.num_dense, world.latent_dim, code_dim
+        F, D, r = world.num_fields, world.num_dense, world.latent_dim
         g = world.generator("teacher")
-        self.codes = []
-        self.bias1 = []
+        self.scores = []
+        self.pcodes = []
         for f, card in enumerate(world.cardinalities):
             shrink = (1.0 + np.arange(card) / head) ** -0.5
-            M = g.standard_normal((r, m))
-            self.codes.append((shrink[:, None] * (world.value_latent[f] @ M)).astype(np.float32))
-            self.bias1.append((shrink * g.standard_normal(card)).astype(np.float32))
-        self.dense_code = g.standard_normal((D, m)).astype(np.float32)
+            u = g.standard_normal(r)
+            sc = world.value_latent[f] @ u
+            sc = (sc - sc.mean()) / sc.std()
+            self.scores.append((shrink * sc).astype(np.float32))
+            P = g.standard_normal((r, pair_rank)) * np.sqrt(r / pair_rank)
+            self.pcodes.append((shrink[:, None] * (world.value_latent[f] @ P)).astype(np.float32))
         self.dense_first = (g.standard_normal(D) / np.sqrt(max(D, 1))).astype(np.float32)
-        self.pair_proj = (g.standard_normal((m, pair_rank)) / np.sqrt(m)).astype(np.float32)
+        m = F + D
         K = num_ridges
         blocks = []
         for b in range(-(-K // m)):
@@ -76,12 +78,6 @@ class Teacher:
         self.label_noise = float(label_noise)
         # Calibration: whiten h, normalize each term, then solve the bias for base_rate.
         cal = world.draw(CounterRNG(world.seed, 2), np.arange(calibration_examples))
-        hf = self._h_raw(cal.sparse, cal.dense * 0)
-        hd = cal.dense @ self.dense_code
-        sf = np.sqrt((hf.var(0)).mean()); sd = np.sqrt((hd.var(0)).mean()) if D else 1.0
-        for c in self.codes:
-            c *= np.float32(np.sqrt(1 - dense_share) / sf)
-        self.dense_code *= np.float32(np.sqrt(dense_share) / sd)
         h = self._h_raw(cal.sparse, cal.dense).astype(np.float64)
         mu = h.mean(0)
         cov = np.cov(h, rowvar=False) + 1e-6 * np.eye(m)
@@ -107,9 +103,10 @@ class Teacher:
         self.bias = 0.5 * (lo + hi)
 
     def _h_raw(self, sparse, dense):
-        h = dense @ self.dense_code
-        for f, code in enumerate(self.codes):
-            h += code[sparse[:, f]]
+        h = np.empty((len(sparse), len(self.scores) + dense.shape[1]), np.float32)
+        for f, sc in enumerate(self.scores):
+            h[:, f] = sc[sparse[:, f]]
+        h[:, len(self.scores):] = dense
         return h
 
     def ridge_inputs(self, sparse, dense):
@@ -124,12 +121,12 @@ class Teacher:
     def terms(self, sparse, dense):
         B = len(sparse)
         first = dense @ self.dense_first
-        for f, b in enumerate(self.bias1):
-            first += b[sparse[:, f]]
-        s = np.zeros((B, self.pair_proj.shape[1]), np.float32)
+        for f, sc in enumerate(self.scores):
+            first += sc[sparse[:, f]]
+        s = np.zeros((B, self.pcodes[0].shape[1]), np.float32)
         sq = np.zeros(B, np.float32)
-        for f, code in enumerate(self.codes):
-            e = code[sparse[:, f]] @ self.pair_proj
+        for f, code in enumerate(self.pcodes):
+            e = code[sparse[:, f]]
             s += e
             sq += (e * e).sum(1)
         pair = 0.5 * ((s * s).sum(1) - sq)

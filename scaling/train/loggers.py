@@ -64,7 +64,7 @@ class WandbMirror:
 
     def log(self, row: dict[str, Any], step: int) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            self.run.log({k: v for k, v in row.items() if k not in ("step", "split")}, step=step)
 
     def finish(self, summary: dict[str, Any]) -> None:
         if self.run is None:

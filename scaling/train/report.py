@@ -34,7 +34,7 @@ def records_table(records: Sequence[RunRecord], title: str = "results") -> Table
 
 
 def print_record(record: RunRecord) -> None:
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 160)
     console.print(records_table([record], title=f"run {record.run_id}"))
     ref = record.data_reference
     if ref.get("bayes_logloss") is not None:
