@@ -63,6 +63,20 @@ class FlopReport:
         """Training FLOPs per example: 3 x forward (analytic)."""
         return 3.0 * self.analytic_flops
 
+    def to_json(self) -> dict[str, Any]:
+        """Flat, human-ordered fields for `scaling flops` (GFLOP figures per example)."""
+        return {
+            "family": self.family,
+            "size": self.size,
+            "forward_gflops_per_example_analytic": self.analytic_flops / 1e9,
+            "forward_gflops_per_example_xla": self.xla_flops / 1e9,
+            "analytic_vs_xla_relative_error": self.relative_error,
+            "train_gflops_per_example": self.train_flops / 1e9,
+            "params_dense": self.dense_params,
+            "params_embedding": self.embedding_params,
+            "embedding_bytes_per_example": self.embedding_bytes,
+        }
+
 
 def analytic_flops_per_example(model_config: Any, spec: CTRFeatureSpec) -> float:
     """The family's own formula: `model_config.flops_per_example(spec)`."""
