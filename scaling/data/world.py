@@ -30,10 +30,21 @@ by any worker, with any batch size.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 
-__all__ = ["CounterRNG", "World", "Side", "Entities", "log_spaced_cardinalities", "SIDES"]
+__all__ = [
+    "CounterRNG",
+    "World",
+    "Side",
+    "Entities",
+    "PowerLawRanks",
+    "log_spaced_cardinalities",
+    "rowwise_matmul",
+    "rowwise_dot",
+    "SIDES",
+]
 
 SIDES = ("user", "item", "context")
 
@@ -77,7 +88,7 @@ class CounterRNG:
 
     def bits(self, index: np.ndarray, slot: int, n: int = 1) -> np.ndarray:
         """uint64 [len(index), n]: slots slot .. slot+n-1 of each example."""
-        if not 0 <= slot and slot + n <= _SLOTS:
+        if not (0 <= slot and slot + n <= _SLOTS):
             raise ValueError(f"slots {slot}..{slot + n - 1} outside 0..{_SLOTS - 1}")
         idx = np.asarray(index, dtype=np.int64).astype(np.uint64)
         counter = idx[:, None] * np.uint64(_SLOTS) + np.arange(slot + 1, slot + n + 1, dtype=np.uint64)[None, :]
@@ -100,6 +111,31 @@ class CounterRNG:
         theta = np.float32(2.0 * np.pi) * u2
         out = np.concatenate([r * np.cos(theta), r * np.sin(theta)], axis=1)
         return out[:, :n]
+
+
+_ROW_BLOCK = 64
+
+
+def rowwise_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w for x [B, K], w [K, N], with each row's result independent of B.
+
+    BLAS picks kernels (and summation orders) by matrix shape, so a row computed alone can differ
+    in the last bit from the same row computed in a big batch. Computing every product as a stack
+    of fixed [64, K] @ [K, N] blocks makes example i's numbers the same however it is requested.
+    """
+    n, k = x.shape
+    if n == 0 or k == 0 or w.shape[1] == 0:
+        return np.zeros((n, w.shape[1]), dtype=np.result_type(x, w))
+    pad = (-n) % _ROW_BLOCK
+    if pad:
+        x = np.concatenate([x, np.zeros((pad, k), dtype=x.dtype)])
+    out = np.matmul(x.reshape(-1, _ROW_BLOCK, k), w)
+    return out.reshape(-1, w.shape[1])[:n]
+
+
+def rowwise_dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x @ w for x [B, K], w [K] as an elementwise product and a per-row sum (independent of B)."""
+    return (x * w).sum(axis=-1)
 
 
 def log_spaced_cardinalities(num_fields: int, lo: int, hi: int) -> tuple[int, ...]:
@@ -144,17 +180,23 @@ class PowerLawRanks:
         return np.minimum(x.astype(np.int64) - 1, self.n - 1).clip(0)
 
 
-def _sample_rows(rng: np.random.Generator, logits: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """For each entry r of `rows`, draw a column index from softmax(logits[r]) (inverse CDF)."""
-    p = np.exp(logits - logits.max(axis=1, keepdims=True))
-    cdf = np.cumsum(p, axis=1)
-    cdf /= cdf[:, -1:]
-    cdf[:, -1] = 1.0
-    # One flat search: row r's CDF lives in [r, r + 1].
-    flat = (cdf + np.arange(len(cdf))[:, None]).ravel()
-    u = rng.random(len(rows)) * (1.0 - 1e-12)
-    pos = np.searchsorted(flat, rows + u, side="right")
-    return (pos - rows * logits.shape[1]).astype(np.int64)
+def _sample_by_group(
+    rng: np.random.Generator, log_prior: np.ndarray, tilt: np.ndarray, group: np.ndarray
+) -> np.ndarray:
+    """For each entry of `group`, a value j drawn with probability ∝ exp(log_prior[j] + tilt[group, j]).
+
+    One group at a time (inverse CDF), so memory stays O(number of values).
+    """
+    out = np.empty(len(group), dtype=np.int64)
+    for s in range(tilt.shape[0]):
+        rows = np.flatnonzero(group == s)
+        if not len(rows):
+            continue
+        logits = log_prior + tilt[s]
+        cdf = np.cumsum(np.exp(logits - logits.max()))
+        cdf /= cdf[-1]
+        out[rows] = np.minimum(np.searchsorted(cdf, rng.random(len(rows)), side="right"), len(cdf) - 1)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,13 +290,14 @@ class World:
             fields = tuple(f for f in range(self.num_fields) if self.field_side[f] == name)
             attrs = np.zeros((size, len(fields)), dtype=np.int32)
             for k, f in enumerate(fields):
-                logits = np.log(self.value_prior[f])[None, :] + affinity * (centres @ self.value_latent[f].T)
-                attrs[:, k] = _sample_rows(g, logits, segment)
+                tilt = affinity * (centres @ self.value_latent[f].T)
+                attrs[:, k] = _sample_by_group(g, np.log(self.value_prior[f]), tilt, segment)
             self.sides[name] = Side(name, fields, centres, segment, latent, popularity, attrs, ranks, by_rank)
 
         # Dense features: standardized linear views of the three member latents.
         g = self.generator("dense")
-        self.dense_mix = (g.standard_normal((len(SIDES) * r, self.num_dense)) / np.sqrt(len(SIDES) * r)).astype(np.float32)
+        mix = g.standard_normal((len(SIDES) * r, self.num_dense)) / np.sqrt(len(SIDES) * r)
+        self.dense_mix = mix.astype(np.float32)
         self.dense_noise = float(dense_noise)
         mean = np.zeros(self.num_dense)
         var = np.full(self.num_dense, self.dense_noise**2)
@@ -269,7 +312,11 @@ class World:
 
     def generator(self, *tag: str | int) -> np.random.Generator:
         """A numpy Generator for one named build-time component (independent of the others)."""
-        words = [self.seed] + [w if isinstance(w, int) else int.from_bytes(w.encode()[:8], "little") for w in tag]
+        words = [self.seed]
+        for w in tag:
+            if isinstance(w, str):
+                w = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+            words.append(int(w))
         return np.random.default_rng(np.random.SeedSequence(words))
 
     @property
@@ -291,7 +338,7 @@ class World:
                 sparse[:, list(side.fields)] = side.attributes[m]
             latents.append(side.latent[m])
         z = np.concatenate(latents, axis=1)
-        dense = z @ self.dense_mix
+        dense = rowwise_matmul(z, self.dense_mix)
         if self.num_dense:
             dense += np.float32(self.dense_noise) * rng.normal(index, self.SLOT_DENSE, self.num_dense)
         dense -= self.dense_mean
