@@ -52,6 +52,7 @@ class DataConfig(Choice):
     """Base of data set configs; concrete classes register in `scaling.data.registry`."""
 
     KIND: ClassVar[str] = "data set"
+    DEFAULT: ClassVar[str | None] = "synthetic_ctr"
 
     @classmethod
     def registry(cls) -> dict[str, type]:

@@ -54,6 +54,7 @@ class Choice:
     """
 
     KIND: ClassVar[str] = "choice"
+    DEFAULT: ClassVar[str | None] = None  # the `name` used when a section omits it
     SIZES: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
@@ -202,7 +203,7 @@ def _apply_size(cls: type, data: dict[str, Any], path: str) -> dict[str, Any]:
 
 def _resolve_choice(base: type, data: Mapping[str, Any], path: str) -> tuple[type, dict[str, Any]]:
     registry = base.registry()
-    name = data.get("name")
+    name = data.get("name", base.DEFAULT)
     if name is None:
         raise ConfigError(_join(path, "name"), f"required; one of {', '.join(sorted(registry))}")
     if name not in registry:
@@ -210,7 +211,7 @@ def _resolve_choice(base: type, data: Mapping[str, Any], path: str) -> tuple[typ
         raise ConfigError(
             _join(path, "name"), f"unknown {base.KIND} {name!r}{hint}; expected one of {', '.join(sorted(registry))}"
         )
-    return registry[name], dict(data)
+    return registry[name], {**dict(data), "name": name}
 
 
 def build(cls: type, data: Mapping[str, Any] | None, path: str = "") -> Any:

@@ -300,6 +300,8 @@ class _Run:
         step = start_step
 
         def save(at_step: int) -> None:
+            if checkpointer.latest_step() == at_step:  # e.g. a stop request right after a periodic save
+                return
             progress["wall_time_s"] = self.prior_wall + time.time() - self.t0
             checkpointer.save(at_step, state, iterator.get_state(), progress)
 

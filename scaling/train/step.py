@@ -85,7 +85,7 @@ class StepFunctions:
             opt_embed=opt_embed,
             nonfinite_step=nonfinite_step,
         )
-        metrics = {"loss": loss, "grad_norm_dense": optax.global_norm(g_dense)}
+        metrics = {"loss": loss, "grad_norm_dense": optax.tree.norm(g_dense)}
         return new_state, metrics
 
     def eval_logits(self, state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:
