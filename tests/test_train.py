@@ -12,6 +12,7 @@ import time
 import jax
 import pytest
 
+from analysis.curves import plot_learning_curves, read_eval_curve
 from scaling.config import load_run_config
 from scaling.train.loop import run_directory, train
 from tests.conftest import ROOT, run_cli
@@ -54,6 +55,11 @@ def test_run_directory_and_record(tiny_overrides):
     assert run_directory(again) == run_dir
     # a finished run is not retrained
     assert train(config).final_eval == record.final_eval
+    # its learning curve is what metrics.jsonl says, and plots
+    examples, losses = read_eval_curve(run_dir)
+    assert examples == [15 * 64, 30 * 64] and losses[-1] == pytest.approx(ev["logloss"])
+    png = plot_learning_curves([run_dir], os.path.join(run_dir, "curve.png"))
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_step_compiles_once(tiny_overrides):
@@ -168,7 +174,8 @@ def test_kill_and_resume_gives_identical_metrics(tiny_overrides, tmp_path, sig):
 def test_data_parallel_on_8_cpu_devices(tiny_overrides, tmp_path):
     """Same run on 1 and on 8 simulated devices: the batch is split, the numbers agree."""
     script = (
-        "import sys, json; from scaling.config import load_run_config; from scaling.train.loop import train; "
+        "import sys, json; from analysis.curves import plot_learning_curves, read_eval_curve
+from scaling.config import load_run_config; from scaling.train.loop import train; "
         "r = train(load_run_config(sys.argv[1], sys.argv[2:])); "
         "print(json.dumps({'loss': r.final_eval['logloss'], 'devices': r.device['device_count']}))"
     )
