@@ -10,12 +10,10 @@ import os
 import sys
 import time
 
-from rich.console import Console
-
 from analysis.curves import plot_learning_curves
 from scaling.config import load_run_config
 from scaling.train.loop import run_directory, train
-from scaling.train.report import records_table
+from scaling.train.report import records_table, wide_console
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "quickstart.yaml")
 DEMO_RUNS = (("wukong", "m"), ("dlrm", "m"))
@@ -23,7 +21,7 @@ DEMO_RUNS = (("wukong", "m"), ("dlrm", "m"))
 
 def main(argv: list[str] | None = None) -> int:
     extra = list(argv if argv is not None else sys.argv[1:])
-    console = Console()
+    console = wide_console()
     records, run_dirs = [], []
     t0 = time.time()
     for family, size in DEMO_RUNS:
@@ -39,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     ref = records[0].data_reference
     console.print(
         f"Bayes-optimal logloss {ref['bayes_logloss']:.4f} (NE {ref['bayes_ne']:.4f}); constant predictor "
-        f"{ref['constant_logloss']:.4f}; 'excess' = eval logloss - Bayes. Total {time.time() - t0:.0f} s."
+        f"{ref['constant_logloss']:.4f}; 'excess' = eval logloss - Bayes. This invocation: {time.time() - t0:.0f} s (finished runs are reused)."
     )
     return 0 if all(r.status == "ok" for r in records) else 1
 

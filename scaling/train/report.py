@@ -33,8 +33,13 @@ def records_table(records: Sequence[RunRecord], title: str = "results") -> Table
     return table
 
 
+def wide_console() -> Console:
+    """A console that does not squeeze tables to 80 columns when output goes to a file or CI log."""
+    return Console(width=None if Console().is_terminal else 160)
+
+
 def print_record(record: RunRecord) -> None:
-    console = Console(width=None if Console().is_terminal else 160)
+    console = wide_console()
     console.print(records_table([record], title=f"run {record.run_id}"))
     ref = record.data_reference
     if ref.get("bayes_logloss") is not None:
