@@ -62,6 +62,14 @@ def test_run_directory_and_record(tiny_overrides):
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bfloat16_compute_and_compiled_memory(tiny_overrides):
+    record = train(_config(tiny_overrides, "model.size=xs", "train.compute_dtype=bfloat16", "train.steps=20"))
+    assert record.status == "ok", record.reason
+    assert 0.0 < record.final_eval["logloss"] < 1.0
+    # the AOT-compiled step's memory is in the record: its arguments hold at least the params
+    assert record.memory["step_argument_bytes"] >= 4 * (record.params_dense + record.params_embedding)
+
+
 def test_step_compiles_once(tiny_overrides):
     compiles = []
 
@@ -174,8 +182,7 @@ def test_kill_and_resume_gives_identical_metrics(tiny_overrides, tmp_path, sig):
 def test_data_parallel_on_8_cpu_devices(tiny_overrides, tmp_path):
     """Same run on 1 and on 8 simulated devices: the batch is split, the numbers agree."""
     script = (
-        "import sys, json; from analysis.curves import plot_learning_curves, read_eval_curve
-from scaling.config import load_run_config; from scaling.train.loop import train; "
+        "import sys, json; from scaling.config import load_run_config; from scaling.train.loop import train; "
         "r = train(load_run_config(sys.argv[1], sys.argv[2:])); "
         "print(json.dumps({'loss': r.final_eval['logloss'], 'devices': r.device['device_count']}))"
     )

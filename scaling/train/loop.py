@@ -41,6 +41,7 @@ from scaling.train.optimizers import dense_optimizer, embedding_optimizer
 from scaling.train.run_record import (
     RunRecord,
     classify_failure,
+    compiled_memory,
     device_info,
     library_versions,
     peak_memory_bytes,
@@ -185,7 +186,7 @@ class _Run:
             data_reference=reference or {},
             wall_time_s=self.prior_wall + time.time() - self.t0,
             examples_per_s=rate,
-            memory=peak_memory_bytes(),
+            memory={**peak_memory_bytes(), **getattr(self, "step_memory", {})},
             device=device_info(),
             versions=library_versions(),
         )
@@ -261,6 +262,7 @@ class _Run:
                 .lower(state, abstract_batch)
                 .compile()
             )
+            self.step_memory = compiled_memory(step_fn)
             eval_fn = jax.jit(fns.eval_logits, in_shardings=(state_sharding, data_sharding), out_shardings=replicated(mesh))
             evaluator = _Evaluator(
                 arrays=dataset.eval_arrays(),
@@ -277,6 +279,10 @@ class _Run:
                 "gflops_per_example": analytic / 1e9, "size": getattr(cfg.model, "size", "custom"),
             })
             bar = ProgressBar(cfg.logging.progress, cfg.train.steps, start_step, f"{cfg.model.name}:{getattr(cfg.model, 'size', '')}")
+            if self.step_memory:
+                mb = {k: v / 2**20 for k, v in self.step_memory.items()}
+                bar.note(f"compiled train step: arguments {mb['step_argument_bytes']:.1f} MiB, "
+                         f"temporaries {mb['step_temp_bytes']:.1f} MiB, outputs {mb['step_output_bytes']:.1f} MiB per device")
             rate = 0.0
             try:
                 with _stop_requests() as stop:

@@ -57,6 +57,21 @@ def peak_memory_bytes() -> dict[str, int | None]:
     return {"device_peak_bytes": device_peak, "host_peak_rss_bytes": int(host_peak)}
 
 
+def compiled_memory(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled step from XLA's `memory_analysis()` (empty where unsupported)."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return {}
+    if stats is None:
+        return {}
+    return {
+        "step_argument_bytes": int(stats.argument_size_in_bytes),
+        "step_output_bytes": int(stats.output_size_in_bytes),
+        "step_temp_bytes": int(stats.temp_size_in_bytes),
+    }
+
+
 def classify_failure(exc: BaseException) -> Status:
     text = f"{type(exc).__name__}: {exc}"
     if "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or isinstance(exc, MemoryError):
