@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,3 +33,16 @@ def tiny_overrides(tmp_path) -> list[str]:
         "train.log_every=5", "train.eval_batch_size=256", "data.eval_examples=1024",
         "logging.progress=false", "logging.wandb.mode=disabled",
     ]
+
+
+def random_ctr_batch(spec, batch_size: int = 4, seed: int = 0) -> dict:
+    """A random CTR batch for a feature spec: sparse int32 [B, F], dense float32 [B, D], label [B]."""
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(seed)
+    sparse = np.stack([rng.integers(0, c, batch_size) for c in spec.cardinalities], axis=1)
+    return {
+        "sparse": jnp.asarray(sparse, jnp.int32),
+        "dense": jnp.asarray(rng.normal(size=(batch_size, spec.num_dense)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, 2, batch_size), jnp.float32),
+    }

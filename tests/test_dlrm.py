@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from scaling.models.base import param_counts
 from scaling.models.dlrm import DLRM, DLRMConfig, dot_interaction
 from scaling.models.registry import build_model, model_class
 from scaling.sharding.annotate import LOGICAL_AXES, logical_axes
+from tests.conftest import random_ctr_batch as batch_for
 
 SPEC = CTRFeatureSpec(cardinalities=(5, 7, 3, 11), num_dense=3)
 TINY = dict(name="dlrm", embed_dim=4, bottom_mlp=(6,), top_mlp=(8, 5))
@@ -22,16 +22,6 @@ TINY = dict(name="dlrm", embed_dim=4, bottom_mlp=(6,), top_mlp=(8, 5))
 
 def tiny_config(**overrides) -> DLRMConfig:
     return build(ModelConfig, {**TINY, **overrides})
-
-
-def batch_for(spec: CTRFeatureSpec, batch_size: int = 4, seed: int = 0) -> dict[str, jax.Array]:
-    rng = np.random.default_rng(seed)
-    sparse = np.stack([rng.integers(0, c, batch_size) for c in spec.cardinalities], axis=1)
-    return {
-        "sparse": jnp.asarray(sparse, jnp.int32),
-        "dense": jnp.asarray(rng.normal(size=(batch_size, spec.num_dense)), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, 2, batch_size), jnp.float32),
-    }
 
 
 def params_of(model: nnx.Module) -> list[tuple[tuple, nnx.Param]]:

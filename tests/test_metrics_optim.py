@@ -7,7 +7,6 @@ import math
 
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from scaling.config import ScheduleConfig

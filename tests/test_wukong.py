@@ -23,6 +23,7 @@ from scaling.models.wukong import (
     fm_low_rank,
 )
 from scaling.sharding.annotate import LOGICAL_AXES, logical_axes
+from tests.conftest import random_ctr_batch as batch_for
 
 SPEC = CTRFeatureSpec(cardinalities=(5, 7, 3, 11), num_dense=3)
 TINY = dict(
@@ -42,16 +43,6 @@ TINY = dict(
 
 def tiny_config(**overrides) -> WukongConfig:
     return build(ModelConfig, {**TINY, **overrides})
-
-
-def batch_for(spec: CTRFeatureSpec, batch_size: int = 4, seed: int = 0) -> dict[str, jax.Array]:
-    rng = np.random.default_rng(seed)
-    sparse = np.stack([rng.integers(0, c, batch_size) for c in spec.cardinalities], axis=1)
-    return {
-        "sparse": jnp.asarray(sparse, jnp.int32),
-        "dense": jnp.asarray(rng.normal(size=(batch_size, spec.num_dense)), jnp.float32),
-        "label": jnp.asarray(rng.integers(0, 2, batch_size), jnp.float32),
-    }
 
 
 def np_layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
