@@ -19,7 +19,16 @@ from collections.abc import Mapping
 import jax
 from flax import nnx
 
+from scaling.config import ModelConfig
 from scaling.models.embedding import EmbeddingTable
+
+
+class CTRModelConfig(ModelConfig):
+    """Shared by CTR family configs (which define `embed_dim`): one embedding row per field."""
+
+    def embedding_bytes_per_example(self, spec) -> float:
+        """Bytes gathered from the float32 embedding tables per example (one row per field)."""
+        return float(spec.num_fields * self.embed_dim * 4)
 
 
 class CTRModel(nnx.Module):

@@ -21,10 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scaling.config import ModelConfig
-from scaling.config_schema import ConfigError, knob
+from scaling.config_schema import knob
 from scaling.data.spec import CTRFeatureSpec
-from scaling.models.base import CTRModel
+from scaling.models.base import CTRModel, CTRModelConfig
 from scaling.models.embedding import FieldEmbedding
 from scaling.models.mlp import MLP, check_widths, mlp_flops
 from scaling.models.registry import register_model
@@ -42,7 +41,7 @@ _SIZES: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass(frozen=True)
-class DLRMConfig(ModelConfig):
+class DLRMConfig(CTRModelConfig):
     """DLRM hyperparameters. `size` names a preset of SIZES (explicit keys override it)."""
 
     SIZES: ClassVar[dict[str, dict[str, Any]]] = _SIZES
@@ -54,8 +53,6 @@ class DLRMConfig(ModelConfig):
     top_mlp: tuple[int, ...] = knob(_SIZES["s"]["top_mlp"], help="hidden widths of the top MLP (then 1 logit)")
 
     def check(self) -> None:
-        if self.size != "custom" and self.size not in self.SIZES:
-            raise ConfigError("size", f"expected one of {', '.join(self.SIZES)} or 'custom', got {self.size!r}")
         check_widths("bottom_mlp", self.bottom_mlp)
         check_widths("top_mlp", self.top_mlp)
 
@@ -78,10 +75,6 @@ class DLRMConfig(ModelConfig):
         if spec.num_dense > 0:
             flops += mlp_flops(spec.num_dense, self.bottom_mlp, d)
         return flops + mlp_flops(self.top_in_features(spec), self.top_mlp, 1)
-
-    def embedding_bytes_per_example(self, spec: CTRFeatureSpec) -> float:
-        """Bytes gathered from the float32 embedding tables per example (one row per field)."""
-        return float(spec.num_fields * self.embed_dim * 4)
 
 
 def dot_interaction(z: jax.Array) -> jax.Array:

@@ -33,7 +33,3 @@ class FieldEmbedding(nnx.Module):
     def __call__(self, sparse: jax.Array) -> jax.Array:
         rows = sparse + jnp.asarray(self.offsets, jnp.int32)[None, :]
         return jnp.take(self.table[...], rows, axis=0)
-
-    def bytes_per_example(self, dtype_bytes: int = 4) -> int:
-        """Bytes gathered per example (one row per field)."""
-        return len(self.cardinalities) * self.dim * dtype_bytes

@@ -27,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scaling.config import ModelConfig
 from scaling.config_schema import ConfigError, knob
 from scaling.data.spec import CTRFeatureSpec
-from scaling.models.base import CTRModel
+from scaling.models.base import CTRModel, CTRModelConfig
 from scaling.models.embedding import FieldEmbedding
 from scaling.models.mlp import MLP, LayerNorm, check_widths, layer_norm_flops, mlp_flops
 from scaling.models.registry import register_model
@@ -60,7 +59,7 @@ _DEFAULT = _SIZES["s"]
 
 
 @dataclasses.dataclass(frozen=True)
-class WukongConfig(ModelConfig):
+class WukongConfig(CTRModelConfig):
     """Wukong hyperparameters. `size` names a preset of SIZES (explicit keys override it)."""
 
     SIZES: ClassVar[dict[str, dict[str, Any]]] = _SIZES
@@ -80,8 +79,6 @@ class WukongConfig(ModelConfig):
     fmb_out_init_scale: float = knob(0.0, ge=0.0, help="init scale of the FMB MLP's last layer (0 = zero init)")
 
     def check(self) -> None:
-        if self.size != "custom" and self.size not in self.SIZES:
-            raise ConfigError("size", f"expected one of {', '.join(self.SIZES)} or 'custom', got {self.size!r}")
         if self.num_fm + self.num_lcb < 1:
             raise ConfigError("num_fm", "num_fm + num_lcb must be >= 1 (each layer must emit an embedding)")
         check_widths("dense_mlp", self.dense_mlp)
@@ -110,10 +107,6 @@ class WukongConfig(ModelConfig):
             flops += wukong_layer_flops(self, n)
             n = self.num_outputs
         return flops + mlp_flops(n * d, self.top_mlp, 1)
-
-    def embedding_bytes_per_example(self, spec: CTRFeatureSpec) -> float:
-        """Bytes gathered from the float32 embedding tables per example (one row per field)."""
-        return float(spec.num_fields * self.embed_dim * 4)
 
 
 def wukong_layer_flops(config: WukongConfig, num_inputs: int) -> float:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import time
 import traceback
@@ -132,8 +133,6 @@ def train(config: RunConfig, *, restart: bool = False) -> RunRecord:
     run_dir = run_directory(config)
     result_path = os.path.join(run_dir, "result.json")
     if restart and os.path.isdir(run_dir):
-        import shutil
-
         shutil.rmtree(run_dir)
     if os.path.exists(result_path):
         existing = read_record(result_path)
@@ -250,10 +249,12 @@ class _Run:
             if data_state is not None:
                 iterator.set_state(data_state)
 
-            keys = tuple(k for k in ("sparse", "dense", "label") if k in dataset.eval_arrays())
+            eval_arrays = dataset.eval_arrays()
+            keys = tuple(k for k in ("sparse", "dense", "label") if k in eval_arrays)
             abstract_batch = {
-                k: jax.ShapeDtypeStruct((cfg.train.batch_size,) + v.shape[1:], v.dtype, sharding=data_sharding)
-                for k, v in ((k, dataset.eval_arrays()[k]) for k in keys)
+                k: jax.ShapeDtypeStruct((cfg.train.batch_size,) + eval_arrays[k].shape[1:], eval_arrays[k].dtype,
+                                        sharding=data_sharding)
+                for k in keys
             }
             step_fn = (
                 jax.jit(fns.train_step, in_shardings=(state_sharding, data_sharding),
@@ -264,7 +265,7 @@ class _Run:
             self.step_memory = compiled_memory(step_fn)
             eval_fn = jax.jit(fns.eval_logits, in_shardings=(state_sharding, data_sharding), out_shardings=replicated(mesh))
             evaluator = _Evaluator(
-                arrays=dataset.eval_arrays(),
+                arrays=eval_arrays,
                 batch_size=cfg.train.eval_batch_size,
                 keys=tuple(k for k in keys if k != "label"),
                 sharding=data_sharding,
@@ -285,8 +286,8 @@ class _Run:
             rate = 0.0
             try:
                 with _stop_requests() as stop:
-                    state, rate = self._loop(state, step_fn, eval_fn, evaluator, iterator, checkpointer,
-                                             metrics_file, wandb, bar, progress, start_step, stop)
+                    state, rate = self._loop(state, step_fn, eval_fn, evaluator, iterator, data_sharding,
+                                             checkpointer, metrics_file, wandb, bar, progress, start_step, stop)
             finally:
                 bar.close()
             steps = cfg.train.steps
@@ -297,8 +298,8 @@ class _Run:
             checkpointer.close()
             return record
 
-    def _loop(self, state, step_fn, eval_fn, evaluator, iterator, checkpointer, metrics_file, wandb, bar,
-              progress, start_step, stop):
+    def _loop(self, state, step_fn, eval_fn, evaluator, iterator, data_sharding, checkpointer, metrics_file,
+              wandb, bar, progress, start_step, stop):
         cfg = self.config.train
         window: list[dict[str, jax.Array]] = []
         timed_from, timed_steps, rate = None, 0, 0.0
@@ -318,7 +319,7 @@ class _Run:
             wandb.log(row, at_step)
 
         while step < cfg.steps:
-            batch = _device_batch(next(iterator), evaluator.sharding)
+            batch = _device_batch(next(iterator), data_sharding)
             state, step_metrics = step_fn(state, batch)
             window.append(step_metrics)
             step += 1
