@@ -1,7 +1,13 @@
-"""`scaling` command line: train one run, or count its FLOPs without training.
+"""`scaling` command line.
 
-    scaling train sweeps/quickstart.yaml --set model.num_layers=3 --set train.steps=2000
-    scaling flops sweeps/quickstart.yaml --set model.size=l
+    scaling train sweeps/quickstart.yaml --set model.size=l      one run (resumes if interrupted)
+    scaling sweep sweeps/quickstart.yaml --dry-run               the trials of a sweep, no training
+    scaling sweep sweeps/quickstart.yaml --workers 2             run them (relaunch resumes)
+    scaling status sweeps/quickstart.yaml                        done / running / failed / pending
+    scaling fit runs/quickstart                                  fits.json + report.md
+    scaling plot runs/quickstart                                 plots/scaling.png and .svg
+    scaling compare runs/quickstart  (or --wandb ENTITY/PROJECT --group quickstart)
+    scaling flops sweeps/quickstart.yaml --set model.size=l      FLOPs and parameters of one config
 
 Bad input (unknown key, wrong type, out-of-range value, missing file) prints one line naming the
 key or file and exits with status 2.
@@ -27,10 +33,21 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _analysis_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", help="a sweep's run directory, e.g. runs/quickstart")
+    p.add_argument("--metric", default="logloss",
+                   help="any final_eval key: logloss (default), teacher_logloss, ne, auc (fitted as 1 - auc)")
+    p.add_argument("--axis", default="gflops_per_example", choices=["gflops_per_example", "train_flops"],
+                   help="x-axis: forward GFLOP/example (default) or total train FLOPs")
+    p.add_argument("--reference", default="dlrm", help="family the compute multipliers compare against (default dlrm)")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--out", help="where to write (default: the run directory)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scaling",
-        description="Scaling laws for recommendation models: train runs and count their FLOPs.",
+        description="Scaling laws for recommendation models: train runs and sweeps, fit and plot scaling laws.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -40,6 +57,44 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="delete the run directory and train from scratch")
     p.add_argument("--no-progress", action="store_true", help="no live progress bar")
     p.add_argument("--wandb", choices=["offline", "online", "disabled"], help="override logging.wandb.mode")
+
+    p = sub.add_parser("sweep", help="run every trial of a sweep YAML (relaunching skips finished trials)",
+                       description="Expand a sweep YAML into trials and run them. A relaunch skips finished "
+                                   "trials and resumes unfinished ones from their checkpoints.")
+    _config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the trials (params, GFLOP/example, train FLOPs) and exit")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="local worker processes, each pinned to its own share of cores/GPUs (default 1)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="local processes, or a SLURM job array via submitit (options: --slurm.KEY=VALUE)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun failed / diverged / OOM trials from scratch")
+    p.add_argument("--largest-first", action="store_true",
+                   help="start the most expensive trials first (shortest total time with several workers)")
+    p.add_argument("--wait", action="store_true", help="with --launcher slurm: wait for the jobs and report")
+    p.add_argument("--wandb", choices=["offline", "online", "disabled"], help="override logging.wandb.mode")
+
+    p = sub.add_parser("status", help="where each trial of a sweep stands: done / running / failed / pending",
+                       description="Read the sweep's run directories and show each trial's status.")
+    _config_args(p)
+
+    p = sub.add_parser("fit", help="fit scaling laws to a sweep's runs: writes fits.json and report.md",
+                       description="Aggregate seeds, pick the learning rate per size, fit power laws with bootstrap "
+                                   "CIs and held-out checks; writes fits.json and report.md into the sweep directory.")
+    _analysis_args(p)
+    p = sub.add_parser("plot", help="scaling plots (PNG and SVG) of a sweep's runs",
+                       description="Quality vs compute per family, fitted curves, 80% bands, held-out points, local slopes.")
+    _analysis_args(p)
+    p.add_argument("--holdout", type=int, default=1, choices=[0, 1, 2],
+                   help="draw the fit made without the largest N sizes (open markers), or 0: the fit to all sizes")
+    p.add_argument("--relative-to", metavar="FAMILY:SIZE",
+                   help="plot %% relative to that point (the Wukong paper's y-axis), e.g. dlrm:xxs")
+    p = sub.add_parser("compare", help="one table of a sweep's results, from run directories or from W&B",
+                       description="Per family and size: FLOPs, params, seeds, chosen lr and the metric. Reads "
+                                   "runs/<sweep> or, with --wandb, the runs of a W&B group (online).")
+    p.add_argument("runs", nargs="?", help="a sweep's run directory, e.g. runs/quickstart")
+    p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead (needs --group)")
+    p.add_argument("--group", help="the W&B group: the sweep's name")
+    p.add_argument("--metric", default="logloss", help="any final_eval key (default logloss)")
 
     p = sub.add_parser("flops", help="forward GFLOP/example (analytic and XLA), params, embedding bytes",
                        description="Count a model's FLOPs and parameters without training.")
@@ -96,10 +151,178 @@ def cmd_flops(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _sweep_overrides(args) -> list[str]:
+    overrides = list(args.overrides)
+    if getattr(args, "wandb", None):
+        overrides.append(f"logging.wandb.mode={args.wandb}")
+    return overrides + ["logging.progress=false"]  # the launcher draws the progress
+
+
+def cmd_sweep(args) -> int:
+    from scaling.sweep.spec import load_sweep
+
+    slurm_options = {}
+    if args.launcher == "slurm":
+        from scaling.sweep.slurm import parse_slurm_options
+
+        slurm_options = parse_slurm_options(args.slurm)
+    elif args.slurm:
+        raise ConfigError(args.slurm[0], "--slurm.* options need --launcher slurm")
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
+    sweep = load_sweep(args.config, _sweep_overrides(args))
+
+    from rich.console import Console
+
+    from scaling.sweep.plan import plan, plan_table, states, status_line
+
+    console = Console(stderr=True, soft_wrap=True)
+    if args.dry_run:
+        from scaling.train.report import wide_console
+
+        wide_console().print(plan_table(sweep, plan(sweep)))
+        return 0
+    from scaling.sweep.launch import select
+
+    sweep.write_manifest()
+    flops = {r.trial.index: r.train_flops for r in plan(sweep)} if args.largest_first else {}
+    selection = select(sweep, states(sweep), retry_failed=args.retry_failed, largest_first=args.largest_first,
+                       cost=lambda t: flops.get(t.index, 0.0))
+    console.print(f"sweep {sweep.name}: {len(sweep.trials)} trials in {sweep.directory}: {selection.describe()}")
+    if args.launcher == "slurm":
+        from scaling.sweep.slurm import submit_slurm
+
+        jobs = submit_slurm(sweep, selection.run, slurm_options, restart=selection.restart)
+        if jobs:
+            console.print(f"submitted {len(jobs)} array tasks (job {jobs[0].job_id.split('_')[0]}); "
+                          f"logs in {sweep.directory}/.submitit; `scaling status {args.config}` follows them")
+        if args.wait:
+            for job in jobs:
+                try:
+                    job.result()
+                except Exception as err:  # the trial's own result.json has the details
+                    console.print(f"[red]array task {job.job_id} failed[/]: {str(err).splitlines()[0][:200]}")
+            console.print(status_line(states(sweep)))
+        return 0
+    from scaling.sweep.local import run_local
+
+    summary = run_local(sweep, selection.run, workers=args.workers, restart=selection.restart, console=console)
+    console.print(f"sweep {sweep.name}: {status_line(states(sweep))}")
+    if summary.interrupted:
+        console.print(f"interrupted. Run `scaling sweep {args.config}` again to resume.")
+        return EXIT_INTERRUPTED
+    return 1 if summary.failed else 0
+
+
+def cmd_status(args) -> int:
+    from scaling.sweep.plan import states, status_table
+    from scaling.sweep.spec import load_sweep
+    from scaling.train.report import wide_console
+
+    sweep = load_sweep(args.config, list(args.overrides))
+    wide_console().print(status_table(sweep, states(sweep)))
+    return 0
+
+
+def _fit(args):
+    from analysis.records import load_local
+    from analysis.scaling_fit import fit_sweep
+
+    if args.resamples < 100:
+        raise ConfigError("--resamples", f"must be >= 100, got {args.resamples}")
     try:
-        return {"train": cmd_train, "flops": cmd_flops}[args.command](args)
+        runs = load_local(args.runs)
+    except FileNotFoundError as err:
+        raise ConfigError("", str(err)) from None
+    known = {k for r in runs.ok for k in r.final_eval}
+    base = {k.removeprefix("valid_").removeprefix("test_") for k in known}
+    if args.metric not in base:
+        raise ConfigError("--metric", f"{args.metric!r} is not in the runs' final_eval; one of {', '.join(sorted(base))}")
+    fit = fit_sweep(runs, args.metric, axis=args.axis, reference=args.reference, n_resamples=args.resamples)
+    return runs, fit, args.out or args.runs
+
+
+def cmd_fit(args) -> int:
+    import os
+
+    from analysis.report import render_report
+    from analysis.scaling_fit import sweep_fit_json
+
+    _, fit, out = _fit(args)
+    os.makedirs(out, exist_ok=True)
+    command = f"scaling fit {args.runs} --metric {args.metric} --axis {args.axis} --reference {args.reference} --resamples {args.resamples}"
+    with open(os.path.join(out, "fits.json"), "w") as f:
+        json.dump(sweep_fit_json(fit, command), f, indent=1)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(render_report(fit, command))
+    from analysis.summary import print_fit_summary
+
+    print_fit_summary(fit)
+    print(f"wrote {os.path.join(out, 'fits.json')} and {os.path.join(out, 'report.md')}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    import os
+
+    from analysis.plots import plot_sweep
+
+    runs, fit, out = _fit(args)
+    relative = None
+    if args.relative_to:
+        family, _, size = args.relative_to.partition(":")
+        point = next((p for fam in fit.families.values() for p in fam.points if p.family == family and p.size == size), None)
+        if point is None:
+            raise ConfigError("--relative-to", f"no point {args.relative_to!r} among the fitted families' sizes")
+        relative = (args.relative_to, point.mean)
+    from analysis.records import scale_points
+
+    references = []
+    for family in fit.skipped:  # families without a FLOP scale: their best point as a reference line
+        points = [p for p in scale_points(runs, args.metric) if p.family == family]
+        if points:
+            references.append(min(points, key=lambda p: p.mean))
+    paths = plot_sweep(fit, os.path.join(out, "plots"), holdout=args.holdout, relative_to=relative, references=references)
+    print("wrote " + " and ".join(paths))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from analysis.records import load_local, scale_points
+    from analysis.summary import points_table
+    from scaling.train.report import wide_console
+
+    if args.wandb:
+        if not args.group:
+            raise ConfigError("--group", "required with --wandb: the sweep's name (its W&B group)")
+        from analysis.wandb_source import load_wandb
+
+        try:
+            runs = load_wandb(args.wandb, args.group)
+        except FileNotFoundError as err:
+            raise ConfigError("--wandb", str(err)) from None
+    elif args.runs:
+        try:
+            runs = load_local(args.runs)
+        except FileNotFoundError as err:
+            raise ConfigError("", str(err)) from None
+    else:
+        raise ConfigError("runs", "give a run directory or --wandb ENTITY/PROJECT --group SWEEP")
+    wide_console().print(points_table(runs, scale_points(runs, args.metric), args.metric))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    slurm = [a for a in extra if a.startswith("--slurm.")]
+    if len(slurm) != len(extra) or (slurm and args.command != "sweep"):
+        parser.parse_args(argv)  # reports the unrecognized arguments and exits 2
+    args.slurm = slurm
+    try:
+        commands = {"train": cmd_train, "flops": cmd_flops, "sweep": cmd_sweep, "status": cmd_status, "fit": cmd_fit,
+                    "plot": cmd_plot, "compare": cmd_compare}
+        return commands[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -203,22 +203,26 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if "=" not in item:
             raise ConfigError(item, "expected an override of the form key.path=value")
         key, raw = item.split("=", 1)
-        key = key.strip()
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
-        node = data
-        parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section; cannot set a key inside it")
-            node = child
-        node[parts[-1]] = value
+        set_path(data, key.strip(), value)
     return data
+
+
+def set_path(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set `a.b.c` in nested YAML data in place, creating sections as needed."""
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a section; cannot set a key inside it")
+        node = child
+    node[parts[-1]] = value
 
 
 def load_run_config(path: str | None, overrides: Sequence[str] = (), data: Mapping[str, Any] | None = None) -> RunConfig:

@@ -57,3 +57,25 @@ def test_warmup_cosine_schedule():
     assert float(sched(100)) == pytest.approx(0.1, abs=1e-6)
     const = learning_rate_schedule(2.0, ScheduleConfig(name="constant", warmup_fraction=0.0), 100)
     assert float(const(50)) == 2.0
+
+
+def test_peak_lr_is_state_not_program():
+    """Two learning rates: updates scale by the peak, and the lowered step programs are identical."""
+    import jax
+
+    from scaling.config import DenseOptimizerConfig
+    from scaling.train.optimizers import dense_optimizer
+
+    params = {"w": jnp.arange(4.0)}
+    grads = {"w": jnp.array([0.5, -1.0, 2.0, 0.0])}
+    sched = ScheduleConfig(name="constant", warmup_fraction=0.0)
+    outs, texts = [], []
+    for lr in (1e-3, 3e-3):
+        tx = dense_optimizer(DenseOptimizerConfig(name="sgd", learning_rate=lr, b1=0.0, grad_clip_norm=0.0), sched, 10)
+        state = tx.init(params)
+        upd, _ = tx.update(grads, state, params)
+        outs.append(upd["w"])
+        texts.append(jax.jit(lambda g, s, p: tx.update(g, s, p)).lower(grads, state, params).as_text())
+    np.testing.assert_allclose(outs[0], -1e-3 * grads["w"], rtol=1e-6)
+    np.testing.assert_allclose(outs[1], 3 * outs[0], rtol=1e-6)
+    assert texts[0] == texts[1]

@@ -53,6 +53,7 @@ from scaling.config_schema import ConfigError, knob
 from scaling.data.pipeline import batch_iterator
 from scaling.data.registry import register_data
 from scaling.data.spec import CTRFeatureSpec
+from scaling.train.metrics import split_halves
 from scaling.data.world import CounterRNG, World, log_spaced_cardinalities, rowwise_dot, rowwise_matmul
 
 __all__ = ["SyntheticCTRConfig", "SyntheticCTR", "Teacher", "TRAIN_STREAM", "EVAL_STREAM"]
@@ -368,9 +369,16 @@ class SyntheticCTR:
         p = np.clip(ev["prob"].astype(np.float64), 1e-12, 1 - 1e-12)
         base = float(y.mean())
         constant = _binary_entropy(base)
-        bayes = float(-(y * np.log(p) + (1 - y) * np.log1p(-p)).mean())
-        entropy = float(-(p * np.log(p) + (1 - p) * np.log1p(-p)).mean())
+        bayes_each = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+        entropy_each = -(p * np.log(p) + (1 - p) * np.log1p(-p))
+        bayes, entropy = float(bayes_each.mean()), float(entropy_each.mean())
+        # The same floors on the halves the loop reports as valid_* and test_*.
+        per_half = {}
+        for half, rows in split_halves(len(y)).items():
+            per_half[f"{half}_bayes_logloss"] = float(bayes_each[rows].mean())
+            per_half[f"{half}_bayes_entropy"] = float(entropy_each[rows].mean())
         return {
+            **per_half,
             "base_rate": base,
             "true_base_rate": float(p.mean()),
             "constant_logloss": constant,

@@ -32,10 +32,15 @@ __all__ = ["DLRMConfig", "DLRM", "dot_interaction"]
 
 _SIZES: dict[str, dict[str, Any]] = {
     "xxs": dict(top_mlp=(16, 16)),
+    "xxs+": dict(top_mlp=(32, 32)),
     "xs": dict(top_mlp=(64, 64)),
+    "xs+": dict(top_mlp=(96, 96, 96)),
     "s": dict(top_mlp=(128, 128, 128, 128)),
+    "s+": dict(top_mlp=(192, 192, 192, 192)),
     "m": dict(top_mlp=(256, 256, 256, 256)),
+    "m+": dict(top_mlp=(384, 384, 384, 384)),
     "l": dict(top_mlp=(512, 512, 512, 512)),
+    "l+": dict(top_mlp=(768, 768, 768, 768)),
     "xl": dict(top_mlp=(1024, 1024, 1024, 1024)),
 }
 

@@ -49,10 +49,15 @@ __all__ = [
 # The ladder, smallest first. Each step first deepens, then widens (n_F = n_L, k, FMB MLP).
 _SIZES: dict[str, dict[str, Any]] = {
     "xxs": dict(num_layers=1, num_fm=2, num_lcb=2, fm_rank=4, fmb_mlp_width=32, fmb_mlp_depth=1, top_mlp=(32,)),
+    "xxs+": dict(num_layers=2, num_fm=3, num_lcb=3, fm_rank=6, fmb_mlp_width=48, fmb_mlp_depth=1, top_mlp=(48,)),
     "xs": dict(num_layers=2, num_fm=4, num_lcb=4, fm_rank=8, fmb_mlp_width=64, fmb_mlp_depth=1, top_mlp=(64,)),
+    "xs+": dict(num_layers=3, num_fm=6, num_lcb=6, fm_rank=8, fmb_mlp_width=80, fmb_mlp_depth=1, top_mlp=(96,)),
     "s": dict(num_layers=3, num_fm=8, num_lcb=8, fm_rank=8, fmb_mlp_width=96, fmb_mlp_depth=2, top_mlp=(128,)),
+    "s+": dict(num_layers=4, num_fm=10, num_lcb=10, fm_rank=10, fmb_mlp_width=128, fmb_mlp_depth=2, top_mlp=(128,)),
     "m": dict(num_layers=4, num_fm=12, num_lcb=12, fm_rank=12, fmb_mlp_width=192, fmb_mlp_depth=2, top_mlp=(128,)),
+    "m+": dict(num_layers=5, num_fm=14, num_lcb=14, fm_rank=14, fmb_mlp_width=224, fmb_mlp_depth=2, top_mlp=(192,)),
     "l": dict(num_layers=6, num_fm=16, num_lcb=16, fm_rank=16, fmb_mlp_width=256, fmb_mlp_depth=3, top_mlp=(256,)),
+    "l+": dict(num_layers=7, num_fm=20, num_lcb=20, fm_rank=20, fmb_mlp_width=320, fmb_mlp_depth=3, top_mlp=(256,)),
     "xl": dict(num_layers=8, num_fm=24, num_lcb=24, fm_rank=24, fmb_mlp_width=384, fmb_mlp_depth=3, top_mlp=(256,)),
 }
 _DEFAULT = _SIZES["s"]

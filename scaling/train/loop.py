@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import signal
@@ -113,12 +114,26 @@ class _Evaluator:
             out = eval_fn(state, _device_batch(chunk, self.sharding))
             logits.append(np.asarray(out)[: self.batch_size - pad])
         scores = np.concatenate(logits)
-        result = M.ctr_metrics(self.arrays["label"], scores, base_rate=self.reference.get("base_rate"))
+        labels, probs = self.arrays["label"], self.arrays.get("prob")
+        result = M.ctr_metrics(labels, scores, base_rate=self.reference.get("base_rate"))
         if "bayes_logloss" in self.reference:
             result["excess_logloss"] = result["logloss"] - self.reference["bayes_logloss"]
+        if probs is not None:
+            result["teacher_logloss"] = M.teacher_logloss_from_logits(probs, scores)
+        # Selection (e.g. the best lr of a sweep) reads valid_*, the scaling curve test_*.
+        for half, rows in M.split_halves(n).items():
+            result[f"{half}_logloss"] = M.logloss_from_logits(labels[rows], scores[rows])
+            if probs is not None:
+                result[f"{half}_teacher_logloss"] = M.teacher_logloss_from_logits(probs[rows], scores[rows])
         if self.reference_logloss is not None:
             result["relative_logloss_pct"] = M.relative_logloss(result["logloss"], self.reference_logloss)
         return result
+
+
+@functools.lru_cache(maxsize=1)
+def _dataset(config):
+    """The data set of a data config, built once per process (sweep workers run many trials on it)."""
+    return config.build()
 
 
 def _reference_logloss(path: str) -> float | None:
@@ -187,6 +202,7 @@ class _Run:
             memory={**peak_memory_bytes(), **getattr(self, "step_memory", {})},
             device=device_info(),
             versions=library_versions(),
+            resumed_from=list(progress.get("resumed_from", [])),
         )
 
     def execute(self) -> RunRecord:
@@ -214,7 +230,7 @@ class _Run:
         if cfg.train.batch_size % divisor or cfg.train.eval_batch_size % divisor:
             raise ValueError(f"train.batch_size and train.eval_batch_size must be multiples of {divisor} (devices holding the batch)")
 
-        dataset = cfg.data.build()
+        dataset = _dataset(cfg.data)
         spec = dataset.spec
         reference = dataset.reference_metrics()
         with jax.set_mesh(mesh):
@@ -243,6 +259,7 @@ class _Run:
             if latest is not None:
                 state, data_state, progress = checkpointer.restore(latest, state)
                 start_step = latest
+                progress["resumed_from"] = [*progress.get("resumed_from", []), latest]
                 self.prior_wall = float(progress.get("wall_time_s", 0.0))
 
             iterator = dataset.train_iterator(cfg.train.batch_size)

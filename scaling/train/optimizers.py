@@ -4,6 +4,11 @@ Recsys practice trains embedding tables with row-wise Adagrad (one accumulator p
 of the row's squared gradient), which keeps optimizer memory at one float per row. Rows an
 example batch does not touch get a zero gradient and so neither move nor change their state,
 which makes the dense-gradient form here equal to the sparse update.
+
+The peak learning rate is not baked into the compiled step: each chain ends in
+`scale_by_peak_schedule`, which keeps the peak as a scalar in the optimizer state and multiplies by
+peak x shape(step). Runs that differ only in their learning rates (a sweep's per-size lr grid)
+therefore lower to the same program and share one entry of the compilation cache.
 """
 
 from __future__ import annotations
@@ -27,6 +32,32 @@ def learning_rate_schedule(peak: float, schedule: ScheduleConfig, total_steps: i
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def schedule_shape(schedule: ScheduleConfig, total_steps: int) -> optax.Schedule:
+    """The schedule with peak 1: warmup then cosine or constant, as a multiplier of the peak."""
+    return learning_rate_schedule(1.0, schedule, total_steps)
+
+
+class PeakScheduleState(NamedTuple):
+    count: jax.Array  # int32 steps taken
+    peak: jax.Array  # float32 peak learning rate, a traced value
+
+
+def scale_by_peak_schedule(peak: float, shape: optax.Schedule) -> optax.GradientTransformation:
+    """updates * peak * shape(step). The chain before it already carries the descent sign."""
+
+    def init(params):
+        del params
+        return PeakScheduleState(jnp.zeros((), jnp.int32), jnp.asarray(peak, jnp.float32))
+
+    def update(updates, state, params=None):
+        del params
+        factor = state.peak * shape(state.count)
+        updates = jax.tree.map(lambda u: (u * factor).astype(u.dtype), updates)
+        return updates, PeakScheduleState(optax.safe_increment(state.count), state.peak)
+
+    return optax.GradientTransformation(init, update)
 
 
 class RowwiseAdagradState(NamedTuple):
@@ -56,27 +87,26 @@ def rowwise_adagrad(learning_rate: optax.ScalarOrSchedule, eps: float = 1e-8, in
 
 def dense_optimizer(cfg: DenseOptimizerConfig, schedule: ScheduleConfig, total_steps: int) -> optax.GradientTransformation:
     """Optax chain for every non-embedding parameter (with optional global-norm clipping)."""
-    lr = learning_rate_schedule(cfg.learning_rate, schedule, total_steps)
-    if cfg.name == "adamw":
-        core = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":  # decoupled weight decay, scaled by the learning rate as in optax.adamw
+        core = optax.adamw(1.0, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
     elif cfg.name == "adam":
-        core = optax.adam(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        core = optax.adam(1.0, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
     elif cfg.name == "rmsprop":
-        core = optax.rmsprop(lr, decay=cfg.b2, eps=cfg.eps)
+        core = optax.rmsprop(1.0, decay=cfg.b2, eps=cfg.eps)
     else:
-        core = optax.sgd(lr, momentum=cfg.b1 or None)
-    if cfg.grad_clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), core)
-    return core
+        core = optax.sgd(1.0, momentum=cfg.b1 or None)
+    parts = [optax.clip_by_global_norm(cfg.grad_clip_norm)] if cfg.grad_clip_norm > 0 else []
+    return optax.chain(*parts, core, scale_by_peak_schedule(cfg.learning_rate, schedule_shape(schedule, total_steps)))
 
 
 def embedding_optimizer(cfg: EmbeddingOptimizerConfig, schedule: ScheduleConfig, total_steps: int) -> optax.GradientTransformation:
     """Optax transformation for embedding tables."""
-    lr = learning_rate_schedule(cfg.learning_rate, schedule, total_steps)
     if cfg.name == "rowwise_adagrad":
-        return rowwise_adagrad(lr, eps=cfg.eps, initial_accumulator=cfg.initial_accumulator)
-    if cfg.name == "adagrad":
-        return optax.adagrad(lr, initial_accumulator_value=cfg.initial_accumulator, eps=cfg.eps)
-    if cfg.name == "adam":
-        return optax.adam(lr, eps=cfg.eps)
-    return optax.sgd(lr)
+        core = rowwise_adagrad(1.0, eps=cfg.eps, initial_accumulator=cfg.initial_accumulator)
+    elif cfg.name == "adagrad":
+        core = optax.adagrad(1.0, initial_accumulator_value=cfg.initial_accumulator, eps=cfg.eps)
+    elif cfg.name == "adam":
+        core = optax.adam(1.0, eps=cfg.eps)
+    else:
+        core = optax.sgd(1.0)
+    return optax.chain(core, scale_by_peak_schedule(cfg.learning_rate, schedule_shape(schedule, total_steps)))

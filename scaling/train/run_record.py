@@ -106,6 +106,7 @@ class RunRecord:
     memory: dict[str, int | None]
     device: dict[str, Any]
     versions: dict[str, str]
+    resumed_from: list[int] = dataclasses.field(default_factory=list)  # steps at which the run was resumed
 
     @property
     def gflops_per_example(self) -> float:
@@ -131,3 +132,18 @@ def read_record(path: str) -> dict[str, Any]:
         path = os.path.join(path, "result.json")
     with open(path) as f:
         return json.load(f)
+
+
+def failure_record(config, status: Status, reason: str) -> RunRecord:
+    """A record for a run that died before the loop could write its own (e.g. a killed worker)."""
+    from scaling.config import run_id
+    from scaling.config_schema import to_dict
+
+    return RunRecord(
+        run_id=run_id(config), name=config.name, family=config.model.name,
+        size=getattr(config.model, "size", "custom"), seed=config.seed, status=status, reason=reason,
+        config=to_dict(config), params_dense=0, params_embedding=0, flops_per_example_analytic=0.0,
+        flops_per_example_xla=None, embedding_bytes_per_example=0.0, examples_seen=0, steps=0, train_flops=0.0,
+        final_eval={}, best_eval={}, best_eval_step=-1, data_reference={}, wall_time_s=0.0, examples_per_s=0.0,
+        memory={}, device={}, versions=library_versions(),
+    )
