@@ -37,6 +37,7 @@ class Run:
     reason: str
     gflops_per_example: float
     train_flops: float
+    examples: int
     params_dense: int
     params_embedding: int
     final_eval: Mapping[str, float]
@@ -77,6 +78,7 @@ def run_from_record(record: Mapping[str, Any]) -> Run:
         reason=str(record.get("reason", "")),
         gflops_per_example=float(record.get("flops_per_example_analytic", 0.0)) / 1e9,
         train_flops=float(record.get("train_flops", 0.0)),
+        examples=int(record.get("examples_seen", 0)),
         params_dense=int(record.get("params_dense", 0)),
         params_embedding=int(record.get("params_embedding", 0)),
         final_eval=dict(record.get("final_eval") or {}),
@@ -109,14 +111,18 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def infer_tuned(runs: Sequence[Run]) -> tuple[str, ...]:
-    """Config keys that vary among runs of the same (family, size), seeds aside: what was tuned."""
+    """Config keys that vary among runs of the same (family, size): what was tuned.
+
+    Seeds, names, logging and the data-size keys (train.steps, train.batch_size: a data-scaling
+    axis, fitted by the two-variable law) are not tuning.
+    """
     groups: dict[tuple[str, str], list[dict[str, Any]]] = collections.defaultdict(list)
     for run in runs:
         groups[(run.family, run.size)].append(_flatten(run.config))
     varying: set[str] = set()
     for flats in groups.values():
         for key in set().union(*flats):
-            if key in ("seed", "name") or key.startswith("logging.") or key == "train.output_dir":
+            if key in ("seed", "name", "train.output_dir", "train.steps", "train.batch_size") or key.startswith("logging."):
                 continue
             if len({f.get(key) for f in flats}) > 1:
                 varying.add(key)
@@ -160,6 +166,7 @@ class ScalePoint:
     size: str
     gflops_per_example: float
     train_flops: float
+    examples: int  # training examples per run (a data-size axis when it varies)
     params_dense: int
     params_embedding: int
     mean: float
@@ -225,9 +232,9 @@ def scale_points(runs: RunSet, metric: str = "logloss") -> list[ScalePoint]:
         mean = sum(values) / n
         sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
         first = chosen[0]
-        points.append(ScalePoint(family, size, first.gflops_per_example, first.train_flops, first.params_dense,
+        points.append(ScalePoint(family, size, first.gflops_per_example, first.train_flops, first.examples, first.params_dense,
                                  first.params_embedding, mean, sem, n, tuple(values), tuple(s for s, _ in vals), choice))
-    points.sort(key=lambda p: (p.family, p.gflops_per_example))
+    points.sort(key=lambda p: (p.family, p.gflops_per_example, p.examples))
     return points
 
 

@@ -86,6 +86,40 @@ def _family_section(fam: FamilyFit, fit: SweepFit) -> list[str]:
     return lines + [""]
 
 
+def other_axis_params(fam: FamilyFit) -> dict[str, float] | None:
+    """The chosen fit's parameters on the total-train-FLOPs axis (or back), converted exactly.
+
+    The 1-D fits use one data size per family, so train FLOPs = c x forward FLOPs with c = 3 x 1e9 x
+    examples: a power law keeps its exponent (A becomes A c^alpha), a log-linear law its slope
+    (a becomes a - b ln c).
+    """
+    fit = fam.chosen
+    if fit is None or not fam.points:
+        return None
+    p0 = fam.points[0]
+    c = p0.train_flops / p0.gflops_per_example  # same for every point of the family
+    if fam.x[0] == p0.train_flops:  # fitted on train FLOPs: convert back to GFLOP/example
+        c = 1.0 / c
+    params = dict(fit.params)
+    if fit.form in ("saturating", "power"):
+        params["A"] = params["A"] * c ** params["alpha"]
+    else:
+        params["a"] = params["a"] - params["b"] * math.log(c)
+    return params
+
+
+def _other_axis_table(fit: SweepFit) -> list[str]:
+    other = "train_flops" if fit.axis == "gflops_per_example" else "gflops_per_example"
+    lines = [f"**The same laws vs {AXES[other]}** (each family's runs share one number of examples, so the axes "
+             "differ by a constant factor: exponents, slopes and CIs are unchanged, the other parameters convert exactly):",
+             "", "| family | form | parameters |", "|---|---|---|"]
+    for name, fam in sorted(fit.families.items()):
+        params = other_axis_params(fam)
+        text = ", ".join(f"{k} = {_g(v)}" for k, v in params.items()) if params else "n/a"
+        lines.append(f"| {name} | {fam.choice.chosen or 'none'} | {text} |")
+    return lines + [""]
+
+
 def render_report(fit: SweepFit, command: str) -> str:
     """The markdown text of report.md."""
     lines = [f"# Scaling fits: {fit.source}", "",
@@ -113,6 +147,17 @@ def render_report(fit: SweepFit, command: str) -> str:
         lines += [f"Compute multiplier: the {AXES[fit.axis]} {fit.reference_family} needs divided by what the family needs to "
                   "reach the same quality (the better of the two families' worst-of-best fitted values); > 1 means the "
                   "family is more compute-efficient.", ""]
+    for name, ds in sorted(fit.data_scaling.items()):
+        p = ds.fit.params
+        ci = ds.bootstrap.ci80 if ds.bootstrap else {}
+        rng = lambda k: f" [{_g(ci[k][0], 3)}, {_g(ci[k][1], 3)}]" if k in ci else ""  # noqa: E731
+        lines += [f"**{name}, model and data size** (L = E + A/N^α + B/D^β; N = forward multiply-adds/example, "
+                  f"D = examples; {ds.n_points} points over data sizes {', '.join(f'{v:,}' for v in ds.data_sizes)}; "
+                  f"fit {'ok' if ds.fit.ok else 'NOT ok: ' + ds.fit.message}): E = {_g(p['E'])}{rng('E')}, "
+                  f"A = {_g(p['A'])}, B = {_g(p['B'])}, α = {_g(p['alpha'])}{rng('alpha')}, β = {_g(p['beta'])}{rng('beta')}; "
+                  f"compute-optimal N_opt ∝ C^{_g(ds.fit.a, 3)}{rng('a')}, D_opt ∝ C^{_g(ds.fit.b, 3)}. "
+                  "The 1-D fits below use the largest data size.", ""]
+    lines += _other_axis_table(fit)
     for name, why in fit.skipped.items():
         lines.append(f"- {name}: not fitted ({why}).")
     if fit.dropped:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from analysis.bootstrap import BootstrapResult, bootstrap_fit
+from analysis.chinchilla import ChinchillaBootstrap, ChinchillaFit, bootstrap_chinchilla, fit_chinchilla
 from analysis.extrapolation import FormChoice, HoldoutResult, choose_form, holdout, min_points
 from analysis.forms import FORMS, FitResult, get_form
 from analysis.records import RunSet, ScalePoint, reference_floor, scale_points
@@ -63,6 +64,22 @@ class FamilyFit:
 
 
 @dataclasses.dataclass(frozen=True)
+class DataScalingFit:
+    """L(N, D) = E + A/N^alpha + B/D^beta for a family swept over model and data size.
+
+    N = forward multiply-adds per example (GFLOP/example x 1e9 / 2), D = training examples, so that
+    train compute C = 3 x forward FLOPs x D = 6 N D as in the LLM convention; the compute-optimal
+    allocation is N_opt ∝ C^a, D_opt ∝ C^b with a = beta/(alpha+beta), b = alpha/(alpha+beta).
+    """
+
+    family: str
+    fit: ChinchillaFit
+    bootstrap: ChinchillaBootstrap | None
+    n_points: int
+    data_sizes: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class Comparison:
     family: str
     reference: str
@@ -78,6 +95,7 @@ class SweepFit:
     fitted_quantity: str
     axis: str
     families: dict[str, FamilyFit]
+    data_scaling: dict[str, DataScalingFit]  # families swept over data size too
     skipped: dict[str, str]  # family -> why it has no fit
     floor: float | None  # Bayes-optimal value of the metric on the test half (synthetic data)
     reference_family: str
@@ -141,8 +159,9 @@ def fit_family(family: str, points: Sequence[ScalePoint], *, axis: str = "gflops
             if keep < min_points(form):
                 continue
             fitted = np.isin(gr, np.arange(keep))
-            sub = bootstrap_fit(form, xr[fitted], yr[fitted], gr[fitted], x_grid=band_x, n_resamples=n_resamples,
-                                seed=seed + k)
+            # The refit's band only answers "is the held-out point inside?": fewer resamples suffice.
+            sub = bootstrap_fit(form, xr[fitted], yr[fitted], gr[fitted], x_grid=band_x,
+                                n_resamples=max(200, n_resamples // 4), seed=seed + k)
             bands[k] = sub.band
             result = holdout(form, x, y, k, band=sub.band)
             if result is not None:
@@ -155,6 +174,17 @@ def fit_family(family: str, points: Sequence[ScalePoint], *, axis: str = "gflops
                      tuple(_flags(points, y, fits, choice, slopes)))
 
 
+def fit_data_scaling(family: str, points: Sequence[ScalePoint], *, n_resamples: int = 1000, seed: int = 0,
+                     upward: bool = False) -> DataScalingFit:
+    """The Chinchilla form on every (size, data size) point of one family, with a bootstrap over points."""
+    n = np.array([p.gflops_per_example * 1e9 / 2.0 for p in points])
+    d = np.array([float(p.examples) for p in points])
+    y = np.array([1.0 - p.mean if upward else p.mean for p in points])
+    point = fit_chinchilla(n, d, y)
+    boot = bootstrap_chinchilla(n, d, y, point, n_resamples=n_resamples, seed=seed) if point.ok else None
+    return DataScalingFit(family, point, boot, len(points), tuple(sorted({p.examples for p in points})))
+
+
 def fit_sweep(runs: RunSet, metric: str = "logloss", *, axis: str = "gflops_per_example", reference: str = "dlrm",
               n_resamples: int = 1000, seed: int = 0) -> SweepFit:
     """Fit every family of a run set that has >= 3 sizes; compare each with `reference` (if fitted)."""
@@ -165,8 +195,12 @@ def fit_sweep(runs: RunSet, metric: str = "logloss", *, axis: str = "gflops_per_
     by_family: dict[str, list[ScalePoint]] = {}
     for p in points:
         by_family.setdefault(p.family, []).append(p)
-    families, skipped = {}, {}
+    families, skipped, data_scaling = {}, {}, {}
     for family, pts in sorted(by_family.items()):
+        sizes = sorted({p.examples for p in pts})
+        if len(sizes) > 1:  # swept over data size too: the 2-D law on all points, 1-D at the most data
+            data_scaling[family] = fit_data_scaling(family, pts, n_resamples=n_resamples, seed=seed, upward=upward)
+            pts = [p for p in pts if p.examples == sizes[-1]]
         if len(pts) < 3:
             skipped[family] = f"{len(pts)} size(s); a fit needs at least 3"
             continue
@@ -185,7 +219,7 @@ def fit_sweep(runs: RunSet, metric: str = "logloss", *, axis: str = "gflops_per_
     floor = reference_floor(runs, metric)
     return SweepFit(
         source=runs.source, metric=metric, fitted_quantity=f"1 - {metric}" if upward else metric, axis=axis,
-        families=families, skipped=skipped, floor=None if upward else floor, reference_family=reference,
+        families=families, data_scaling=data_scaling, skipped=skipped, floor=None if upward else floor, reference_family=reference,
         comparisons=comparisons, dropped=runs.dropped, tune=runs.tune, n_runs=len(runs.ok), n_resamples=n_resamples,
     )
 

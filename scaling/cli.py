@@ -225,6 +225,11 @@ def cmd_status(args) -> int:
 
 
 def _fit(args):
+    """Load the runs and fit them; the fit is cached beside the runs until any result.json changes."""
+    import hashlib
+    import os
+    import pickle
+
     from analysis.records import load_local
     from analysis.scaling_fit import fit_sweep
 
@@ -238,21 +243,37 @@ def _fit(args):
     base = {k.removeprefix("valid_").removeprefix("test_") for k in known}
     if args.metric not in base:
         raise ConfigError("--metric", f"{args.metric!r} is not in the runs' final_eval; one of {', '.join(sorted(base))}")
+    stamp = sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(args.runs) if e.is_dir()
+                   and os.path.exists(os.path.join(e.path, "result.json")))
+    key = hashlib.sha256(repr((stamp, args.metric, args.axis, args.reference, args.resamples)).encode()).hexdigest()
+    cache = os.path.join(args.runs, ".fit_cache.pkl")
+    try:
+        with open(cache, "rb") as f:
+            cached_key, fit = pickle.load(f)
+        if cached_key == key:
+            return runs, fit, args.out or args.runs
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError):
+        pass
     fit = fit_sweep(runs, args.metric, axis=args.axis, reference=args.reference, n_resamples=args.resamples)
+    with open(cache, "wb") as f:
+        pickle.dump((key, fit), f)
     return runs, fit, args.out or args.runs
 
 
 def cmd_fit(args) -> int:
     import os
 
-    from analysis.report import render_report
+    from analysis.report import other_axis_params, render_report
     from analysis.scaling_fit import sweep_fit_json
 
     _, fit, out = _fit(args)
     os.makedirs(out, exist_ok=True)
     command = f"scaling fit {args.runs} --metric {args.metric} --axis {args.axis} --reference {args.reference} --resamples {args.resamples}"
+    payload = sweep_fit_json(fit, command)
+    for name, fam in fit.families.items():
+        payload["families"][name]["params_on_other_axis"] = other_axis_params(fam)
     with open(os.path.join(out, "fits.json"), "w") as f:
-        json.dump(sweep_fit_json(fit, command), f, indent=1)
+        json.dump(payload, f, indent=1)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_report(fit, command))
     from analysis.summary import print_fit_summary

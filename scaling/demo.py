@@ -1,7 +1,11 @@
-"""`make demo`: train Wukong and DLRM on the embedded synthetic CTR data and print a result table.
+"""`make demo`: the quickstart sweep end to end: run the trials, fit the laws, draw the plot.
 
-Each run takes a minute or two on a 2-core CPU. Rerunning the demo reuses finished runs (the run
-directory is the source of truth); `make clean` starts over.
+    scaling sweep sweeps/quickstart.yaml --workers N --largest-first
+    scaling fit runs/quickstart
+    scaling plot runs/quickstart
+
+About 13 minutes on 2 CPU cores. Interrupt it at any point (Ctrl-C) and run it again: finished
+trials are reused and unfinished ones resume from their checkpoints; `make clean` starts over.
 """
 
 from __future__ import annotations
@@ -10,36 +14,33 @@ import os
 import sys
 import time
 
-from analysis.curves import plot_learning_curves
-from scaling.config import load_run_config
-from scaling.train.loop import run_directory, train
-from scaling.train.report import records_table, wide_console
+from scaling import cli
 
-QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "quickstart.yaml")
-DEMO_RUNS = (("wukong", "m"), ("dlrm", "m"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join("sweeps", "quickstart.yaml")
+RUNS = os.path.join("runs", "quickstart")
+
+
+def default_workers() -> int:
+    """One worker per core, up to 4 (the quickstart's trials are small)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4))
 
 
 def main(argv: list[str] | None = None) -> int:
     extra = list(argv if argv is not None else sys.argv[1:])
-    console = wide_console()
-    records, run_dirs = [], []
+    os.chdir(ROOT)
     t0 = time.time()
-    for family, size in DEMO_RUNS:
-        config = load_run_config(QUICKSTART, ["name=demo", f"model.name={family}", f"model.size={size}", *extra])
-        run_dirs.append(run_directory(config))
-        console.print(f"[bold]training {family}:{size}[/bold] -> {run_dirs[-1]}")
-        records.append(train(config))
-    console.print(records_table(records, title="demo: synthetic CTR, one pass"))
-    if all(r.status == "ok" for r in records):
-        plot = os.path.join(os.path.dirname(run_dirs[0]), "learning_curves.png")
-        plot_learning_curves(run_dirs, plot, title="Wukong vs DLRM on the synthetic CTR world")
-        console.print(f"learning curves: {plot}")
-    ref = records[0].data_reference
-    console.print(
-        f"Bayes-optimal logloss {ref['bayes_logloss']:.4f} (NE {ref['bayes_ne']:.4f}); constant predictor "
-        f"{ref['constant_logloss']:.4f}; 'excess' = eval logloss - Bayes. This invocation: {time.time() - t0:.0f} s (finished runs are reused)."
-    )
-    return 0 if all(r.status == "ok" for r in records) else 1
+    rc = cli.main(["sweep", QUICKSTART, "--workers", str(default_workers()), "--largest-first", *extra])
+    if rc not in (0, 1):  # interrupted or bad input; 1 = some trials failed, the rest can still be fitted
+        return rc
+    swept = time.time() - t0
+    for command in (["fit", RUNS], ["plot", RUNS]):
+        if cli.main(command) != 0:
+            return 1
+    print(f"demo: sweep {swept:.0f} s, total {time.time() - t0:.0f} s. Report: {RUNS}/report.md; "
+          f"plot: {RUNS}/plots/scaling.png (and .svg); `scaling status {QUICKSTART}` lists the trials.")
+    return rc
 
 
 if __name__ == "__main__":

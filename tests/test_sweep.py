@@ -150,7 +150,10 @@ def _wait_for(predicate, timeout=240.0, interval=0.5):
     return False
 
 
-def test_sigkill_and_relaunch_skips_finished_and_resumes_unfinished(tmp_path):
+@pytest.mark.parametrize("how", ["sigkill_launcher", "ctrl_c"])
+def test_stop_and_relaunch_skips_finished_and_resumes_unfinished(tmp_path, how):
+    """SIGKILL of the launcher alone (its worker is told to stop by the kernel), or Ctrl-C (SIGINT to the
+    whole process group): either way the finished trial is kept and the running one resumes."""
     path = write_sweep(tmp_path, {"scale": {"wukong": ["xxs", "xs"]}},
                        train={**BASE["train"], "output_dir": str(tmp_path / "runs"), "steps": 400,
                               "checkpoint_every": 20, "eval_every": 200})
@@ -162,8 +165,12 @@ def test_sigkill_and_relaunch_skips_finished_and_resumes_unfinished(tmp_path):
         ckpts = os.path.join(second.run_dir, "checkpoints")
         assert _wait_for(lambda: os.path.isdir(ckpts) and any(n.isdigit() and int(n) >= 40 for n in os.listdir(ckpts))), \
             "second trial never checkpointed"
-        os.kill(proc.pid, signal.SIGKILL)  # the launcher only: its worker is told to stop by the kernel
-        proc.wait(timeout=30)
+        if how == "ctrl_c":
+            os.killpg(proc.pid, signal.SIGINT)
+            assert proc.wait(timeout=120) == 130
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -198,3 +205,21 @@ def test_slurm_launcher_through_submitit_local_executor(tmp_path):
     assert bad.returncode == 2 and "expected --slurm.KEY=VALUE" in bad.stderr and "Traceback" not in bad.stderr
     stray = run_cli("sweep", path, "--slurm.partition=gpu")
     assert stray.returncode == 2 and "need --launcher slurm" in stray.stderr
+
+
+def test_a_worker_killed_mid_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """The kernel's OOM killer takes a worker down: that trial is recorded (oom), a new worker runs the rest."""
+    path = write_sweep(tmp_path, {"scale": {"wukong": ["xs", "xxs"]}},
+                       train={**BASE["train"], "output_dir": str(tmp_path / "runs"), "steps": 400,
+                              "checkpoint_every": 100, "eval_every": 400})
+    victim, survivor = load_sweep(path).trials
+    proc = subprocess.Popen([sys.executable, "-m", "scaling.cli", "sweep", path], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = os.path.join(victim.run_dir, ".lock")
+    assert _wait_for(lambda: os.path.exists(os.path.join(victim.run_dir, "metrics.jsonl")) and os.path.exists(lock))
+    os.kill(json.load(open(lock))["pid"], signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, err
+    killed = trial_state(victim.run_dir)
+    assert killed.status == "oom" and "SIGKILL" in killed.reason
+    assert trial_state(survivor.run_dir).status == "done"

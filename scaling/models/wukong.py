@@ -48,6 +48,7 @@ __all__ = [
 
 # The ladder, smallest first. Each step first deepens, then widens (n_F = n_L, k, FMB MLP).
 _SIZES: dict[str, dict[str, Any]] = {
+    "xxxs": dict(num_layers=1, num_fm=1, num_lcb=1, fm_rank=2, fmb_mlp_width=16, fmb_mlp_depth=1, top_mlp=(16,)),
     "xxs": dict(num_layers=1, num_fm=2, num_lcb=2, fm_rank=4, fmb_mlp_width=32, fmb_mlp_depth=1, top_mlp=(32,)),
     "xxs+": dict(num_layers=2, num_fm=3, num_lcb=3, fm_rank=6, fmb_mlp_width=48, fmb_mlp_depth=1, top_mlp=(48,)),
     "xs": dict(num_layers=2, num_fm=4, num_lcb=4, fm_rank=8, fmb_mlp_width=64, fmb_mlp_depth=1, top_mlp=(64,)),

@@ -91,14 +91,16 @@ def _worker(wid: int, cpus: list[int], gpus: list[str], shared_gpus: int, cache_
         if shared_gpus > 1:  # workers sharing a GPU must not each preallocate most of it
             os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", f"{0.9 / shared_gpus:.2f}")
     from scaling.train.compile_cache import enable_compilation_cache
-    from scaling.train.loop import Interrupted, train
+    from scaling.train.loop import Interrupted, request_stop, stop_requested, train
     from scaling.train.run_record import classify_failure, failure_record
 
+    for sig in (signal.SIGINT, signal.SIGTERM):  # between trials too: finish nothing new after a stop
+        signal.signal(sig, request_stop)
     enable_compilation_cache(cache_dir)
 
-    while True:
+    while not stop_requested():
         item = tasks.get()
-        if item is None:
+        if item is None or stop_requested():
             return
         index, config, run_dir, restart = item
         events.put(("start", wid, index, os.getpid()))
@@ -107,10 +109,16 @@ def _worker(wid: int, cpus: list[int], gpus: list[str], shared_gpus: int, cache_
                 record = train(config, restart=restart)
             events.put(("end", wid, index, record.status, record.reason, record.final_eval.get("logloss"),
                         record.wall_time_s))
+            if stop_requested():
+                events.put(("interrupted", wid, index, stop_requested()))
+                return
         except (Interrupted, KeyboardInterrupt) as stop:
             events.put(("interrupted", wid, index, str(stop)))
             return
         except BaseException as err:  # the loop records its own failures; this catches failures around it
+            if stop_requested():  # e.g. the second Ctrl-C: leave the trial resumable, record nothing
+                events.put(("interrupted", wid, index, stop_requested()))
+                return
             status = classify_failure(err) if isinstance(err, Exception) else "failed"
             reason = f"{type(err).__name__}: {err}"
             os.makedirs(run_dir, exist_ok=True)

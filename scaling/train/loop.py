@@ -65,24 +65,38 @@ def run_directory(config: RunConfig) -> str:
     return os.path.join(config.train.output_dir, config.name, run_id(config))
 
 
+# A stop request (SIGINT/SIGTERM) outlives the run it interrupted: a sweep worker that was asked to
+# stop must not start its next trial, and one asked between trials stops at the next run's first step.
+_STOP: dict[str, str | None] = {"stop": None}
+
+
+def request_stop(signum: int, frame=None) -> None:
+    """Signal handler: SIGINT/SIGTERM asks for a checkpoint and a clean exit; a second Ctrl-C gives up.
+
+    A repeated SIGTERM never escalates: a launcher forwards it to workers that may already have had
+    the terminal's SIGINT, and they must still save.
+    """
+    if _STOP["stop"] is not None and signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    _STOP["stop"] = signal.Signals(signum).name
+
+
+def stop_requested() -> str | None:
+    """The name of the signal that asked this process to stop, if any."""
+    return _STOP["stop"]
+
+
 @contextlib.contextmanager
 def _stop_requests():
     """Turn SIGINT/SIGTERM into a flag the loop checks between steps (never mid-step)."""
-    flag = {"stop": None}
     previous = {}
-
-    def handler(signum, frame):
-        if flag["stop"] is not None:  # second Ctrl-C: give up immediately
-            raise KeyboardInterrupt
-        flag["stop"] = signal.Signals(signum).name
-
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            previous[sig] = signal.signal(sig, handler)
+            previous[sig] = signal.signal(sig, request_stop)
         except ValueError:  # not the main thread
             pass
     try:
-        yield flag
+        yield _STOP
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
