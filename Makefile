@@ -18,7 +18,8 @@ test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/python -m benchmarks.run_all
+	$(VENV)/bin/python -m benchmarks.synthetic_generation
+	$(VENV)/bin/python -m benchmarks.train_throughput
 
 clean:
 	rm -rf runs wandb

@@ -155,6 +155,7 @@ class TunedChoice:
 
     values: tuple[tuple[str, Any], ...]  # the chosen (key, value)s
     on_edge: tuple[str, ...]  # tuned keys whose best value is the smallest or largest tried
+    edge_margin: float | None  # how much the best (edge) setting beats the next-best one (mean valid metric)
     tried: tuple[tuple[tuple[tuple[str, Any], ...], float], ...]  # (values, mean valid metric)
 
 
@@ -212,7 +213,12 @@ def _select(runs: list[Run], tune: Sequence[str], metric: str) -> tuple[list[Run
         tried = sorted({v[i][1] for v, _ in scored if isinstance(v[i][1], (int, float))})
         if len(tried) >= 2 and best_values[i][1] in (tried[0], tried[-1]):
             edge.append(key)
-    choice = TunedChoice(best_values, tuple(edge), tuple(sorted(scored, key=lambda item: str(item[0]))))
+    others = sorted(m for v, m in scored if v != best_values)
+    margin = None
+    if edge and others:
+        best = min(m for v, m in scored if v == best_values)
+        margin = abs((others[0] if lower_is_better else others[-1]) - best)
+    choice = TunedChoice(best_values, tuple(edge), margin, tuple(sorted(scored, key=lambda item: str(item[0]))))
     return by_value[best_values], choice
 
 

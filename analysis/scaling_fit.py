@@ -116,13 +116,28 @@ def _per_run(points: Sequence[ScalePoint], axis: str, upward: bool) -> tuple[np.
     return np.array(xs, float), np.array(ys, float), np.array(groups)
 
 
+def pooled_seed_sigma(points: Sequence[ScalePoint]) -> float:
+    """Within-size standard deviation of the metric across seeds, pooled over sizes with >= 2 seeds."""
+    ss = sum(float(np.sum((np.array(p.values) - p.mean) ** 2)) for p in points if p.n > 1)
+    dof = sum(p.n - 1 for p in points if p.n > 1)
+    return math.sqrt(ss / dof) if dof else float("nan")
+
+
 def _flags(points: Sequence[ScalePoint], y: np.ndarray, fits: dict[str, FitResult], choice: FormChoice,
            slopes: LocalSlopes | None) -> list[str]:
     flags = []
+    sigma = pooled_seed_sigma(points)
     for p in points:
         if p.choice and p.choice.on_edge:
-            flags.append(f"size {p.size}: best {', '.join(k.rsplit('.', 1)[-1] for k in p.choice.on_edge)} "
-                         f"is on the edge of its grid (re-sweep before trusting this point)")
+            keys = ", ".join(k.rsplit(".", 1)[-1] for k in p.choice.on_edge)
+            margin = p.choice.edge_margin
+            if margin is not None and math.isfinite(sigma) and margin < sigma:
+                flags.append(f"size {p.size}: best {keys} is on the edge of its grid, ahead of the next by "
+                             f"{margin:.2g}, less than the seed noise ({sigma:.2g}): probably noise, but a wider grid would tell")
+            else:
+                flags.append(f"size {p.size}: best {keys} is on the edge of its grid"
+                             + (f", ahead of the next by {margin:.2g}" if margin is not None else "")
+                             + " (re-sweep with a wider grid before trusting this point)")
     worse = [points[i + 1].size for i in range(len(points) - 1) if y[i + 1] >= y[i]]
     if worse:
         flags.append(f"non-monotone: {', '.join(worse)} no better than the next smaller size")

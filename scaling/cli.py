@@ -245,7 +245,11 @@ def _fit(args):
         raise ConfigError("--metric", f"{args.metric!r} is not in the runs' final_eval; one of {', '.join(sorted(base))}")
     stamp = sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(args.runs) if e.is_dir()
                    and os.path.exists(os.path.join(e.path, "result.json")))
-    key = hashlib.sha256(repr((stamp, args.metric, args.axis, args.reference, args.resamples)).encode()).hexdigest()
+    import analysis
+
+    code = os.path.dirname(analysis.__file__)  # a change to the analysis code invalidates the cache too
+    code_stamp = sorted((e.name, e.stat().st_mtime_ns) for e in os.scandir(code) if e.name.endswith(".py"))
+    key = hashlib.sha256(repr((stamp, code_stamp, args.metric, args.axis, args.reference, args.resamples)).encode()).hexdigest()
     cache = os.path.join(args.runs, ".fit_cache.pkl")
     try:
         with open(cache, "rb") as f:

@@ -183,9 +183,9 @@ class Teacher:
         B = len(rows)
         return np.concatenate([rows[:, :, :SCORE_DIM].reshape(B, -1), dense], axis=1)
 
-    def ridge_inputs(self, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
-        """float32 [B, K]: t_k, the standardized input of each ridge."""
-        return rowwise_matmul(self._h(self._rows(sparse), dense), self._proj) - self._shift
+    def ridge_inputs(self, sparse: np.ndarray, dense: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
+        """float32 [B, K]: t_k, the standardized input of each ridge (slots: see world.rowwise_matmul)."""
+        return rowwise_matmul(self._h(self._rows(sparse), dense), self._proj, slots) - self._shift
 
     def ridges(self, t: np.ndarray) -> np.ndarray:
         """float32 [B, K]: phi_k(t_k), each with zero mean and unit variance for t_k ~ N(0, 1)."""
@@ -195,23 +195,24 @@ class Teacher:
         y /= self._rnorm
         return y
 
-    def _terms(self, rows: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    def _terms(self, rows: np.ndarray, dense: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
         first = rows[:, :, 0].sum(1) + rowwise_dot(dense, self.dense_first)
         code = rows[:, :, SCORE_DIM:]
         total = code.sum(1)
         pair = 0.5 * ((total * total).sum(1) - (code * code).sum((1, 2)))
-        t = rowwise_matmul(self._h(rows, dense), self._proj) - self._shift
+        t = rowwise_matmul(self._h(rows, dense), self._proj, slots) - self._shift
         deep = rowwise_dot(self.ridges(t), self._ridge_weight32)
         out = np.stack([first, pair, deep], axis=1)
         return (out - self._term_mean) * self._term_scale
 
-    def terms(self, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    def terms(self, sparse: np.ndarray, dense: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
         """float32 [B, 3]: the standardized first-order, pairwise and deep terms."""
-        return self._terms(self._rows(sparse), dense)
+        return self._terms(self._rows(sparse), dense, slots)
 
-    def logit(self, sparse: np.ndarray, dense: np.ndarray) -> np.ndarray:
-        """float32 [B]: the noiseless logit."""
-        return np.float32(self.bias) + rowwise_dot(self.terms(sparse, dense), self.scales)
+    def logit(self, sparse: np.ndarray, dense: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
+        """float32 [B]: the noiseless logit. slots: the examples' indices, so that each example's
+        numbers do not depend on what else is computed with it (world.rowwise_matmul)."""
+        return np.float32(self.bias) + rowwise_dot(self.terms(sparse, dense, slots), self.scales)
 
     def prob(self, logit: np.ndarray) -> np.ndarray:
         """float64 [B]: P(click | features) = E_eps[sigmoid(logit + label_noise * eps)]."""
@@ -316,7 +317,7 @@ class SyntheticCTR:
             return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         rng = CounterRNG(self.config.seed, stream)
         ent = self.world.draw(rng, index)
-        prob = self.teacher.prob(self.teacher.logit(ent.sparse, ent.dense))
+        prob = self.teacher.prob(self.teacher.logit(ent.sparse, ent.dense, slots=index))
         label = (rng.uniform(index, _SLOT_LABEL)[:, 0] < prob).astype(np.float32)
         out = {"sparse": ent.sparse, "dense": ent.dense, "label": label}
         if with_prob:

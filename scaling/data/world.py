@@ -116,21 +116,28 @@ class CounterRNG:
 _ROW_BLOCK = 64
 
 
-def rowwise_matmul(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x @ w for x [B, K], w [K, N], with each row's result independent of B.
+def rowwise_matmul(x: np.ndarray, w: np.ndarray, slots: np.ndarray | None = None) -> np.ndarray:
+    """x @ w for x [B, K], w [K, N], with each row's result independent of the batch it came in.
 
-    BLAS picks kernels (and summation orders) by matrix shape, so a row computed alone can differ
-    in the last bit from the same row computed in a big batch. Computing every product as a stack
-    of fixed [64, K] @ [K, N] blocks makes example i's numbers the same however it is requested.
+    BLAS picks kernels (and summation orders) by matrix shape and, on some CPUs, by a row's place in
+    its register tile, so a row computed alone can differ in the last bit from the same row inside a
+    big batch. Every product here is a stack of fixed [64, K] @ [K, N] blocks in which row b sits at
+    slot `slots[b] % 64` (pass the example index: default, its row number), so example i lands in the
+    same slot of the same kernel however it is requested. An aligned contiguous batch is laid out
+    exactly as a plain blocked matmul.
     """
     n, k = x.shape
     if n == 0 or k == 0 or w.shape[1] == 0:
         return np.zeros((n, w.shape[1]), dtype=np.result_type(x, w))
-    pad = (-n) % _ROW_BLOCK
-    if pad:
-        x = np.concatenate([x, np.zeros((pad, k), dtype=x.dtype)])
-    out = np.matmul(x.reshape(-1, _ROW_BLOCK, k), w)
-    return out.reshape(-1, w.shape[1])[:n]
+    slot = (np.arange(n) if slots is None else np.asarray(slots, dtype=np.int64)) % _ROW_BLOCK
+    # rank[b]: how many earlier rows share b's slot, i.e. which block row b goes to.
+    order = np.argsort(slot, kind="stable")
+    first = np.searchsorted(slot[order], slot[order], side="left")
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - first
+    blocks = np.zeros((int(rank.max()) + 1, _ROW_BLOCK, k), dtype=x.dtype)
+    blocks[rank, slot] = x
+    return np.matmul(blocks, w)[rank, slot]
 
 
 def rowwise_dot(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -338,7 +345,7 @@ class World:
                 sparse[:, list(side.fields)] = side.attributes[m]
             latents.append(side.latent[m])
         z = np.concatenate(latents, axis=1)
-        dense = rowwise_matmul(z, self.dense_mix)
+        dense = rowwise_matmul(z, self.dense_mix, slots=index)
         if self.num_dense:
             dense += np.float32(self.dense_noise) * rng.normal(index, self.SLOT_DENSE, self.num_dense)
         dense -= self.dense_mean
