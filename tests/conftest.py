@@ -24,15 +24,20 @@ def run_cli(*args: str, env: dict | None = None, cwd: str | None = None, timeout
     )
 
 
-@pytest.fixture
-def tiny_overrides(tmp_path) -> list[str]:
-    """Overrides that make any CTR config train in seconds, writing under tmp_path."""
+def tiny(directory) -> list[str]:
+    """Overrides that make any CTR config train in seconds, writing under `directory`/runs."""
     return [
-        f"train.output_dir={tmp_path / 'runs'}",
+        f"train.output_dir={os.path.join(str(directory), 'runs')}",
         "train.steps=30", "train.batch_size=64", "train.eval_every=15", "train.checkpoint_every=10",
         "train.log_every=5", "train.eval_batch_size=256", "data.eval_examples=1024",
         "logging.progress=false", "logging.wandb.mode=disabled",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path) -> list[str]:
+    """`tiny(tmp_path)` as a fixture."""
+    return tiny(tmp_path)
 
 
 def random_ctr_batch(spec, batch_size: int = 4, seed: int = 0) -> dict:

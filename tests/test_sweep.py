@@ -150,40 +150,53 @@ def _wait_for(predicate, timeout=240.0, interval=0.5):
     return False
 
 
-@pytest.mark.parametrize("how", ["sigkill_launcher", "ctrl_c"])
-def test_stop_and_relaunch_skips_finished_and_resumes_unfinished(tmp_path, how):
-    """SIGKILL of the launcher alone (its worker is told to stop by the kernel), or Ctrl-C (SIGINT to the
-    whole process group): either way the finished trial is kept and the running one resumes."""
+def _launch(path):
+    return subprocess.Popen([sys.executable, "-m", "scaling.cli", "sweep", path], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _checkpoint_steps(run_dir):
+    ckpts = os.path.join(run_dir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
+
+
+def test_kill_or_ctrl_c_then_relaunch_skips_finished_and_resumes_unfinished(tmp_path):
+    """SIGKILL of the launcher alone (the kernel tells its worker to stop), relaunch, Ctrl-C (SIGINT to the
+    whole process group), relaunch: the finished trial is never recomputed and the other resumes each time."""
     path = write_sweep(tmp_path, {"scale": {"wukong": ["xxs", "xs"]}},
                        train={**BASE["train"], "output_dir": str(tmp_path / "runs"), "steps": 400,
                               "checkpoint_every": 20, "eval_every": 200})
-    sweep = load_sweep(path)
-    first, second = sweep.trials  # run in order with one worker
-    proc = subprocess.Popen([sys.executable, "-m", "scaling.cli", "sweep", path], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first, second = load_sweep(path).trials  # run in order with one worker
+
+    proc = _launch(path)
     try:
-        ckpts = os.path.join(second.run_dir, "checkpoints")
-        assert _wait_for(lambda: os.path.isdir(ckpts) and any(n.isdigit() and int(n) >= 40 for n in os.listdir(ckpts))), \
-            "second trial never checkpointed"
-        if how == "ctrl_c":
-            os.killpg(proc.pid, signal.SIGINT)
-            assert proc.wait(timeout=120) == 130
-        else:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        assert _wait_for(lambda: any(s >= 40 for s in _checkpoint_steps(second.run_dir))), "second trial never checkpointed"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert trial_state(first.run_dir).status == "done"
     assert _wait_for(lambda: trial_state(second.run_dir).status == "interrupted", timeout=60)
     done_result = open(os.path.join(first.run_dir, "result.json")).read()
+    killed_at = _checkpoint_steps(second.run_dir)[-1]
+
+    proc = _launch(path)
+    try:
+        assert _wait_for(lambda: _checkpoint_steps(second.run_dir)[-1] > killed_at), "the relaunch did not resume"
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert trial_state(second.run_dir).status == "interrupted"
 
     out = run_cli("sweep", path)
     assert out.returncode == 0, out.stderr
     assert "1 done (skipped)" in out.stderr
     assert open(os.path.join(first.run_dir, "result.json")).read() == done_result  # not recomputed
     record = json.load(open(os.path.join(second.run_dir, "result.json")))
-    assert record["status"] == "ok" and record["resumed_from"] and record["resumed_from"][0] >= 40
+    assert record["status"] == "ok" and len(record["resumed_from"]) == 2 and record["resumed_from"][0] >= 40
     steps = [json.loads(line)["step"] for line in open(os.path.join(second.run_dir, "metrics.jsonl"))
              if json.loads(line)["split"] == "train"]
     assert steps == sorted(set(steps)) and steps[-1] == 400

@@ -15,7 +15,7 @@ import pytest
 from analysis.curves import plot_learning_curves, read_eval_curve
 from scaling.config import load_run_config
 from scaling.train.loop import run_directory, train
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, tiny
 from tests.wandb_records import read_records
 
 QUICK = os.path.join(ROOT, "sweeps", "quickstart.yaml")
@@ -152,11 +152,25 @@ def _wait_for_checkpoint(run_dir, proc, timeout=240):
     raise AssertionError("no checkpoint appeared")
 
 
+_RESUME_OVERRIDES = ["model.size=xs", "train.steps=400", "train.checkpoint_every=20", "train.eval_every=200"]
+
+
+@pytest.fixture(scope="module")
+def clean_resume_reference(tmp_path_factory):
+    """The uninterrupted run both kill-and-resume cases compare against (trained once)."""
+    out = tmp_path_factory.mktemp("clean")
+    overrides = [o for o in tiny(out) if not o.startswith("train.output_dir")] + _RESUME_OVERRIDES
+    clean = run_cli("train", QUICK, *sum((["--set", o] for o in overrides), []), "--set", f"train.output_dir={out}")
+    assert clean.returncode == 0, clean.stderr
+    return json.load(open(os.path.join(run_directory(load_run_config(QUICK, [*overrides, f"train.output_dir={out}"])),
+                                       "result.json")))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
-def test_kill_and_resume_gives_identical_metrics(tiny_overrides, tmp_path, sig):
+def test_kill_and_resume_gives_identical_metrics(tiny_overrides, tmp_path, sig, clean_resume_reference):
     overrides = [o for o in tiny_overrides if not o.startswith("train.output_dir")]
-    overrides += ["model.size=xs", "train.steps=400", "train.checkpoint_every=20", "train.eval_every=200"]
-    killed_out, clean_out = tmp_path / "killed", tmp_path / "clean"
+    overrides += _RESUME_OVERRIDES
+    killed_out = tmp_path / "killed"
     args = ["train", QUICK, *sum((["--set", o] for o in overrides), [])]
     proc = subprocess.Popen([sys.executable, "-m", "scaling.cli", *args, "--set", f"train.output_dir={killed_out}"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -168,12 +182,9 @@ def test_kill_and_resume_gives_identical_metrics(tiny_overrides, tmp_path, sig):
     assert not os.path.exists(os.path.join(run_dir, "result.json"))
     resumed = run_cli(*args, "--set", f"train.output_dir={killed_out}")
     assert resumed.returncode == 0, resumed.stderr
-    clean = run_cli(*args, "--set", f"train.output_dir={clean_out}")
-    assert clean.returncode == 0, clean.stderr
-    clean_dir = run_directory(load_run_config(QUICK, [*overrides, f"train.output_dir={clean_out}"]))
     a = json.load(open(os.path.join(run_dir, "result.json")))
-    b = json.load(open(os.path.join(clean_dir, "result.json")))
-    assert a["final_eval"] == b["final_eval"]
+    b = clean_resume_reference
+    assert a["final_eval"] == b["final_eval"] and a["resumed_from"] and not b["resumed_from"]
     assert a["examples_seen"] == b["examples_seen"] == 400 * 64
     steps = [r["step"] for r in _metrics(run_dir) if r["split"] == "train"]
     assert steps == sorted(set(steps)), "metrics.jsonl has duplicated steps after resume"

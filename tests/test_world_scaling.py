@@ -7,16 +7,21 @@ default world, with two init seeds each (about two minutes on 2 CPU cores in all
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
 from scaling.config import load_run_config
 from scaling.train.loop import train
-from tests.conftest import ROOT
 
-QUICK = os.path.join(ROOT, "sweeps", "quickstart.yaml")
+# The default world (data section left at its defaults) and the optimizer settings of its tuning runs.
+BASE = {
+    "optimizer": {
+        "dense": {"name": "adamw", "learning_rate": 4e-3, "weight_decay": 0.0, "grad_clip_norm": 1.0},
+        "embedding": {"name": "rowwise_adagrad", "learning_rate": 0.2},
+        "schedule": {"name": "cosine", "warmup_fraction": 0.05, "final_fraction": 0.1},
+    },
+    "train": {"batch_size": 512},
+}
 
 
 @pytest.mark.parametrize("family, small, large", [("wukong", "xxs", "s"), ("dlrm", "xxs", "l")])
@@ -24,7 +29,7 @@ def test_larger_model_is_clearly_better_at_fixed_examples(tmp_path, family, smal
     losses: dict[str, list[float]] = {small: [], large: []}
     for size in (small, large):
         for seed in (0, 1):
-            record = train(load_run_config(QUICK, [
+            record = train(load_run_config(None, data={**BASE, "model": {"name": family}}, overrides=[
                 f"model.name={family}", f"model.size={size}", f"seed={seed}", "train.steps=800",
                 "train.eval_every=0", "train.checkpoint_every=0", "logging.progress=false",
                 "logging.wandb.mode=disabled", f"train.output_dir={tmp_path}",

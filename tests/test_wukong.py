@@ -214,7 +214,7 @@ def test_all_params_carry_logical_axes():
 
 def test_every_size_builds_and_flops_grow():
     spec = CTRFeatureSpec(cardinalities=(100,) * 26, num_dense=13)
-    assert list(WukongConfig.SIZES)[:1] == ["xxs"] and len(WukongConfig.SIZES) >= 5
+    assert list(WukongConfig.SIZES)[:1] == ["xxxs"] and len(WukongConfig.SIZES) >= 5
     flops, dense = [], []
     for size in WukongConfig.SIZES:
         config = build(ModelConfig, {"name": "wukong", "size": size})
