@@ -25,8 +25,8 @@ EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="run or sweep YAML (a sweep's axes are ignored: its base config is used)")
+def _config_args(p: argparse.ArgumentParser, what: str = "run or sweep YAML (a sweep's axes are ignored: its base config is used)") -> None:
+    p.add_argument("config", help=what)
     p.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a config value, e.g. --set model.num_layers=3 (repeatable)",
@@ -60,8 +60,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="run every trial of a sweep YAML (relaunching skips finished trials)",
                        description="Expand a sweep YAML into trials and run them. A relaunch skips finished "
-                                   "trials and resumes unfinished ones from their checkpoints.")
-    _config_args(p)
+                                   "trials and resumes unfinished ones from their checkpoints.",
+                       epilog="SLURM options (with --launcher slurm): --slurm.partition=P, --slurm.time=MINUTES, "
+                              "--slurm.gpus_per_node=N, --slurm.cpus_per_task=N, --slurm.mem_gb=N, "
+                              "--slurm.array_parallelism=N, --slurm.account=A, --slurm.qos=Q; any other "
+                              "--slurm.KEY=VALUE is passed to SLURM as slurm_KEY; --slurm.cluster=local runs the "
+                              "array on this machine through submitit's local executor.")
+    _config_args(p, "sweep YAML: a run config plus a `sweep:` section of axes (a plain run YAML is one trial)")
     p.add_argument("--dry-run", action="store_true", help="print the trials (params, GFLOP/example, train FLOPs) and exit")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="local worker processes, each pinned to its own share of cores/GPUs (default 1)")
@@ -75,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="where each trial of a sweep stands: done / running / failed / pending",
                        description="Read the sweep's run directories and show each trial's status.")
-    _config_args(p)
+    _config_args(p, "sweep YAML")
 
     p = sub.add_parser("fit", help="fit scaling laws to a sweep's runs: writes fits.json and report.md",
                        description="Aggregate seeds, pick the learning rate per size, fit power laws with bootstrap "
