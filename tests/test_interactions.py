@@ -129,3 +129,37 @@ def test_ranking_metrics_by_hand():
     assert coverage(top, 5) == pytest.approx(3 / 5)
     popularity = np.array([0, 4, 1, 2, 1, 1], dtype=float)
     assert novelty(top, popularity, num_users=4) == pytest.approx(np.mean(-np.log2([1 / 4, 2 / 4, 4 / 4, 2 / 4])))
+
+
+def test_sequence_batches_by_hand(tmp_path):
+    from scaling.data.sequence_batches import SequenceBatches
+
+    path = tmp_path / "log.dat"  # user::item::rating::timestamp
+    rows = [(1, i, 5, 10 * i) for i in (11, 12, 13, 14, 15, 16)] + [(2, i, 4, i) for i in (21, 22, 23)]
+    path.write_text("".join(f"{u}::{i}::{r}::{t}\n" for u, i, r, t in rows))
+    log = load_interactions(str(path))
+    split = leave_one_out(log)
+    data = SequenceBatches(split, max_len=3, num_negatives=4, seed=7)
+    assert list(data.train_users) == [0]  # user 2 trains on a single event: no (input, target) pair
+    batch = data.train_batch(0, batch_size=2)  # one user: the batch wraps around to it again
+    raw = lambda a: [int(log.item_ids[i]) if i else 0 for i in a]  # noqa: E731
+    # user 1's training events are 11..14 (15 = valid, 16 = test); the most recent 3 + 1 are 11..14
+    assert raw(batch["items"][0]) == [11, 12, 13] and raw(batch["targets"][0]) == [12, 13, 14]
+    assert list(batch["timestamps"][0]) == [110, 120, 130] and list(batch["next_timestamps"][0]) == [120, 130, 140]
+    assert list(batch["lengths"]) == [3, 3] and batch["negatives"].shape == (2, 3, 4)
+    assert batch["negatives"].min() >= 1 and batch["negatives"].max() <= log.num_items
+    again = data.train_batch(0, batch_size=2)
+    assert all(np.array_equal(batch[k], again[k]) for k in batch)  # batch j is a function of j
+    it = data.train_iterator(2, prefetch=0)
+    next(it), next(it)
+    state = it.get_state()
+    third = next(it)
+    it.set_state(state)
+    assert np.array_equal(next(it)["negatives"], third["negatives"])
+
+    ev, seen = data.eval_batch(split.eval_users, "test")
+    assert raw(ev["items"][0]) == [13, 14, 15] and raw(ev["target"]) == [16, 23]
+    assert raw(seen[0]) == [11, 12, 13, 14, 15] and list(ev["lengths"]) == [3, 2]
+    assert list(ev["target_timestamp"]) == [160, 23]
+    ev, _ = data.eval_batch(split.eval_users, "valid")
+    assert raw(ev["target"]) == [15, 22] and raw(ev["items"][1]) == [21, 0, 0]

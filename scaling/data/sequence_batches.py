@@ -1,0 +1,107 @@
+"""Fixed-shape batches of user timelines for next-item models (HSTU, SASRec), through grain.
+
+Training (every position predicts the next item), for each user's leave-one-out training events
+e_1..e_n truncated to the most recent max_len + 1:
+
+    items       int32 [B, L]     e_1..e_{n-1}, left-aligned, 0-padded
+    timestamps  int64 [B, L]     their timestamps
+    targets     int32 [B, L]     e_2..e_n (the next item at each position; 0 where padded)
+    next_timestamps int64 [B, L] the targets' timestamps (HSTU's time bias looks at the next event)
+    lengths     int32 [B]        valid positions
+    negatives   int32 [B, L, M]  uniform over 1..num_items, per position (M = num_negatives)
+
+Batch j is a pure function of j (epoch j // batches_per_epoch, a seeded permutation of the users
+per epoch; the last batch of an epoch wraps to the permutation's start), so the grain iterator's
+state is one integer and resuming is exact. Evaluation batches hold each eval user's history for
+the validation or test target, plus the untruncated history for excluding seen items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from scaling.data.leave_one_out import LeaveOneOut, Stage
+from scaling.data.pipeline import batch_iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceBatches:
+    split: LeaveOneOut
+    max_len: int
+    num_negatives: int = 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.max_len < 1 or self.num_negatives < 0:
+            raise ValueError(f"need max_len >= 1 and num_negatives >= 0, got {self.max_len}, {self.num_negatives}")
+
+    @property
+    def train_users(self) -> np.ndarray:
+        """Users with at least two training events (one input, one target)."""
+        log = self.split.log
+        return np.flatnonzero(self.split.train_end - log.offsets[:-1] >= 2)
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return math.ceil(len(self.train_users) / batch_size)
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng((self.seed, epoch)).permutation(self.train_users)
+
+    def train_batch(self, j: int, batch_size: int) -> dict[str, np.ndarray]:
+        per_epoch = self.batches_per_epoch(batch_size)
+        order = self._epoch_order(j // per_epoch)
+        start = (j % per_epoch) * batch_size
+        users = np.take(order, np.arange(start, start + batch_size), mode="wrap")
+        log, L = self.split.log, self.max_len
+        out = {
+            "items": np.zeros((batch_size, L), np.int32),
+            "timestamps": np.zeros((batch_size, L), np.int64),
+            "targets": np.zeros((batch_size, L), np.int32),
+            "next_timestamps": np.zeros((batch_size, L), np.int64),
+            "lengths": np.zeros(batch_size, np.int32),
+        }
+        for b, u in enumerate(users):
+            lo = max(int(log.offsets[u]), int(self.split.train_end[u]) - (L + 1))
+            hi = int(self.split.train_end[u])
+            n = hi - lo - 1
+            out["items"][b, :n] = log.items[lo : hi - 1]
+            out["timestamps"][b, :n] = log.timestamps[lo : hi - 1]
+            out["targets"][b, :n] = log.items[lo + 1 : hi]
+            out["next_timestamps"][b, :n] = log.timestamps[lo + 1 : hi]
+            out["lengths"][b] = n
+        if self.num_negatives:
+            rng = np.random.default_rng((self.seed, 1, j))
+            out["negatives"] = rng.integers(1, log.num_items + 1, size=(batch_size, L, self.num_negatives), dtype=np.int32)
+        return out
+
+    def train_iterator(self, batch_size: int, *, start: int = 0, prefetch: int = 2):
+        """Infinite, prefetched, checkpointable iterator over train batches `start`, `start + 1`, ..."""
+        return batch_iterator(lambda j: self.train_batch(j, batch_size), start=start, prefetch=prefetch)
+
+    def eval_batch(self, users: np.ndarray, stage: Stage) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
+        """(batch, seen): the history before each user's `stage` target, truncated to max_len, the
+        target, its timestamp; and each user's untruncated history (items to exclude from ranking)."""
+        log, L, B = self.split.log, self.max_len, len(users)
+        out = {
+            "items": np.zeros((B, L), np.int32),
+            "timestamps": np.zeros((B, L), np.int64),
+            "lengths": np.zeros(B, np.int32),
+            "target": np.zeros(B, np.int32),
+            "target_timestamp": np.zeros(B, np.int64),
+        }
+        seen = []
+        for b, u in enumerate(users):
+            history, target = self.split.case(int(u), stage)
+            end = int(log.offsets[u]) + len(history)
+            lo = max(int(log.offsets[u]), end - L)
+            n = end - lo
+            out["items"][b, :n] = log.items[lo:end]
+            out["timestamps"][b, :n] = log.timestamps[lo:end]
+            out["lengths"][b] = n
+            out["target"][b] = target
+            out["target_timestamp"][b] = log.timestamps[end]
+            seen.append(history)
+        return out, seen
