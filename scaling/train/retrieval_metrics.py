@@ -46,6 +46,7 @@ def ranking_metrics(ranks: np.ndarray, ks: Sequence[int] = (1, 5, 10, 50, 200)) 
 def top_k(scores: np.ndarray, k: int, seen: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """int64 [B, k]: the k best items per row, best first (padding and seen items excluded)."""
     masked = _masked(scores, np.zeros(len(scores), dtype=np.int64), seen)
+    k = min(k, masked.shape[1] - 1)  # never more than the catalogue
     part = np.argpartition(-masked, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(masked, part, axis=1), axis=1, kind="stable")
     return np.take_along_axis(part, order, axis=1)
