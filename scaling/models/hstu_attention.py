@@ -1,0 +1,65 @@
+"""HSTU's pointwise attention and its relative bias, as in the research code behind the published tables.
+
+    rab = relative_bias(pos_w, ts_w, timestamps)                 # [B, N, N]
+    out = hstu_attention(q, k, v, rab, lengths, norm=N)          # [B, N, h, dv]
+
+attention(i, j) = silu(q_i · k_j + rab[i, j]) / norm for j <= i (the diagonal included), 0 otherwise;
+out_i = sum_j attention(i, j) v_j. There is no softmax and no 1/sqrt(d) scale; `norm` is the padded
+maximum length (the research code divides by it, not by the number of valid tokens). Keys past a
+sequence's length and query rows past it are zero.
+
+The relative bias, one per layer and shared by the heads:
+    rab[i, j] = pos_w[N - 1 + j - i] + ts_w[bucket(ts[i + 1] - ts[j])]
+with pos_w [2N - 1], ts_w [num_buckets + 1], and the *next* timestamp of the query (the last
+position uses its own): bucket(d) = clamp(floor(ln(max(|d|, 1)) / 0.301), 0, num_buckets).
+
+This is the pure-jnp reference that the Pallas kernel (scaling/kernels/) must match, forward and
+backward; it takes dense padded tensors plus lengths, the same inputs the kernel takes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+BUCKET_DIVISOR = 0.301
+
+
+def time_buckets(timestamps: jax.Array, num_buckets: int) -> jax.Array:
+    """int32 [B, N, N]: bucket of ts[i + 1] - ts[j] (the last query uses its own timestamp)."""
+    # Differences in the integer dtype first: unix seconds (~1.7e9) are 128 s apart in float32.
+    nxt = jnp.concatenate([timestamps[:, 1:], timestamps[:, -1:]], axis=1)
+    delta = jnp.abs(nxt[:, :, None] - timestamps[:, None, :]).astype(jnp.float32)
+    bucket = jnp.floor(jnp.log(jnp.maximum(delta, 1.0)) / BUCKET_DIVISOR)
+    return jnp.clip(bucket, 0, num_buckets).astype(jnp.int32)
+
+
+def relative_bias(pos_w: jax.Array, ts_w: jax.Array, timestamps: jax.Array) -> jax.Array:
+    """float [B, N, N]: learned relative-position bias plus learned log-bucketed time bias.
+
+    pos_w [2N - 1], ts_w [num_buckets + 1], timestamps int [B, N].
+    """
+    n = timestamps.shape[1]
+    if pos_w.shape[0] != 2 * n - 1:
+        raise ValueError(f"pos_w must have 2N - 1 = {2 * n - 1} entries for N = {n}, got {pos_w.shape[0]}")
+    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    pos = pos_w[n - 1 + j - i]
+    return pos[None] + ts_w[time_buckets(timestamps, ts_w.shape[0] - 1)]
+
+
+def hstu_attention(q: jax.Array, k: jax.Array, v: jax.Array, rab: jax.Array | None, lengths: jax.Array,
+                   norm: float) -> jax.Array:
+    """q, k [B, N, h, dqk], v [B, N, h, dv], rab [B, N, N] or None, lengths int [B] -> [B, N, h, dv].
+
+    Causal with the diagonal; SiLU in float32 whatever the input dtype; divided by `norm`.
+    """
+    n = q.shape[1]
+    scores = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
+    if rab is not None:
+        scores = scores + rab[:, None].astype(jnp.float32)
+    pos = jnp.arange(n)
+    valid = (pos[None, :] < lengths[:, None])  # [B, N]
+    mask = (pos[:, None] >= pos[None, :])[None] & valid[:, None, :] & valid[:, :, None]  # [B, N(query), N(key)]
+    weights = jnp.where(mask[:, None], jax.nn.silu(scores) / norm, 0.0)
+    out = jnp.einsum("bhnm,bmhd->bnhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)
