@@ -9,9 +9,10 @@ maximum length (the research code divides by it, not by the number of valid toke
 sequence's length and query rows past it are zero.
 
 The relative bias, one per layer and shared by the heads:
-    rab[i, j] = pos_w[N - 1 + j - i] + ts_w[bucket(ts[i + 1] - ts[j])]
-with pos_w [2N - 1], ts_w [num_buckets + 1], and the *next* timestamp of the query (the last
-position uses its own): bucket(d) = clamp(floor(ln(max(|d|, 1)) / 0.301), 0, num_buckets).
+    rab[i, j] = pos_w[N - 1 + j - i] + ts_w[bucket(query_ts[i] - ts[j])]
+with pos_w [2N - 1], ts_w [num_buckets + 1], query_ts[i] the time of the event position i predicts
+(the research code uses ts[i + 1], the last position its own; callers that know the next-event
+times pass them), and bucket(d) = clamp(floor(ln(max(|d|, 1)) / 0.301), 0, num_buckets).
 
 This is the pure-jnp reference that the Pallas kernel (scaling/kernels/) must match, forward and
 backward; it takes dense padded tensors plus lengths, the same inputs the kernel takes.
@@ -25,26 +26,37 @@ import jax.numpy as jnp
 BUCKET_DIVISOR = 0.301
 
 
-def time_buckets(timestamps: jax.Array, num_buckets: int) -> jax.Array:
-    """int32 [B, N, N]: bucket of ts[i + 1] - ts[j] (the last query uses its own timestamp)."""
+def next_timestamps(timestamps: jax.Array) -> jax.Array:
+    """The research code's query times: ts[i + 1], the last position keeping its own."""
+    return jnp.concatenate([timestamps[:, 1:], timestamps[:, -1:]], axis=1)
+
+
+def time_buckets(timestamps: jax.Array, num_buckets: int, query_timestamps: jax.Array | None = None) -> jax.Array:
+    """int32 [B, N, N]: bucket of query_ts[i] - ts[j]; query_ts defaults to `next_timestamps(ts)`.
+
+    Pass the true next-event times (the target's, or the request time at inference) so that the
+    last valid position does not read a padded timestamp.
+    """
+    query = next_timestamps(timestamps) if query_timestamps is None else query_timestamps
     # Differences in the integer dtype first: unix seconds (~1.7e9) are 128 s apart in float32.
-    nxt = jnp.concatenate([timestamps[:, 1:], timestamps[:, -1:]], axis=1)
-    delta = jnp.abs(nxt[:, :, None] - timestamps[:, None, :]).astype(jnp.float32)
+    delta = jnp.abs(query[:, :, None] - timestamps[:, None, :]).astype(jnp.float32)
     bucket = jnp.floor(jnp.log(jnp.maximum(delta, 1.0)) / BUCKET_DIVISOR)
     return jnp.clip(bucket, 0, num_buckets).astype(jnp.int32)
 
 
-def relative_bias(pos_w: jax.Array, ts_w: jax.Array, timestamps: jax.Array) -> jax.Array:
+def relative_bias(pos_w: jax.Array, ts_w: jax.Array, timestamps: jax.Array,
+                  query_timestamps: jax.Array | None = None) -> jax.Array:
     """float [B, N, N]: learned relative-position bias plus learned log-bucketed time bias.
 
-    pos_w [2N - 1], ts_w [num_buckets + 1], timestamps int [B, N].
+    pos_w [2N - 1], ts_w [num_buckets + 1], timestamps int [B, N], query_timestamps int [B, N]
+    (each position's next-event time; default: the research code's shifted timestamps).
     """
     n = timestamps.shape[1]
     if pos_w.shape[0] != 2 * n - 1:
         raise ValueError(f"pos_w must have 2N - 1 = {2 * n - 1} entries for N = {n}, got {pos_w.shape[0]}")
     i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
     pos = pos_w[n - 1 + j - i]
-    return pos[None] + ts_w[time_buckets(timestamps, ts_w.shape[0] - 1)]
+    return pos[None] + ts_w[time_buckets(timestamps, ts_w.shape[0] - 1, query_timestamps)]
 
 
 def hstu_attention(q: jax.Array, k: jax.Array, v: jax.Array, rab: jax.Array | None, lengths: jax.Array,

@@ -1,0 +1,124 @@
+"""HSTU (Zhai et al., ICML 2024) as in the research code that produced the published tables.
+
+Encoder, for item ids [B, N] (left-aligned, 0 = padding), their timestamps and lengths:
+
+    x = item_emb(ids) * sqrt(D) + pos_emb(0..N-1);  dropout;  padded positions set to 0
+    for each layer:
+        u, v, q, k = split(silu(LN(x) @ W_uvqk))          # LN without affine; W without bias
+        a = hstu_attention(q, k, v, rab_layer(timestamps), lengths, norm)
+        x = x + W_o(dropout(u * LN(a))) + b_o             # LN without affine
+    out = x / ||x||                                        # L2-normalised next-item query
+
+Init as in the code: W_uvqk normal(0, 0.02); W_o xavier-uniform, b_o 0; item embeddings truncated
+normal(0, 0.02) with row 0 (padding) zero; position embeddings xavier-normal; both relative-bias
+tables normal(0, 0.02). `attn_norm` is the divisor of the attention (the research code uses the
+padded length, 211 for ML-1M's 200 + 10 + 1); 0 means this batch's padded length N.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling.models.hstu_attention import hstu_attention, relative_bias
+from scaling.sharding.annotate import logical_param
+
+
+@dataclasses.dataclass(frozen=True)
+class HSTUConfig:
+    embed_dim: int = 50
+    num_layers: int = 2
+    num_heads: int = 1
+    qk_dim: int = 50  # per head
+    v_dim: int = 50  # per head
+    max_len: int = 200
+    num_buckets: int = 128
+    dropout: float = 0.2
+    attn_norm: float = 0.0
+
+
+def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm without learnable scale or shift (float32 statistics)."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x / max(||x||, eps), with a zero (not NaN) gradient at x = 0 (the padding row)."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
+
+
+def _xavier_uniform(key, fan_in: int, fan_out: int) -> jax.Array:
+    limit = math.sqrt(6.0 / (fan_in + fan_out))
+    return jax.random.uniform(key, (fan_in, fan_out), jnp.float32, -limit, limit)
+
+
+class HSTUBlock(nnx.Module):
+    """One sequential transduction unit: x [B, N, D] -> [B, N, D]."""
+
+    def __init__(self, cfg: HSTUConfig, *, rngs: nnx.Rngs):
+        d, h = cfg.embed_dim, cfg.num_heads
+        self.cfg = cfg
+        width = 2 * h * cfg.v_dim + 2 * h * cfg.qk_dim
+        self.w_uvqk = logical_param(0.02 * jax.random.normal(rngs.params(), (d, width), jnp.float32), ("embed", "mlp"))
+        self.w_o = logical_param(_xavier_uniform(rngs.params(), h * cfg.v_dim, d), ("mlp", "embed"))
+        self.b_o = logical_param(jnp.zeros((d,), jnp.float32), ("embed",))
+        n = cfg.max_len
+        self.pos_w = logical_param(0.02 * jax.random.normal(rngs.params(), (2 * n - 1,), jnp.float32), (None,))
+        self.ts_w = logical_param(0.02 * jax.random.normal(rngs.params(), (cfg.num_buckets + 1,), jnp.float32), (None,))
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+
+    def __call__(self, x: jax.Array, timestamps: jax.Array, lengths: jax.Array,
+                 query_timestamps: jax.Array | None = None) -> jax.Array:
+        cfg = self.cfg
+        b, n, _ = x.shape
+        h = cfg.num_heads
+        uvqk = jax.nn.silu(_layer_norm(x) @ self.w_uvqk[...])
+        u, v, q, k = jnp.split(uvqk, [h * cfg.v_dim, 2 * h * cfg.v_dim, 2 * h * cfg.v_dim + h * cfg.qk_dim], axis=-1)
+        pos_w = self.pos_w[...]
+        if n < cfg.max_len:  # a shorter batch uses the central 2n - 1 entries (offsets -(n-1)..n-1)
+            pos_w = pos_w[cfg.max_len - n : cfg.max_len + n - 1]
+        rab = relative_bias(pos_w, self.ts_w[...], timestamps, query_timestamps)
+        attn = hstu_attention(q.reshape(b, n, h, cfg.qk_dim), k.reshape(b, n, h, cfg.qk_dim),
+                              v.reshape(b, n, h, cfg.v_dim), rab, lengths, norm=cfg.attn_norm or n)
+        gated = u * _layer_norm(attn.reshape(b, n, h * cfg.v_dim))
+        return x + self.dropout(gated) @ self.w_o[...] + self.b_o[...]
+
+
+class HSTUEncoder(nnx.Module):
+    """items, timestamps [B, N], lengths [B] (+ query times) -> L2-normalised queries [B, N, D];
+    `item_table()` holds the L2-normalised item embeddings they are scored against."""
+
+    def __init__(self, cfg: HSTUConfig, num_items: int, *, rngs: nnx.Rngs):
+        if cfg.max_len < 1 or cfg.embed_dim < 1:
+            raise ValueError("HSTUConfig needs max_len >= 1 and embed_dim >= 1")
+        self.cfg = cfg
+        d = cfg.embed_dim
+        table = 0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (num_items + 1, d), jnp.float32)
+        self.item_emb = logical_param(table.at[0].set(0.0), ("vocab", "embed"))
+        std = math.sqrt(2.0 / (cfg.max_len + d))  # xavier-normal
+        self.pos_emb = logical_param(std * jax.random.normal(rngs.params(), (cfg.max_len, d), jnp.float32), ("seq", "embed"))
+        self.input_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.blocks = nnx.List([HSTUBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+
+    def __call__(self, items: jax.Array, timestamps: jax.Array, lengths: jax.Array,
+                 query_timestamps: jax.Array | None = None) -> jax.Array:
+        """query_timestamps [B, N]: the time of the event each position predicts (`next_timestamps`
+        of a train batch; at inference the request time at the last position)."""
+        n = items.shape[1]
+        valid = (jnp.arange(n)[None, :] < lengths[:, None])[..., None]
+        x = self.item_emb[...][items] * math.sqrt(self.cfg.embed_dim) + self.pos_emb[...][:n][None]
+        x = jnp.where(valid, self.input_dropout(x), 0.0)
+        for block in self.blocks:
+            x = block(x, timestamps, lengths, query_timestamps)
+        return _l2_normalize(x)
+
+    def item_table(self) -> jax.Array:
+        """L2-normalised item embeddings [num_items + 1, D] (the research code's item_l2_norm)."""
+        return _l2_normalize(self.item_emb[...])
