@@ -1,0 +1,28 @@
+"""Sampled softmax for next-item training, as HSTU's research code trains (and SASRec with it).
+
+At every valid position the query q [D] scores its target item and M negatives drawn uniformly
+from the catalogue (per position, no logQ correction); logits are dot products of the
+L2-normalised query and item embeddings divided by the temperature; a negative that happens to
+equal the target (an accidental hit) gets logit -5e4; the loss is -log_softmax([pos, negs])[0],
+averaged over valid positions.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ACCIDENTAL_HIT_LOGIT = -5e4
+
+
+def sampled_softmax_loss(queries: jax.Array, item_table: jax.Array, targets: jax.Array, negatives: jax.Array,
+                         lengths: jax.Array, temperature: float = 0.05) -> jax.Array:
+    """queries [B, L, D], item_table [num_items + 1, D], targets [B, L], negatives [B, L, M],
+    lengths [B] -> scalar mean loss over positions < length."""
+    pos = jnp.einsum("bld,bld->bl", queries, item_table[targets]) / temperature
+    neg = jnp.einsum("bld,blmd->blm", queries, item_table[negatives]) / temperature
+    neg = jnp.where(negatives == targets[..., None], ACCIDENTAL_HIT_LOGIT, neg)
+    logits = jnp.concatenate([pos[..., None], neg], axis=-1)
+    nll = -jax.nn.log_softmax(logits, axis=-1)[..., 0]
+    valid = jnp.arange(targets.shape[1])[None, :] < lengths[:, None]
+    return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
