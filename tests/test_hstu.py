@@ -94,3 +94,20 @@ def test_gradients_reach_every_parameter():
     for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
         assert np.all(np.isfinite(np.asarray(g))), path
         assert np.abs(np.asarray(g)).sum() > 0, path
+
+
+def test_analytic_flops_match_xla():
+    from scaling.flops import flops_from_cost
+
+    cfg = HSTUConfig(embed_dim=64, num_layers=2, num_heads=2, qk_dim=32, v_dim=32, max_len=96, dropout=0.0)
+    model = HSTUEncoder(cfg, num_items=50, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    batch = 4
+    items = jnp.ones((batch, cfg.max_len), jnp.int32)
+    ts = jnp.zeros((batch, cfg.max_len), jnp.int32)
+    lengths = jnp.full((batch,), cfg.max_len)
+    forward = jax.jit(lambda state, i, t, n: nnx.merge(graphdef, state)(i, t, n))
+    xla = flops_from_cost(forward.lower(state, items, ts, lengths).compile().cost_analysis()) / batch
+    analytic = cfg.flops_per_sequence()
+    assert abs(analytic - xla) / xla < 0.10, (analytic, xla)
+    assert cfg.flops_per_sequence(causal=True) < analytic

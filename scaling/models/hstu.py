@@ -40,6 +40,21 @@ class HSTUConfig:
     dropout: float = 0.2
     attn_norm: float = 0.0
 
+    def flops_per_sequence(self, n: int | None = None, *, causal: bool = False) -> float:
+        """Forward FLOPs (2 x multiply-adds of the matmuls) of the encoder over one padded sequence
+        of length n (default max_len). Attention counts the full n x n score and value products, as
+        the dense reference computes them; causal=True counts the lower triangle with the diagonal
+        only, what a kernel that skips masked blocks does. Embedding gathers, LayerNorms and the
+        pointwise ops are excluded: XLA's count is 9% higher at D = 64, N = 96 and 11% at the
+        published ML-1M size (D = 50, N = 200), mostly the bias, SiLU, scale and mask applied to
+        each of the n x n scores."""
+        n = self.max_len if n is None else n
+        d, h = self.embed_dim, self.num_heads
+        width = 2 * h * self.v_dim + 2 * h * self.qk_dim
+        pairs = n * (n + 1) / 2 if causal else n * n
+        per_layer = 2 * n * d * width + 2 * pairs * h * (self.qk_dim + self.v_dim) + 2 * n * h * self.v_dim * d
+        return float(self.num_layers * per_layer)
+
 
 def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     """LayerNorm without learnable scale or shift (float32 statistics)."""
