@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis.bootstrap import BootstrapResult, bootstrap_fit
+from analysis.bootstrap import BootstrapResult, GroupedRuns, bootstrap_fit
 from analysis.chinchilla import ChinchillaBootstrap, ChinchillaFit, bootstrap_chinchilla, fit_chinchilla
 from analysis.extrapolation import FormChoice, HoldoutResult, choose_form, holdout, min_points
 from analysis.forms import FORMS, FitResult, get_form
@@ -116,17 +116,10 @@ def _per_run(points: Sequence[ScalePoint], axis: str, upward: bool) -> tuple[np.
     return np.array(xs, float), np.array(ys, float), np.array(groups)
 
 
-def pooled_seed_sigma(points: Sequence[ScalePoint]) -> float:
-    """Within-size standard deviation of the metric across seeds, pooled over sizes with >= 2 seeds."""
-    ss = sum(float(np.sum((np.array(p.values) - p.mean) ** 2)) for p in points if p.n > 1)
-    dof = sum(p.n - 1 for p in points if p.n > 1)
-    return math.sqrt(ss / dof) if dof else float("nan")
-
-
 def _flags(points: Sequence[ScalePoint], y: np.ndarray, fits: dict[str, FitResult], choice: FormChoice,
            slopes: LocalSlopes | None) -> list[str]:
     flags = []
-    sigma = pooled_seed_sigma(points)
+    sigma = GroupedRuns.from_runs(*_per_run(points, "gflops_per_example", False)).sigma_seed
     for p in points:
         if p.choice and p.choice.on_edge:
             keys = ", ".join(k.rsplit(".", 1)[-1] for k in p.choice.on_edge)

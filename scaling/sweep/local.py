@@ -13,7 +13,6 @@ they checkpoint too. Relaunching skips finished trials and resumes the others fr
 from __future__ import annotations
 
 import dataclasses
-import json
 import multiprocessing as mp
 import os
 import queue
@@ -29,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from scaling.sweep.spec import Sweep, Trial
-from scaling.sweep.state import trial_lock
+from scaling.sweep.state import last_row, trial_lock
 
 _STOP_GRACE_S = 120.0
 
@@ -128,24 +127,6 @@ def _worker(wid: int, cpus: list[int], gpus: list[str], shared_gpus: int, cache_
             events.put(("end", wid, index, status, reason, None, 0.0))
 
 
-def _last_train_row(run_dir: str) -> dict:
-    try:
-        with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 8192))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return {}
-    for line in reversed(lines):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("split") == "train":
-            return row
-    return {}
-
-
 class _Display:
     """An overall bar plus one live line per running trial (plain lines when not a terminal)."""
 
@@ -168,7 +149,7 @@ class _Display:
 
     def poll(self, trials: dict[int, Trial]) -> None:
         for index, task in self.rows.items():
-            row = _last_train_row(trials[index].run_dir)
+            row = last_row(trials[index].run_dir, "train")
             if row:
                 info = f"loss {row.get('train/loss', float('nan')):.4f}  {row.get('examples_per_s', 0):,.0f} ex/s"
                 self.progress.update(task, completed=row.get("step", 0), info=info)

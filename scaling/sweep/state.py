@@ -86,22 +86,28 @@ def trial_lock(run_dir: str) -> Iterator[None]:
                 os.remove(path)
 
 
-def last_step(run_dir: str) -> int:
-    """The last step logged in metrics.jsonl (0 if none)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+def last_row(run_dir: str, split: str | None = None) -> dict:
+    """The last row of metrics.jsonl (of `split`, e.g. 'train', if given); {} if none."""
     try:
-        with open(path, "rb") as f:
+        with open(os.path.join(run_dir, "metrics.jsonl"), "rb") as f:
             f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
+            f.seek(max(0, f.tell() - 8192))  # the tail is enough: rows are short
             lines = f.read().decode(errors="replace").splitlines()
     except OSError:
-        return 0
+        return {}
     for line in reversed(lines):
         try:
-            return int(json.loads(line).get("step", 0))
-        except (ValueError, AttributeError):
+            row = json.loads(line)
+        except ValueError:
             continue
-    return 0
+        if isinstance(row, dict) and (split is None or row.get("split") == split):
+            return row
+    return {}
+
+
+def last_step(run_dir: str) -> int:
+    """The last step logged in metrics.jsonl (0 if none)."""
+    return int(last_row(run_dir).get("step", 0))
 
 
 def trial_state(run_dir: str) -> TrialState:
