@@ -103,6 +103,7 @@ class Form:
     _predict: Callable[[Mapping[str, np.ndarray], np.ndarray], np.ndarray] = field(repr=False)
     _fit: Callable[..., FitResult] = field(repr=False)
     _fit_batch: Callable[..., BatchFit] = field(repr=False)
+    slope_param: str = "alpha"  # the parameter that says how fast quality improves with x
 
     @property
     def n_params(self) -> int:
@@ -305,7 +306,7 @@ SATURATING = Form("saturating", ("E", "A", "alpha"), "y = E + A·x^−alpha", Tr
                   *_make_log_fit("saturating", floor=True))
 POWER = Form("power", ("A", "alpha"), "y = A·x^−alpha", True, _predict_power, *_make_log_fit("power", floor=False))
 LOGLINEAR = Form("loglinear", ("a", "b"), "y = a + b·ln x", False, _predict_loglinear, _fit_loglinear,
-                 _fit_batch_loglinear)
+                 _fit_batch_loglinear, slope_param="b")
 FORMS: dict[str, Form] = {f.name: f for f in (SATURATING, POWER, LOGLINEAR)}
 
 

@@ -20,14 +20,11 @@ import numpy as np
 
 from analysis.forms import get_form
 from analysis.records import ScalePoint
+from analysis.report import sig
 from analysis.scaling_fit import AXES, FamilyFit, SweepFit
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "h")
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.3g}" if math.isfinite(value) else "nan"
 
 
 def _transform(relative_to: float | None, upward: bool):
@@ -43,11 +40,10 @@ def _transform(relative_to: float | None, upward: bool):
 def _legend_text(fam: FamilyFit, k: int) -> str:
     name = fam.choice.chosen or "no fit"
     text = f"{fam.family}: {name}"
-    fit = fam.chosen
-    if fit is not None and fam.bootstrap is not None:
-        key = {"saturating": "alpha", "power": "alpha", "loglinear": "b"}[name]
-        ci = fam.bootstrap.params[key]
-        text += f", {'α' if key == 'alpha' else 'b'} = {_fmt(fit.params[key])} [{_fmt(ci.p10)}, {_fmt(ci.p90)}]"
+    slope = fam.slope()
+    if slope is not None:
+        key, value, ci = slope
+        text += f", {'α' if key == 'alpha' else key} = {sig(value, 3)} [{sig(ci.p10, 3)}, {sig(ci.p90, 3)}]"
     held = next((h for h in fam.holdouts if h.k == max(k, 1)), None)
     if held is not None and held.points:
         text += f"; held-out err {held.mean_share_of_gain:.0%} of gain"

@@ -14,7 +14,8 @@ from analysis.forms import FORMS, get_form
 from analysis.scaling_fit import AXES, FamilyFit, SweepFit
 
 
-def _g(value: float, digits: int = 4) -> str:
+def sig(value: float | None, digits: int = 4) -> str:
+    """`digits` significant figures, or n/a for a missing or non-finite value."""
     if value is None or not math.isfinite(value):
         return "n/a"
     return f"{value:.{digits}g}"
@@ -36,16 +37,16 @@ def _family_section(fam: FamilyFit, fit: SweepFit) -> list[str]:
         boot = fam.bootstrap
         for name in form.param_names:
             ci = boot.params[name] if boot else None
-            lines.append(f"| {name} | {_g(chosen.params[name])} | {_g(ci.se) if ci else 'n/a'} | "
-                         f"[{_g(ci.p10)}, {_g(ci.p90)}] | [{_g(ci.p2_5)}, {_g(ci.p97_5)}] |" if ci else
-                         f"| {name} | {_g(chosen.params[name])} | n/a | n/a | n/a |")
+            lines.append(f"| {name} | {sig(chosen.params[name])} | {sig(ci.se) if ci else 'n/a'} | "
+                         f"[{sig(ci.p10)}, {sig(ci.p90)}] | [{sig(ci.p2_5)}, {sig(ci.p97_5)}] |" if ci else
+                         f"| {name} | {sig(chosen.params[name])} | n/a | n/a | n/a |")
         if boot:
-            seed_note = (f"seed noise σ = {_g(boot.sigma_seed, 3)} (pooled over sizes with >= 2 seeds)"
+            seed_note = (f"seed noise σ = {sig(boot.sigma_seed, 3)} (pooled over sizes with >= 2 seeds)"
                          if math.isfinite(boot.sigma_seed) else "no size has 2+ seeds, so the CIs cannot include seed noise")
             lines += ["", f"Bootstrap: {boot.n_resamples} resamples over {boot.n_runs} runs in {boot.n_groups} sizes, "
                           f"{boot.n_failed} failed fits; {seed_note}; {boot.n_parametric_groups} single-run size(s) "
                           "resampled parametrically."]
-        lines += ["", f"Improvement across the sweep: {_g(fam.improvement, 4)} ({fit.fitted_quantity}, smallest to largest size)."]
+        lines += ["", f"Improvement across the sweep: {sig(fam.improvement, 4)} ({fit.fitted_quantity}, smallest to largest size)."]
     lines += ["", "**Held-out extrapolation** (refit without the largest k sizes):", "",
               "| form | k | size | observed | predicted | error | relative | share of gain | in 80% band |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -56,16 +57,16 @@ def _family_section(fam: FamilyFit, fit: SweepFit) -> list[str]:
         for p in h.points:
             band = "n/a" if p.in_band is None else ("yes" if p.in_band else "no")
             usable = "" if h.fit.ok else " (fit not ok)"
-            lines.append(f"| {name}{usable} | {h.k} | {sizes.get(p.x, _g(p.x))} | {_g(p.observed, 5)} | "
-                         f"{_g(p.predicted, 5)} | {p.error:+.3g} | {p.rel_error:+.3%} | {_pct(p.share_of_gain)} | {band} |")
-    other = [f"{n}: held-out |err| {_g(fam.choice.held_out_mae.get(n, float('nan')), 3)}, AIC {_g(fam.choice.aic.get(n, float('nan')), 4)}"
+            lines.append(f"| {name}{usable} | {h.k} | {sizes.get(p.x, sig(p.x))} | {sig(p.observed, 5)} | "
+                         f"{sig(p.predicted, 5)} | {p.error:+.3g} | {p.rel_error:+.3%} | {_pct(p.share_of_gain)} | {band} |")
+    other = [f"{n}: held-out |err| {sig(fam.choice.held_out_mae.get(n, float('nan')), 3)}, AIC {sig(fam.choice.aic.get(n, float('nan')), 4)}"
              for n in FORMS if n in fam.fits]
     lines += ["", "Forms compared: " + "; ".join(other) + "."]
     if fam.choice.excluded:
         lines += ["Excluded: " + "; ".join(f"{n} ({why})" for n, why in fam.choice.excluded.items()) + "."]
     if fam.slopes is not None:
         s = fam.slopes
-        parts = [f"{_g(lo, 3)}→{_g(hi, 3)}: {_g(v, 3)} [{_g(a, 3)}, {_g(b, 3)}]"
+        parts = [f"{sig(lo, 3)}→{sig(hi, 3)}: {sig(v, 3)} [{sig(a, 3)}, {sig(b, 3)}]"
                  for lo, hi, v, a, b in zip(s.x_lo, s.x_hi, s.slope, s.ci_lo, s.ci_hi)]
         lines += ["", f"**Local slopes** d{fit.fitted_quantity}/d ln x ({s.level:.0%} CI): " + "; ".join(parts) + ".",
                   f"Plateau: {'yes' if s.plateau else 'no'} ({s.reason})."]
@@ -82,7 +83,7 @@ def _family_section(fam: FamilyFit, fit: SweepFit) -> list[str]:
                               for vals, m in p.choice.tried)
             lr = f"{chosen_vals} ({tried}){' **edge**' if p.choice.on_edge else ''}"
         lines.append(f"| {p.size} | {p.gflops_per_example:.4g} | {p.train_flops:.3g} | {p.params_dense:,} | "
-                     f"{p.params_embedding:,} | {p.n} | {p.mean:.5f} | {_g(p.sem, 3)} | {lr} |")
+                     f"{p.params_embedding:,} | {p.n} | {p.mean:.5f} | {sig(p.sem, 3)} | {lr} |")
     return lines + [""]
 
 
@@ -115,7 +116,7 @@ def _other_axis_table(fit: SweepFit) -> list[str]:
              "", "| family | form | parameters |", "|---|---|---|"]
     for name, fam in sorted(fit.families.items()):
         params = other_axis_params(fam)
-        text = ", ".join(f"{k} = {_g(v)}" for k, v in params.items()) if params else "n/a"
+        text = ", ".join(f"{k} = {sig(v)}" for k, v in params.items()) if params else "n/a"
         lines.append(f"| {name} | {fam.choice.chosen or 'none'} | {text} |")
     return lines + [""]
 
@@ -130,15 +131,15 @@ def render_report(fit: SweepFit, command: str) -> str:
     lines += ["| family | form | exponent / slope [80% CI] | held-out error (k=1), share of gain | "
               f"compute multiplier vs {fit.reference_family} [80% CI] | sizes | runs |", "|---|---|---|---|---|---|---|"]
     for name, fam in sorted(fit.families.items()):
-        key = {"saturating": "alpha", "power": "alpha", "loglinear": "b"}.get(fam.choice.chosen or "", "")
+        slope = fam.slope()
         exp = "n/a"
-        if fam.chosen is not None and fam.bootstrap is not None and key:
-            ci = fam.bootstrap.params[key]
-            exp = f"{key} = {_g(fam.chosen.params[key])} [{_g(ci.p10)}, {_g(ci.p90)}]"
+        if slope is not None:
+            key, value, ci = slope
+            exp = f"{key} = {sig(value)} [{sig(ci.p10)}, {sig(ci.p90)}]"
         h1 = next((h for h in fam.holdouts if h.k == 1), None)
         held = f"{h1.points[0].error:+.3g}, {_pct(h1.mean_share_of_gain)}" if h1 and h1.points else "n/a"
         comp = fit.comparisons.get(name)
-        mult = (f"{_g(comp.multiplier, 3)}x [{_g(comp.interval80[0], 3)}, {_g(comp.interval80[1], 3)}] at {comp.y_target:.4f}"
+        mult = (f"{sig(comp.multiplier, 3)}x [{sig(comp.interval80[0], 3)}, {sig(comp.interval80[1], 3)}] at {comp.y_target:.4f}"
                 if comp else ("reference" if name == fit.reference_family else "n/a"))
         lines.append(f"| {name} | {fam.choice.chosen or 'none'} | {exp} | {held} | {mult} | {len(fam.points)} | "
                      f"{sum(p.n for p in fam.points)} |")
@@ -150,12 +151,12 @@ def render_report(fit: SweepFit, command: str) -> str:
     for name, ds in sorted(fit.data_scaling.items()):
         p = ds.fit.params
         ci = ds.bootstrap.ci80 if ds.bootstrap else {}
-        rng = lambda k: f" [{_g(ci[k][0], 3)}, {_g(ci[k][1], 3)}]" if k in ci else ""  # noqa: E731
+        rng = lambda k: f" [{sig(ci[k][0], 3)}, {sig(ci[k][1], 3)}]" if k in ci else ""  # noqa: E731
         lines += [f"**{name}, model and data size** (L = E + A/N^α + B/D^β; N = forward multiply-adds/example, "
                   f"D = examples; {ds.n_points} points over data sizes {', '.join(f'{v:,}' for v in ds.data_sizes)}; "
-                  f"fit {'ok' if ds.fit.ok else 'NOT ok: ' + ds.fit.message}): E = {_g(p['E'])}{rng('E')}, "
-                  f"A = {_g(p['A'])}, B = {_g(p['B'])}, α = {_g(p['alpha'])}{rng('alpha')}, β = {_g(p['beta'])}{rng('beta')}; "
-                  f"compute-optimal N_opt ∝ C^{_g(ds.fit.a, 3)}{rng('a')}, D_opt ∝ C^{_g(ds.fit.b, 3)}. "
+                  f"fit {'ok' if ds.fit.ok else 'NOT ok: ' + ds.fit.message}): E = {sig(p['E'])}{rng('E')}, "
+                  f"A = {sig(p['A'])}, B = {sig(p['B'])}, α = {sig(p['alpha'])}{rng('alpha')}, β = {sig(p['beta'])}{rng('beta')}; "
+                  f"compute-optimal N_opt ∝ C^{sig(ds.fit.a, 3)}{rng('a')}, D_opt ∝ C^{sig(ds.fit.b, 3)}. "
                   "The 1-D fits below use the largest data size.", ""]
     lines += _other_axis_table(fit)
     for name, why in fit.skipped.items():

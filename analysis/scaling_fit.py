@@ -57,6 +57,14 @@ class FamilyFit:
     def chosen(self) -> FitResult | None:
         return self.fits.get(self.choice.chosen) if self.choice.chosen else None
 
+    def slope(self):
+        """(name, estimate, ParamInterval) of the chosen form's exponent (or log-linear slope); None
+        without a usable fit and bootstrap."""
+        if self.chosen is None or self.bootstrap is None:
+            return None
+        name = get_form(self.chosen.form).slope_param
+        return name, self.chosen.params[name], self.bootstrap.params[name]
+
     @property
     def improvement(self) -> float:
         """y at the smallest size minus y at the largest (positive = the family improved)."""

@@ -8,11 +8,8 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from analysis.records import RunSet, ScalePoint
+from analysis.report import sig as _g
 from analysis.scaling_fit import SweepFit
-
-
-def _g(value: float, digits: int = 4) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}g}"
 
 
 def points_table(runs: RunSet, points: Sequence[ScalePoint], metric: str) -> Table:
@@ -44,8 +41,8 @@ def print_fit_summary(fit: SweepFit) -> None:
     for name, fam in sorted(fit.families.items()):
         fit_ = fam.chosen
         params = ", ".join(f"{k}={_g(v)}" for k, v in fit_.params.items()) if fit_ else "-"
-        key = {"saturating": "alpha", "power": "alpha", "loglinear": "b"}.get(fam.choice.chosen or "")
-        ci = fam.bootstrap.params[key] if fam.bootstrap and key else None
+        slope = fam.slope()
+        ci = slope[2] if slope else None
         h1 = next((h for h in fam.holdouts if h.k == 1), None)
         comp = fit.comparisons.get(name)
         table.add_row(name, fam.choice.chosen or "none", params, f"[{_g(ci.p10)}, {_g(ci.p90)}]" if ci else "-",

@@ -190,9 +190,7 @@ def cmd_sweep(args) -> int:
     from scaling.sweep.launch import select
 
     sweep.write_manifest()
-    flops = {r.trial.index: r.train_flops for r in plan(sweep)} if args.largest_first else {}
-    selection = select(sweep, states(sweep), retry_failed=args.retry_failed, largest_first=args.largest_first,
-                       cost=lambda t: flops.get(t.index, 0.0))
+    selection = select(sweep, states(sweep), retry_failed=args.retry_failed, largest_first=args.largest_first)
     console.print(f"sweep {sweep.name}: {len(sweep.trials)} trials in {sweep.directory}: {selection.describe()}")
     if args.launcher == "slurm":
         from scaling.sweep.slurm import submit_slurm

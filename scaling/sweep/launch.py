@@ -30,8 +30,8 @@ class Selection:
         return ", ".join(parts)
 
 
-def select(sweep: Sweep, states: dict[int, TrialState], *, retry_failed: bool, largest_first: bool = False,
-           cost=None) -> Selection:
+def select(sweep: Sweep, states: dict[int, TrialState], *, retry_failed: bool, largest_first: bool = False) -> Selection:
+    """The trials to run now; `largest_first` orders them by estimated train FLOPs, largest first."""
     run, restart = [], []
     done = failed = running = 0
     for t in sweep.trials:
@@ -48,6 +48,6 @@ def select(sweep: Sweep, states: dict[int, TrialState], *, retry_failed: bool, l
                 failed += 1
         else:  # pending or interrupted (resumes from its checkpoint)
             run.append(t)
-    if largest_first and cost is not None:
-        run.sort(key=lambda t: -cost(t))
+    if largest_first:
+        run.sort(key=lambda t: -t.train_flops)
     return Selection(tuple(run), tuple(restart), done, failed, running)

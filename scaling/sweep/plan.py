@@ -32,21 +32,13 @@ def plan(sweep: Sweep) -> list[PlanRow]:
     """Parameter counts (without allocating) and FLOPs of every trial."""
     rows = []
     for t in sweep.trials:
-        spec = t.config.data.feature_spec()
-        counts = _counts(t.config.model, spec)
-        gflops = t.config.model.flops_per_example(spec) / 1e9
-        examples = t.config.train.steps * t.config.train.batch_size
-        rows.append(PlanRow(t, counts.dense, counts.embedding, gflops, 3.0 * gflops * 1e9 * examples))
+        counts = _counts(t.config.model, t.config.data.feature_spec())
+        rows.append(PlanRow(t, counts.dense, counts.embedding, t.gflops_per_example, t.train_flops))
     return rows
 
 
 def _lr(trial: Trial) -> str:
     return f"{trial.config.optimizer.dense.learning_rate:.3g}"
-
-
-def _axes(trial: Trial) -> str:
-    return " ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
-                    for k, v in trial.axes if k != "optimizer.dense.learning_rate")
 
 
 def plan_table(sweep: Sweep, rows: list[PlanRow]) -> Table:
@@ -60,7 +52,7 @@ def plan_table(sweep: Sweep, rows: list[PlanRow]) -> Table:
         size = t.size
         if t.target_gflops is not None:  # how near the preset lands to the requested compute
             size += f" (target {t.target_gflops:.3g}, x{r.gflops_per_example / t.target_gflops:.2f})"
-        table.add_row(str(t.index), t.trial_id, t.family, size, str(t.seed), _lr(t), _axes(t),
+        table.add_row(str(t.index), t.trial_id, t.family, size, str(t.seed), _lr(t), t.axes_text(skip=("optimizer.dense.learning_rate",)),
                       f"{r.params_dense:,}", f"{r.params_embedding:,}", f"{r.gflops_per_example:.3g}",
                       f"{r.train_flops:.3g}")
     total = sum(r.train_flops for r in rows)

@@ -66,11 +66,18 @@ class Trial:
         return self.config.model.flops_per_example(self.config.data.feature_spec()) / 1e9
 
     @property
+    def train_flops(self) -> float:
+        """Estimated training compute: 3 x forward FLOPs x examples."""
+        return 3e9 * self.gflops_per_example * self.config.train.steps * self.config.train.batch_size
+
+    def axes_text(self, skip: tuple[str, ...] = ()) -> str:
+        """The swept values as `leaf=value` pairs, e.g. `learning_rate=0.002 steps=500`."""
+        return " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in self.axes if k not in skip)
+
+    @property
     def label(self) -> str:
-        """Short human label, e.g. `wukong:m seed 1 lr=0.002`."""
-        parts = [f"{self.family}:{self.size}", f"seed {self.seed}"]
-        parts += [f"{k.rsplit('.', 1)[-1]}={_fmt(v)}" for k, v in self.axes]
-        return " ".join(parts)
+        """Short human label, e.g. `wukong:m seed 1 learning_rate=0.002`."""
+        return " ".join(p for p in (f"{self.family}:{self.size}", f"seed {self.seed}", self.axes_text()) if p)
 
 
 @dataclasses.dataclass(frozen=True)
