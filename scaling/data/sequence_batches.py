@@ -83,7 +83,7 @@ class SequenceBatches:
 
     def eval_batch(self, users: np.ndarray, stage: Stage) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """(batch, seen): the history before each user's `stage` target, truncated to max_len, the
-        target, its timestamp; and each user's untruncated history (items to exclude from ranking)."""
+        target, its timestamp, the user ids; and each user's untruncated history (items to exclude from ranking)."""
         log, L, B = self.split.log, self.max_len, len(users)
         out = {
             "items": np.zeros((B, L), np.int32),
@@ -91,6 +91,7 @@ class SequenceBatches:
             "lengths": np.zeros(B, np.int32),
             "target": np.zeros(B, np.int32),
             "target_timestamp": np.zeros(B, np.int64),
+            "users": np.asarray(users, np.int32),
         }
         seen = []
         for b, u in enumerate(users):

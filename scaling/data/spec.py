@@ -25,3 +25,20 @@ class CTRFeatureSpec:
     @property
     def total_vocab(self) -> int:
         return int(sum(self.cardinalities))
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceSpec:
+    """Shapes of a next-item batch (HSTU, SASRec, ...), L = the model's `max_len`.
+
+    Train batch (every position predicts the next item; 0 = padding, items are 1..num_items):
+      items, targets            int32 [B, L]
+      timestamps, next_timestamps int32 [B, L]  (seconds; next_timestamps = the target's time)
+      lengths                   int32 [B]
+      negatives                 int32 [B, L, num_negatives]
+    Eval batch: items, timestamps, next_timestamps, lengths (the last valid position's
+    next_timestamp is the target's time, i.e. the request time), target int32 [B].
+    """
+
+    num_items: int
+    num_negatives: int

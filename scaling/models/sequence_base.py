@@ -1,0 +1,65 @@
+"""The contract of next-item (sequential) model families: HSTU, SASRec, and those built on them.
+
+A family is an `nnx.Module` registered with `register_model(name, ConfigClass)`:
+
+    class HSTU(SequenceModel):
+        def __init__(self, config: HSTUConfig, spec: SequenceSpec, *, rngs: nnx.Rngs): ...
+        def __call__(self, batch) -> queries float [B, L, D]   # one next-item query per position
+        def item_table(self) -> float [num_items + 1, D]       # what queries are scored against
+
+The batch is `SequenceSpec`'s (items, timestamps, next_timestamps, lengths; models that ignore
+time ignore the timestamps). Training scores each valid position's query against its target and
+sampled negatives (`scaling.train.sampled_softmax`); evaluation scores the query at position
+length - 1 against the whole `item_table()`.
+
+The config (a `SequenceModelConfig`) defines `embed_dim` and `max_len` and exposes, without
+building the model:
+    encoder_flops(n) -> float                   forward FLOPs of the encoder over n positions
+    flops_per_example(spec) -> float            encoder at max_len + scoring (1 + negatives) items
+                                                at each of the max_len positions (2 D each)
+    embedding_bytes_per_example(spec) -> float  float32 rows gathered: inputs, targets, negatives
+An "example" is one training sequence (one user's most recent max_len + 1 events).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+from flax import nnx
+
+from scaling.config import ModelConfig
+from scaling.data.spec import SequenceSpec
+
+
+class SequenceModelConfig(ModelConfig):
+    """Shared by next-item family configs (which define `embed_dim`, `max_len`, `encoder_flops`)."""
+
+    TASK = "next_item"
+
+    def encoder_flops(self, n: int) -> float:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def scoring_flops(self, spec: SequenceSpec) -> float:
+        """Training-time scoring: each of max_len queries dotted with its target and the negatives."""
+        return 2.0 * self.max_len * (1 + spec.num_negatives) * self.embed_dim
+
+    def flops_per_example(self, spec: SequenceSpec) -> float:
+        return float(self.encoder_flops(self.max_len) + self.scoring_flops(spec))
+
+    def embedding_bytes_per_example(self, spec: SequenceSpec) -> float:
+        """float32 rows gathered per sequence: the inputs, the targets and the negatives."""
+        return float(self.max_len * (2 + spec.num_negatives) * self.embed_dim * 4)
+
+
+class SequenceModel(nnx.Module):
+    """Base class of next-item families: batch -> queries [B, L, D]; `item_table()` [V + 1, D]."""
+
+    TASK = "next_item"
+    batch_keys: tuple[str, ...] = ("items", "timestamps", "next_timestamps", "lengths")
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def item_table(self) -> jax.Array:  # pragma: no cover - abstract
+        raise NotImplementedError
