@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from scaling.models.hstu import HSTUConfig, HSTUEncoder
+from scaling.data.spec import SequenceSpec
+from scaling.models.hstu import HSTU, HSTUConfig
 
 
 def _ln(x, eps=1e-6):
@@ -21,7 +22,7 @@ def _silu(x):
     return x / (1.0 + np.exp(-x))
 
 
-def _numpy_forward(model: HSTUEncoder, items, ts, lengths, query):
+def _numpy_forward(model: HSTU, items, ts, lengths, query):
     cfg = model.cfg
     B, N = items.shape
     h, dq, dv, D = cfg.num_heads, cfg.qk_dim, cfg.v_dim, cfg.embed_dim
@@ -50,14 +51,14 @@ def _numpy_forward(model: HSTUEncoder, items, ts, lengths, query):
 
 def test_encoder_matches_numpy_reference_and_ignores_padding():
     cfg = HSTUConfig(embed_dim=8, num_layers=2, num_heads=2, qk_dim=3, v_dim=4, max_len=6, num_buckets=16, dropout=0.0)
-    model = HSTUEncoder(cfg, num_items=20, rngs=nnx.Rngs(0))
+    model = HSTU(cfg, SequenceSpec(num_items=20, num_negatives=0), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     items = rng.integers(1, 21, size=(3, 6))
     lengths = np.array([6, 4, 1])
     items[np.arange(6)[None, :] >= lengths[:, None]] = 0
     ts = np.sort(rng.integers(0, 100_000, size=(3, 7)), axis=1)
     ts, query = ts[:, :6], ts[:, 1:]  # each position's next-event time
-    run = lambda it, t, q: model(jnp.asarray(it), jnp.asarray(t, jnp.int32), jnp.asarray(lengths),  # noqa: E731
+    run = lambda it, t, q: model.encode(jnp.asarray(it), jnp.asarray(t, jnp.int32), jnp.asarray(lengths),  # noqa: E731
                                  jnp.asarray(q, jnp.int32))
     out = run(items, ts, query)
     ref = _numpy_forward(model, items, ts, lengths, query)
@@ -80,18 +81,18 @@ def test_encoder_matches_numpy_reference_and_ignores_padding():
 
 def test_gradients_reach_every_parameter():
     cfg = HSTUConfig(embed_dim=8, num_layers=2, num_heads=1, qk_dim=4, v_dim=8, max_len=5, num_buckets=8, dropout=0.0)
-    model = HSTUEncoder(cfg, num_items=10, rngs=nnx.Rngs(1))
+    model = HSTU(cfg, SequenceSpec(num_items=10, num_negatives=0), rngs=nnx.Rngs(1))
     items = jnp.array([[1, 2, 3, 4, 5], [6, 7, 0, 0, 0]])
     ts = jnp.array([[0, 10, 100, 1000, 10_000], [5, 50, 0, 0, 0]], jnp.int32)
     lengths = jnp.array([5, 2])
 
     def loss(model):
-        q = model(items, ts, lengths)
+        q = model.encode(items, ts, lengths)
         logits = q @ model.item_table().T / 0.05
         return -jnp.mean(jax.nn.log_softmax(logits, -1)[:, :, 3])
 
     grads = nnx.grad(loss)(model)
-    for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
+    for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):  # tables included
         assert np.all(np.isfinite(np.asarray(g))), path
         assert np.abs(np.asarray(g)).sum() > 0, path
 
@@ -100,14 +101,14 @@ def test_analytic_flops_match_xla():
     from scaling.flops import flops_from_cost
 
     cfg = HSTUConfig(embed_dim=64, num_layers=2, num_heads=2, qk_dim=32, v_dim=32, max_len=96, dropout=0.0)
-    model = HSTUEncoder(cfg, num_items=50, rngs=nnx.Rngs(0))
+    model = HSTU(cfg, SequenceSpec(num_items=50, num_negatives=0), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)
     batch = 4
     items = jnp.ones((batch, cfg.max_len), jnp.int32)
     ts = jnp.zeros((batch, cfg.max_len), jnp.int32)
     lengths = jnp.full((batch,), cfg.max_len)
-    forward = jax.jit(lambda state, i, t, n: nnx.merge(graphdef, state)(i, t, n))
+    forward = jax.jit(lambda state, i, t, n: nnx.merge(graphdef, state).encode(i, t, n))
     xla = flops_from_cost(forward.lower(state, items, ts, lengths).compile().cost_analysis()) / batch
-    analytic = cfg.flops_per_sequence()
+    analytic = cfg.encoder_flops()
     assert abs(analytic - xla) / xla < 0.10, (analytic, xla)
-    assert cfg.flops_per_sequence(causal=True) < analytic
+    assert cfg.encoder_flops(causal=True) < analytic

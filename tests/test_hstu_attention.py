@@ -45,6 +45,29 @@ def test_buckets_match_the_briefs_examples():
     assert time_buckets(ts, 128)[0, 0, 0] == 2  # ln(2) / 0.301 = 2.3
 
 
+def test_buckets_follow_the_research_codes_float32_edges():
+    """417,900 s is bucket 42 by any arithmetic; 417,901 s is 43 in the research code (float32 log)
+    though exact math says 42; an edge table makes both portable. Below that first disagreement
+    every gap follows the real-number formula (checked densely and at the edges' neighbours); above
+    it float32 moves most edges by a few seconds, which the table reproduces."""
+    from scaling.models.hstu_attention import BUCKET_EDGES
+
+    gaps = np.array([417_900, 417_901, 0, 1, 2, 3], np.int32)
+    ts = jnp.stack([jnp.zeros_like(gaps), gaps], axis=1)
+    assert time_buckets(ts, 128)[:, 0, 0].tolist() == [42, 43, 0, 0, 2, 3]
+    dense = np.arange(1, 100_000, 7, dtype=np.int64)
+    near = np.array([e + o for e in BUCKET_EDGES[2:] for o in (-1, 0, 1) if e < 417_901], np.int64)
+    for gaps in (dense, near):
+        ts = jnp.stack([jnp.zeros(len(gaps), jnp.int32), jnp.asarray(gaps, jnp.int32)], axis=1)
+        exact = np.floor(np.log(gaps) / 0.301).clip(0, 128)
+        np.testing.assert_array_equal(np.asarray(time_buckets(ts, 128)[:, 0, 0]), exact)
+    edges = np.array(BUCKET_EDGES[43:], np.int32)  # the float32 region: each edge opens its bucket
+    for shift, first in ((0, 43), (-1, 42)):
+        ts = jnp.stack([jnp.zeros(len(edges), jnp.int32), jnp.asarray(edges + shift)], axis=1)
+        assert time_buckets(ts, 128)[:, 0, 0].tolist() == list(range(first, first + len(edges)))
+    assert time_buckets(jnp.array([[0, 2**31 - 1]], jnp.int32), 64)[0, 0, 0] == 64  # clamped
+
+
 @pytest.mark.parametrize("lengths", [[5, 3, 0], [5, 1, 4]])
 def test_attention_matches_loop_reference(lengths):
     rng = np.random.default_rng(0)

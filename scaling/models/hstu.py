@@ -19,28 +19,58 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling.config_schema import knob
+from scaling.data.spec import SequenceSpec
+from scaling.models.embedding import EmbeddingTable
 from scaling.models.hstu_attention import hstu_attention, relative_bias
+from scaling.models.registry import register_model
+from scaling.models.sequence_base import SequenceModel, SequenceModelConfig
 from scaling.sharding.annotate import logical_param
 
 
-@dataclasses.dataclass(frozen=True)
-class HSTUConfig:
-    embed_dim: int = 50
-    num_layers: int = 2
-    num_heads: int = 1
-    qk_dim: int = 50  # per head
-    v_dim: int = 50  # per head
-    max_len: int = 200
-    num_buckets: int = 128
-    dropout: float = 0.2
-    attn_norm: float = 0.0
+# The ladder scales depth, width, heads and history length together (the paper's Fig. 7 grows
+# all four); "ml1m"/"ml20m" (+ "_large") are the published configurations (brief, section 3).
+_SIZES: dict[str, dict[str, Any]] = {
+    "xxs": dict(embed_dim=16, num_layers=1, num_heads=1, qk_dim=16, v_dim=16, max_len=32),
+    "xs": dict(embed_dim=24, num_layers=1, num_heads=1, qk_dim=24, v_dim=24, max_len=48),
+    "s": dict(embed_dim=32, num_layers=2, num_heads=2, qk_dim=16, v_dim=16, max_len=64),
+    "m": dict(embed_dim=48, num_layers=2, num_heads=2, qk_dim=24, v_dim=24, max_len=96),
+    "l": dict(embed_dim=64, num_layers=3, num_heads=2, qk_dim=32, v_dim=32, max_len=128),
+    "xl": dict(embed_dim=96, num_layers=4, num_heads=4, qk_dim=24, v_dim=24, max_len=160),
+    "ml1m": dict(embed_dim=50, num_layers=2, num_heads=1, qk_dim=50, v_dim=50, max_len=200, dropout=0.2),
+    "ml1m_large": dict(embed_dim=50, num_layers=8, num_heads=2, qk_dim=25, v_dim=25, max_len=200, dropout=0.2),
+    "ml20m": dict(embed_dim=256, num_layers=4, num_heads=4, qk_dim=64, v_dim=64, max_len=200, dropout=0.2),
+    "ml20m_large": dict(embed_dim=256, num_layers=16, num_heads=8, qk_dim=32, v_dim=32, max_len=200, dropout=0.2),
+}
 
-    def flops_per_sequence(self, n: int | None = None, *, causal: bool = False) -> float:
+
+@dataclasses.dataclass(frozen=True)
+class HSTUConfig(SequenceModelConfig):
+    """HSTU hyperparameters (defaults: the published ML-1M configuration). `size` names a preset."""
+
+    SIZES: ClassVar[dict[str, dict[str, Any]]] = _SIZES
+
+    name: Literal["hstu"] = knob("hstu")
+    size: str = knob("custom", help=f"preset name ({', '.join(_SIZES)}) or 'custom' (no preset)")
+    embed_dim: int = knob(50, ge=1, help="D: item embedding and residual width")
+    num_layers: int = knob(2, ge=1)
+    num_heads: int = knob(1, ge=1)
+    qk_dim: int = knob(50, ge=1, help="query/key width per head")
+    v_dim: int = knob(50, ge=1, help="value width per head")
+    max_len: int = knob(200, ge=1, help="most recent events the model reads (positions)")
+    num_buckets: int = knob(128, ge=1, help="log-spaced time-gap buckets of the relative bias")
+    dropout: float = knob(0.2, ge=0.0, lt=1.0, help="input and output-projection dropout")
+    attn_norm: float = knob(0.0, ge=0.0, help="attention divisor; 0 = the padded length N")
+    temperature: float = knob(0.05, gt=0.0, help="softmax temperature of the cosine logits")
+
+    def encoder_flops(self, n: int | None = None, *, causal: bool = False) -> float:
         """Forward FLOPs (2 x multiply-adds of the matmuls) of the encoder over one padded sequence
         of length n (default max_len). Attention counts the full n x n score and value products, as
         the dense reference computes them; causal=True counts the lower triangle with the diagonal
@@ -106,29 +136,35 @@ class HSTUBlock(nnx.Module):
         return x + self.dropout(gated) @ self.w_o[...] + self.b_o[...]
 
 
-class HSTUEncoder(nnx.Module):
+@register_model("hstu", HSTUConfig)
+class HSTU(SequenceModel):
     """items, timestamps [B, N], lengths [B] (+ query times) -> L2-normalised queries [B, N, D];
     `item_table()` holds the L2-normalised item embeddings they are scored against."""
 
-    def __init__(self, cfg: HSTUConfig, num_items: int, *, rngs: nnx.Rngs):
-        if cfg.max_len < 1 or cfg.embed_dim < 1:
-            raise ValueError("HSTUConfig needs max_len >= 1 and embed_dim >= 1")
+    def __init__(self, cfg: HSTUConfig, spec: SequenceSpec, *, rngs: nnx.Rngs):
         self.cfg = cfg
         d = cfg.embed_dim
-        table = 0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (num_items + 1, d), jnp.float32)
-        self.item_emb = logical_param(table.at[0].set(0.0), ("vocab", "embed"))
+        table = 0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (spec.num_items + 1, d), jnp.float32)
+        self.item_emb = logical_param(table.at[0].set(0.0), ("vocab", "embed"), EmbeddingTable)
         std = math.sqrt(2.0 / (cfg.max_len + d))  # xavier-normal
         self.pos_emb = logical_param(std * jax.random.normal(rngs.params(), (cfg.max_len, d), jnp.float32), ("seq", "embed"))
         self.input_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.blocks = nnx.List([HSTUBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
 
-    def __call__(self, items: jax.Array, timestamps: jax.Array, lengths: jax.Array,
-                 query_timestamps: jax.Array | None = None) -> jax.Array:
+    def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        return self.encode(batch["items"], batch["timestamps"], batch["lengths"], batch.get("next_timestamps"))
+
+    def embed(self, items: jax.Array, positions: jax.Array) -> jax.Array:
+        """The encoder input: item_emb(items) * sqrt(D) + pos_emb(positions), [..., D]."""
+        return self.item_emb[...][items] * math.sqrt(self.cfg.embed_dim) + self.pos_emb[...][positions]
+
+    def encode(self, items: jax.Array, timestamps: jax.Array, lengths: jax.Array,
+               query_timestamps: jax.Array | None = None) -> jax.Array:
         """query_timestamps [B, N]: the time of the event each position predicts (`next_timestamps`
         of a train batch; at inference the request time at the last position)."""
         n = items.shape[1]
         valid = (jnp.arange(n)[None, :] < lengths[:, None])[..., None]
-        x = self.item_emb[...][items] * math.sqrt(self.cfg.embed_dim) + self.pos_emb[...][:n][None]
+        x = self.embed(items, jnp.arange(n)[None])
         x = jnp.where(valid, self.input_dropout(x), 0.0)
         for block in self.blocks:
             x = block(x, timestamps, lengths, query_timestamps)

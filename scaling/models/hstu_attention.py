@@ -12,7 +12,12 @@ The relative bias, one per layer and shared by the heads:
     rab[i, j] = pos_w[N - 1 + j - i] + ts_w[bucket(query_ts[i] - ts[j])]
 with pos_w [2N - 1], ts_w [num_buckets + 1], query_ts[i] the time of the event position i predicts
 (the research code uses ts[i + 1], the last position its own; callers that know the next-event
-times pass them), and bucket(d) = clamp(floor(ln(max(|d|, 1)) / 0.301), 0, num_buckets).
+times pass them), and bucket(d) = clamp(floor(ln(max(|d|, 1)) / 0.301), 0, num_buckets) for whole
+seconds d. The research code evaluates that logarithm in float32, which moves about 2.6e-6 of
+integer gaps into the next bucket (the first is 417,901 s: bucket 43 where exact math gives 42),
+and float32 logs differ across libraries in the last ulp. So the bucket is looked up in the
+research code's integer bucket edges instead: bucket(d) = #{b >= 1 : EDGES[b] <= |d|}, exact and
+the same on every backend.
 
 This is the pure-jnp reference that the Pallas kernel (scaling/kernels/) must match, forward and
 backward; it takes dense padded tensors plus lengths, the same inputs the kernel takes.
@@ -24,6 +29,18 @@ import jax
 import jax.numpy as jnp
 
 BUCKET_DIVISOR = 0.301
+
+# The smallest whole-second gap of each bucket b = 0, 1, 2, ... as the research code's float32
+# arithmetic computes floor(ln(gap) / 0.301) (bucket 1 is empty: ln 2 / 0.301 = 2.30). Gaps beyond
+# 2^31 - 1 s (68 years) cannot occur in int32 timestamps, so the table stops there (bucket 71).
+BUCKET_EDGES = (
+    0, 2, 2, 3, 4, 5, 7, 9, 12, 16, 21, 28, 38, 51, 68, 92, 124, 167, 226, 305, 412, 557, 752, 1016,
+    1372, 1854, 2505, 3385, 4574, 6180, 8350, 11283, 15245, 20600, 27834, 37610, 50818, 68666, 92782,
+    125367, 169397, 228891, 309280, 417901, 564672, 762990, 1030959, 1393042, 1882290, 2543367, 3436623,
+    4643595, 6274467, 8478123, 11455710, 15479070, 20915478, 28261151, 38186755, 51598331, 69720053,
+    94206437, 127292700, 171999177, 232406601, 314030161, 424319920, 573345376, 774710112, 1046794145,
+    1414438848, 1911204161,
+)
 
 
 def next_timestamps(timestamps: jax.Array) -> jax.Array:
@@ -38,9 +55,9 @@ def time_buckets(timestamps: jax.Array, num_buckets: int, query_timestamps: jax.
     last valid position does not read a padded timestamp.
     """
     query = next_timestamps(timestamps) if query_timestamps is None else query_timestamps
-    # Differences in the integer dtype first: unix seconds (~1.7e9) are 128 s apart in float32.
-    delta = jnp.abs(query[:, :, None] - timestamps[:, None, :]).astype(jnp.float32)
-    bucket = jnp.floor(jnp.log(jnp.maximum(delta, 1.0)) / BUCKET_DIVISOR)
+    # Differences in the integer dtype: unix seconds (~1.7e9) are 128 s apart in float32.
+    delta = jnp.abs(query[:, :, None].astype(jnp.int32) - timestamps[:, None, :].astype(jnp.int32))
+    bucket = jnp.searchsorted(jnp.asarray(BUCKET_EDGES, jnp.int32), delta, side="right") - 1
     return jnp.clip(bucket, 0, num_buckets).astype(jnp.int32)
 
 
