@@ -86,8 +86,9 @@ class DenseOptimizerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingOptimizerConfig:
-    name: Literal["rowwise_adagrad", "adagrad", "adam", "sgd"] = knob(
-        "rowwise_adagrad", help="optimizer of the embedding tables (row-wise Adagrad is the recsys norm)"
+    name: Literal["rowwise_adagrad", "adagrad", "adam", "sgd", "dense"] = knob(
+        "rowwise_adagrad", help="optimizer of the embedding tables (row-wise Adagrad is the recsys norm; "
+        "dense = the dense optimizer and its settings)"
     )
     learning_rate: float = knob(0.05, gt=0.0)
     eps: float = knob(1e-8, gt=0.0)
@@ -175,6 +176,16 @@ class RunConfig:
     train: TrainConfig = knob(default_factory=TrainConfig)
     sharding: ShardingConfig = knob(default_factory=ShardingConfig)
     logging: LoggingConfig = knob(default_factory=LoggingConfig)
+
+    def check(self) -> None:
+        """The model family and the data set must be of the same kind (click or next item)."""
+        model_task = getattr(type(self.model), "TASK", "ctr")
+        data_task = getattr(type(self.data), "TASK", "ctr")
+        if model_task != data_task:
+            raise ConfigError("model.name", f"'{self.model.name}' is a {model_task} model but data.name "
+                              f"'{self.data.name}' is a {data_task} data set")
+        if data_task == "next_item" and self.data.num_negatives < 1:
+            raise ConfigError("data.num_negatives", "next-item training needs at least 1 negative")
 
 
 def load_yaml(path: str) -> dict[str, Any]:

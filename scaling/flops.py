@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scaling.data.spec import CTRFeatureSpec
+from scaling.data.spec import CTRFeatureSpec, SequenceSpec
 from scaling.models.base import abstract_param_counts
 
 __all__ = [
@@ -90,11 +90,26 @@ def abstract_model(model_config: Any, spec: CTRFeatureSpec, seed: int = 0) -> nn
     return nnx.eval_shape(lambda: build_model(model_config, spec, rngs=nnx.Rngs(seed)))
 
 
-def _zero_batch(spec: CTRFeatureSpec, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+def _zero_batch(spec: CTRFeatureSpec | SequenceSpec, batch_size: int, max_len: int | None) -> dict[str, jax.ShapeDtypeStruct]:
+    if isinstance(spec, SequenceSpec):
+        ints = lambda *shape: jax.ShapeDtypeStruct((batch_size, *shape), jnp.int32)  # noqa: E731
+        L = int(max_len)
+        return {"items": ints(L), "timestamps": ints(L), "next_timestamps": ints(L), "lengths": ints(),
+                "targets": ints(L), "negatives": ints(L, spec.num_negatives)}
     return {
         "sparse": jax.ShapeDtypeStruct((batch_size, spec.num_fields), jnp.int32),
         "dense": jax.ShapeDtypeStruct((batch_size, spec.num_dense), jnp.float32),
     }
+
+
+def sequence_training_forward(model: nnx.Module, batch) -> jax.Array:
+    """What a next-item model computes per training sequence before the loss: the queries [B, L, D]
+    and their dot products with the target and negative items [B, L, 1 + M]."""
+    queries = model(batch)
+    table = model.item_table()
+    pos = jnp.einsum("bld,bld->bl", queries, table[batch["targets"]])
+    neg = jnp.einsum("bld,blmd->blm", queries, table[batch["negatives"]])
+    return jnp.concatenate([pos[..., None], neg], axis=-1)
 
 
 def flops_from_cost(cost: Any) -> float:
@@ -106,15 +121,19 @@ def flops_from_cost(cost: Any) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def xla_flops_per_example(model: nnx.Module, spec: CTRFeatureSpec, batch_size: int = 8) -> float:
-    """XLA's FLOP count of `model(batch)` per example (the model may be abstract, from eval_shape)."""
+def xla_flops_per_example(model: nnx.Module, spec: CTRFeatureSpec | SequenceSpec, batch_size: int = 8,
+                          max_len: int | None = None) -> float:
+    """XLA's FLOP count of the forward per example (the model may be abstract, from eval_shape):
+    `model(batch)` for CTR models, `sequence_training_forward` at `max_len` for next-item models."""
     graphdef, state = nnx.split(model)
     state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    sequence = isinstance(spec, SequenceSpec)
 
     def forward(state, batch):
-        return nnx.merge(graphdef, state)(batch)
+        model = nnx.view(nnx.merge(graphdef, state), deterministic=True, raise_if_not_found=False)
+        return sequence_training_forward(model, batch) if sequence else model(batch)
 
-    compiled = jax.jit(forward).lower(state, _zero_batch(spec, batch_size)).compile()
+    compiled = jax.jit(forward).lower(state, _zero_batch(spec, batch_size, max_len)).compile()
     return flops_from_cost(compiled.cost_analysis()) / batch_size
 
 
@@ -125,7 +144,8 @@ def flop_report(model_config: Any, spec: CTRFeatureSpec, batch_size: int = 8) ->
         family=model_config.name,
         size=getattr(model_config, "size", "custom"),
         analytic_flops=analytic_flops_per_example(model_config, spec),
-        xla_flops=xla_flops_per_example(abstract_model(model_config, spec), spec, batch_size),
+        xla_flops=xla_flops_per_example(abstract_model(model_config, spec), spec, batch_size,
+                                        getattr(model_config, "max_len", None)),
         dense_params=counts.dense,
         embedding_params=counts.embedding,
         embedding_bytes=float(model_config.embedding_bytes_per_example(spec)),

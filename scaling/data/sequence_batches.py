@@ -4,11 +4,13 @@ Training (every position predicts the next item), for each user's leave-one-out 
 e_1..e_n truncated to the most recent max_len + 1:
 
     items       int32 [B, L]     e_1..e_{n-1}, left-aligned, 0-padded
-    timestamps  int64 [B, L]     their timestamps
+    timestamps  int32 [B, L]     their timestamps (seconds; int32 holds unix time until 2038)
     targets     int32 [B, L]     e_2..e_n (the next item at each position; 0 where padded)
-    next_timestamps int64 [B, L] the targets' timestamps (HSTU's time bias looks at the next event)
+    next_timestamps int32 [B, L] the targets' timestamps (HSTU's time bias looks at the next event)
     lengths     int32 [B]        valid positions
-    negatives   int32 [B, L, M]  uniform over 1..num_items, per position (M = num_negatives)
+    negatives   int32 [B, L, M]  per position (M = num_negatives): `uniform` over 1..num_items (the
+                                 research code's sampler), or `in_batch`: drawn uniformly from the
+                                 batch's valid targets (popularity-shaped, no logQ correction)
 
 Batch j is a pure function of j (epoch j // batches_per_epoch, a seeded permutation of the users
 per epoch; the last batch of an epoch wraps to the permutation's start), so the grain iterator's
@@ -33,10 +35,13 @@ class SequenceBatches:
     max_len: int
     num_negatives: int = 0
     seed: int = 0
+    negatives: str = "uniform"
 
     def __post_init__(self):
         if self.max_len < 1 or self.num_negatives < 0:
             raise ValueError(f"need max_len >= 1 and num_negatives >= 0, got {self.max_len}, {self.num_negatives}")
+        if self.negatives not in ("uniform", "in_batch"):
+            raise ValueError(f"negatives must be 'uniform' or 'in_batch', got {self.negatives!r}")
 
     @property
     def train_users(self) -> np.ndarray:
@@ -58,9 +63,9 @@ class SequenceBatches:
         log, L = self.split.log, self.max_len
         out = {
             "items": np.zeros((batch_size, L), np.int32),
-            "timestamps": np.zeros((batch_size, L), np.int64),
+            "timestamps": np.zeros((batch_size, L), np.int32),
             "targets": np.zeros((batch_size, L), np.int32),
-            "next_timestamps": np.zeros((batch_size, L), np.int64),
+            "next_timestamps": np.zeros((batch_size, L), np.int32),
             "lengths": np.zeros(batch_size, np.int32),
         }
         for b, u in enumerate(users):
@@ -74,7 +79,12 @@ class SequenceBatches:
             out["lengths"][b] = n
         if self.num_negatives:
             rng = np.random.default_rng((self.seed, 1, j))
-            out["negatives"] = rng.integers(1, log.num_items + 1, size=(batch_size, L, self.num_negatives), dtype=np.int32)
+            shape = (batch_size, L, self.num_negatives)
+            if self.negatives == "uniform":
+                out["negatives"] = rng.integers(1, log.num_items + 1, size=shape, dtype=np.int32)
+            else:
+                pool = out["targets"][out["targets"] > 0]
+                out["negatives"] = rng.choice(pool, size=shape).astype(np.int32)
         return out
 
     def train_iterator(self, batch_size: int, *, start: int = 0, prefetch: int = 2):
@@ -83,14 +93,17 @@ class SequenceBatches:
 
     def eval_batch(self, users: np.ndarray, stage: Stage) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """(batch, seen): the history before each user's `stage` target, truncated to max_len, the
-        target, its timestamp, the user ids; and each user's untruncated history (items to exclude from ranking)."""
+        target, its timestamp, the user ids; and each user's untruncated history (items to exclude
+        from ranking). `next_timestamps` is the shifted timestamps with the target's time (the
+        request time) at the last valid position, the train batches' convention."""
         log, L, B = self.split.log, self.max_len, len(users)
         out = {
             "items": np.zeros((B, L), np.int32),
-            "timestamps": np.zeros((B, L), np.int64),
+            "timestamps": np.zeros((B, L), np.int32),
+            "next_timestamps": np.zeros((B, L), np.int32),
             "lengths": np.zeros(B, np.int32),
             "target": np.zeros(B, np.int32),
-            "target_timestamp": np.zeros(B, np.int64),
+            "target_timestamp": np.zeros(B, np.int32),
             "users": np.asarray(users, np.int32),
         }
         seen = []
@@ -101,6 +114,7 @@ class SequenceBatches:
             n = end - lo
             out["items"][b, :n] = log.items[lo:end]
             out["timestamps"][b, :n] = log.timestamps[lo:end]
+            out["next_timestamps"][b, :n] = log.timestamps[lo + 1 : end + 1]
             out["lengths"][b] = n
             out["target"][b] = target
             out["target_timestamp"][b] = log.timestamps[end]

@@ -29,7 +29,8 @@ from flax import nnx
 from scaling.config_schema import knob
 from scaling.data.spec import SequenceSpec
 from scaling.models.embedding import EmbeddingTable
-from scaling.models.hstu_attention import hstu_attention, relative_bias
+from scaling.models.hstu_attention import hstu_attention, relative_bias, time_buckets
+from scaling.models.mlp import layer_norm_flops
 from scaling.models.registry import register_model
 from scaling.models.sequence_base import SequenceModel, SequenceModelConfig
 from scaling.sharding.annotate import logical_param
@@ -71,19 +72,25 @@ class HSTUConfig(SequenceModelConfig):
     temperature: float = knob(0.05, gt=0.0, help="softmax temperature of the cosine logits")
 
     def encoder_flops(self, n: int | None = None, *, causal: bool = False) -> float:
-        """Forward FLOPs (2 x multiply-adds of the matmuls) of the encoder over one padded sequence
-        of length n (default max_len). Attention counts the full n x n score and value products, as
-        the dense reference computes them; causal=True counts the lower triangle with the diagonal
-        only, what a kernel that skips masked blocks does. Embedding gathers, LayerNorms and the
-        pointwise ops are excluded: XLA's count is 9% higher at D = 64, N = 96 and 11% at the
-        published ML-1M size (D = 50, N = 200), mostly the bias, SiLU, scale and mask applied to
-        each of the n x n scores."""
+        """Forward FLOPs of the encoder over one padded sequence of length n (default max_len).
+
+        Matmuls count 2 x multiply-adds; pointwise ops one FLOP per output element, the project's
+        convention (scaling/flops.py): per attention score and head 8 (bias add, SiLU as 4, the
+        divisor, the mask) plus 1 per score for the two bias tables' sum; per position and layer
+        the two LayerNorms, the SiLU of the projection, the gate and the residual. Attention counts
+        the full n x n products as the dense reference computes them; causal=True counts the lower
+        triangle with the diagonal, what a kernel that skips masked blocks does. The time buckets
+        are computed once per sequence (shared by the layers): 22 per score, as XLA counts the
+        integer gap, the float32 log formula and its two edge checks. Gathers are not counted."""
         n = self.max_len if n is None else n
         d, h = self.embed_dim, self.num_heads
         width = 2 * h * self.v_dim + 2 * h * self.qk_dim
         pairs = n * (n + 1) / 2 if causal else n * n
-        per_layer = 2 * n * d * width + 2 * pairs * h * (self.qk_dim + self.v_dim) + 2 * n * h * self.v_dim * d
-        return float(self.num_layers * per_layer)
+        matmuls = 2 * n * d * width + 2 * pairs * h * (self.qk_dim + self.v_dim) + 2 * n * h * self.v_dim * d
+        pointwise = (pairs * (8 * h + 1) + layer_norm_flops(d, n) + layer_norm_flops(h * self.v_dim, n)
+                     + n * (4 * width + h * self.v_dim + 2 * d))
+        # + the input scale and position add, and the output L2 normalisation (3 per element)
+        return float(self.num_layers * (matmuls + pointwise) + 22 * pairs + 5 * n * d)
 
 
 def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -119,21 +126,44 @@ class HSTUBlock(nnx.Module):
         self.ts_w = logical_param(0.02 * jax.random.normal(rngs.params(), (cfg.num_buckets + 1,), jnp.float32), (None,))
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
-    def __call__(self, x: jax.Array, timestamps: jax.Array, lengths: jax.Array,
-                 query_timestamps: jax.Array | None = None) -> jax.Array:
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        """x [..., D] -> u [..., h*dv] (the gate), v [..., h, dv], q [..., h, dqk], k [..., h, dqk]."""
         cfg = self.cfg
-        b, n, _ = x.shape
-        h = cfg.num_heads
+        h, lead = cfg.num_heads, x.shape[:-1]
         uvqk = jax.nn.silu(_layer_norm(x) @ self.w_uvqk[...])
         u, v, q, k = jnp.split(uvqk, [h * cfg.v_dim, 2 * h * cfg.v_dim, 2 * h * cfg.v_dim + h * cfg.qk_dim], axis=-1)
+        return (u, v.reshape(*lead, h, cfg.v_dim), q.reshape(*lead, h, cfg.qk_dim),
+                k.reshape(*lead, h, cfg.qk_dim))
+
+    def position_weights(self, n: int) -> jax.Array:
+        """pos_w for a padded length n <= max_len, [2n - 1]: a shorter batch uses the central entries
+        (offsets -(n-1)..n-1), so offset j - i reads the same weight whatever the padding."""
         pos_w = self.pos_w[...]
-        if n < cfg.max_len:  # a shorter batch uses the central 2n - 1 entries (offsets -(n-1)..n-1)
-            pos_w = pos_w[cfg.max_len - n : cfg.max_len + n - 1]
-        rab = relative_bias(pos_w, self.ts_w[...], timestamps, query_timestamps)
-        attn = hstu_attention(q.reshape(b, n, h, cfg.qk_dim), k.reshape(b, n, h, cfg.qk_dim),
-                              v.reshape(b, n, h, cfg.v_dim), rab, lengths, norm=cfg.attn_norm or n)
-        gated = u * _layer_norm(attn.reshape(b, n, h * cfg.v_dim))
+        if n < self.cfg.max_len:
+            pos_w = pos_w[self.cfg.max_len - n : self.cfg.max_len + n - 1]
+        return pos_w
+
+    def output(self, x: jax.Array, u: jax.Array, attn: jax.Array) -> jax.Array:
+        """Residual output x + W_o(dropout(u * LN(attn))) + b_o; x [..., D], u [..., h*dv], attn [..., h, dv]."""
+        gated = u * _layer_norm(attn.reshape(*attn.shape[:-2], -1))
         return x + self.dropout(gated) @ self.w_o[...] + self.b_o[...]
+
+    def forward_with_kv(self, x: jax.Array, timestamps: jax.Array, lengths: jax.Array,
+                        query_timestamps: jax.Array | None = None, *, norm: float | None = None,
+                        buckets: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The block on x [B, N, D], also returning its keys [B, N, h, dqk] and values [B, N, h, dv]
+        (what a KV cache keeps). norm: the attention divisor, default `attn_norm or N`; buckets:
+        the time buckets [B, N, N] if already computed (the encoder computes them once)."""
+        n = x.shape[1]
+        u, v, q, k = self.project(x)
+        rab = relative_bias(self.position_weights(n), self.ts_w[...], timestamps, query_timestamps, buckets=buckets)
+        attn = hstu_attention(q, k, v, rab, lengths, norm=norm or self.cfg.attn_norm or n)
+        return self.output(x, u, attn), k, v
+
+    def __call__(self, x: jax.Array, timestamps: jax.Array, lengths: jax.Array,
+                 query_timestamps: jax.Array | None = None, *, norm: float | None = None,
+                 buckets: jax.Array | None = None) -> jax.Array:
+        return self.forward_with_kv(x, timestamps, lengths, query_timestamps, norm=norm, buckets=buckets)[0]
 
 
 @register_model("hstu", HSTUConfig)
@@ -166,8 +196,9 @@ class HSTU(SequenceModel):
         valid = (jnp.arange(n)[None, :] < lengths[:, None])[..., None]
         x = self.embed(items, jnp.arange(n)[None])
         x = jnp.where(valid, self.input_dropout(x), 0.0)
+        buckets = time_buckets(timestamps, self.cfg.num_buckets, query_timestamps)
         for block in self.blocks:
-            x = block(x, timestamps, lengths, query_timestamps)
+            x = block(x, timestamps, lengths, query_timestamps, buckets=buckets)
         return _l2_normalize(x)
 
     def item_table(self) -> jax.Array:

@@ -15,7 +15,6 @@ steps since the last checkpoint.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import os
 import shutil
@@ -35,7 +34,6 @@ from scaling.flops import xla_flops_per_example
 from scaling.models.base import param_counts
 from scaling.models.registry import build_model
 from scaling.sharding.mesh import batch_divisor, batch_sharding, make_mesh, replicated
-from scaling.train import metrics as M
 from scaling.train.checkpoint import Checkpointer
 from scaling.train.loggers import MetricsFile, ProgressBar, WandbMirror
 from scaling.train.optimizers import dense_optimizer, embedding_optimizer
@@ -48,7 +46,8 @@ from scaling.train.run_record import (
     peak_memory_bytes,
     read_record,
 )
-from scaling.train.step import StepFunctions, TrainState, split_model
+from scaling.train.step import StepFunctions, split_model
+from scaling.train.tasks import make_task
 
 
 class Interrupted(Exception):
@@ -106,44 +105,6 @@ def _device_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
-@dataclasses.dataclass
-class _Evaluator:
-    """Scores the fixed held-out set in fixed-shape batches (padding is dropped before metrics)."""
-
-    arrays: dict[str, np.ndarray]
-    batch_size: int
-    keys: tuple[str, ...]
-    sharding: Any
-    reference: dict[str, float]
-    reference_logloss: float | None
-
-    def __call__(self, eval_fn, state: TrainState) -> dict[str, float]:
-        n = len(self.arrays["label"])
-        logits = []
-        for start in range(0, n, self.batch_size):
-            chunk = {k: self.arrays[k][start : start + self.batch_size] for k in self.keys}
-            pad = self.batch_size - len(chunk[self.keys[0]])
-            if pad:
-                chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in chunk.items()}
-            out = eval_fn(state, _device_batch(chunk, self.sharding))
-            logits.append(np.asarray(out)[: self.batch_size - pad])
-        scores = np.concatenate(logits)
-        labels, probs = self.arrays["label"], self.arrays.get("prob")
-        result = M.ctr_metrics(labels, scores, base_rate=self.reference.get("base_rate"))
-        if "bayes_logloss" in self.reference:
-            result["excess_logloss"] = result["logloss"] - self.reference["bayes_logloss"]
-        if probs is not None:
-            result["teacher_logloss"] = M.teacher_logloss_from_logits(probs, scores)
-        # Selection (e.g. the best lr of a sweep) reads valid_*, the scaling curve test_*.
-        for half, rows in M.split_halves(n).items():
-            result[f"{half}_logloss"] = M.logloss_from_logits(labels[rows], scores[rows])
-            if probs is not None:
-                result[f"{half}_teacher_logloss"] = M.teacher_logloss_from_logits(probs[rows], scores[rows])
-        if self.reference_logloss is not None:
-            result["relative_logloss_pct"] = M.relative_logloss(result["logloss"], self.reference_logloss)
-        return result
-
-
 @functools.lru_cache(maxsize=1)
 def _dataset(config):
     """The data set of a data config, built once per process (sweep workers run many trials on it)."""
@@ -189,7 +150,9 @@ class _Run:
         examples = step * cfg.train.batch_size
         evals = progress.get("evals", [])
         final = evals[-1]["metrics"] if evals else {}
-        best = min(evals, key=lambda e: e["metrics"]["logloss"]) if evals else {"metrics": {}, "step": -1}
+        key, mode = getattr(self, "selection", ("logloss", "min"))
+        pick = max if mode == "max" else min
+        best = pick(evals, key=lambda e: e["metrics"][key]) if evals else {"metrics": {}, "step": -1}
         return RunRecord(
             run_id=self.rid,
             name=cfg.name,
@@ -252,19 +215,23 @@ class _Run:
             counts = param_counts(model)
             analytic = cfg.model.flops_per_example(spec)
             emb_bytes = cfg.model.embedding_bytes_per_example(spec)
-            xla = xla_flops_per_example(model, spec)
-            graphdef, embed, dense = split_model(model)
+            xla = xla_flops_per_example(model, spec, max_len=getattr(cfg.model, "max_len", None))
+            graphdef, embed, dense, rngs = split_model(model)
             del model
+            task = make_task(cfg, dataset, _reference_logloss(cfg.train.reference_run))
+            self.selection = task.selection
             dtype = jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
             fns = StepFunctions(
                 graphdef=graphdef,
                 dense_tx=dense_optimizer(cfg.optimizer.dense, cfg.optimizer.schedule, cfg.train.steps),
-                embed_tx=embedding_optimizer(cfg.optimizer.embedding, cfg.optimizer.schedule, cfg.train.steps),
+                embed_tx=embedding_optimizer(cfg.optimizer.embedding, cfg.optimizer.dense, cfg.optimizer.schedule,
+                                             cfg.train.steps),
                 compute_dtype=dtype,
+                task=task,
             )
             state_sharding = replicated(mesh)  # the `dp` layout: params replicated, batch split
             data_sharding = batch_sharding(mesh)
-            state = jax.jit(fns.init_state, out_shardings=state_sharding)(dense, embed)
+            state = jax.jit(fns.init_state, out_shardings=state_sharding)(dense, embed, rngs)
             self.partial = dict(counts=counts, flops=(analytic, xla), emb_bytes=emb_bytes, reference=reference)
 
             checkpointer = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
@@ -276,17 +243,11 @@ class _Run:
                 progress["resumed_from"] = [*progress.get("resumed_from", []), latest]
                 self.prior_wall = float(progress.get("wall_time_s", 0.0))
 
-            iterator = dataset.train_iterator(cfg.train.batch_size)
+            iterator = task.train_iterator(cfg.train.batch_size, cfg.seed)
             if data_state is not None:
                 iterator.set_state(data_state)
 
-            eval_arrays = dataset.eval_arrays()
-            keys = tuple(k for k in ("sparse", "dense", "label") if k in eval_arrays)
-            abstract_batch = {
-                k: jax.ShapeDtypeStruct((cfg.train.batch_size,) + eval_arrays[k].shape[1:], eval_arrays[k].dtype,
-                                        sharding=data_sharding)
-                for k in keys
-            }
+            abstract_batch = task.abstract_batch(cfg.train.batch_size, data_sharding)
             step_fn = (
                 jax.jit(fns.train_step, in_shardings=(state_sharding, data_sharding),
                         out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
@@ -294,15 +255,11 @@ class _Run:
                 .compile()
             )
             self.step_memory = compiled_memory(step_fn)
-            eval_fn = jax.jit(fns.eval_logits, in_shardings=(state_sharding, data_sharding), out_shardings=replicated(mesh))
-            evaluator = _Evaluator(
-                arrays=eval_arrays,
-                batch_size=cfg.train.eval_batch_size,
-                keys=tuple(k for k in keys if k != "label"),
-                sharding=data_sharding,
-                reference=reference,
-                reference_logloss=_reference_logloss(cfg.train.reference_run),
-            )
+            eval_step = jax.jit(fns.eval_outputs, in_shardings=(state_sharding, data_sharding),
+                                out_shardings=replicated(mesh))
+
+            def evaluator(state):
+                return task.evaluate(lambda chunk: eval_step(state, _device_batch(chunk, data_sharding)))
 
             metrics_file = MetricsFile(self.run_dir, start_step if latest is not None else None)
             wandb = WandbMirror(cfg.logging, cfg, self.rid, self.run_dir, {
@@ -317,7 +274,7 @@ class _Run:
             rate = 0.0
             try:
                 with _stop_requests() as stop:
-                    state, rate = self._loop(state, step_fn, eval_fn, evaluator, iterator, data_sharding,
+                    state, rate = self._loop(state, step_fn, evaluator, iterator, data_sharding,
                                              checkpointer, metrics_file, wandb, bar, progress, start_step, stop)
             finally:
                 bar.close()
@@ -329,7 +286,7 @@ class _Run:
             checkpointer.close()
             return record
 
-    def _loop(self, state, step_fn, eval_fn, evaluator, iterator, data_sharding, checkpointer, metrics_file,
+    def _loop(self, state, step_fn, evaluator, iterator, data_sharding, checkpointer, metrics_file,
               wandb, bar, progress, start_step, stop):
         cfg = self.config.train
         window: list[dict[str, jax.Array]] = []
@@ -343,7 +300,7 @@ class _Run:
             checkpointer.save(at_step, state, iterator.get_state(), progress)
 
         def evaluate(at_step: int) -> None:
-            result = evaluator(eval_fn, state)
+            result = evaluator(state)
             progress["evals"].append({"step": at_step, "metrics": result})
             row = {"step": at_step, "split": "eval", **{f"eval/{k}": v for k, v in result.items()}}
             metrics_file.write(row)

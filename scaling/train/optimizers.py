@@ -99,8 +99,13 @@ def dense_optimizer(cfg: DenseOptimizerConfig, schedule: ScheduleConfig, total_s
     return optax.chain(*parts, core, scale_by_peak_schedule(cfg.learning_rate, schedule_shape(schedule, total_steps)))
 
 
-def embedding_optimizer(cfg: EmbeddingOptimizerConfig, schedule: ScheduleConfig, total_steps: int) -> optax.GradientTransformation:
-    """Optax transformation for embedding tables."""
+def embedding_optimizer(cfg: EmbeddingOptimizerConfig, dense: DenseOptimizerConfig, schedule: ScheduleConfig,
+                        total_steps: int) -> optax.GradientTransformation:
+    """Optax transformation for embedding tables. `dense`: the tables are trained like the dense
+    parameters, with the dense optimizer's hyperparameters (as the HSTU and SASRec research code
+    trains them); its gradient clipping, if any, then clips the tables' global norm on its own."""
+    if cfg.name == "dense":
+        return dense_optimizer(dense, schedule, total_steps)
     if cfg.name == "rowwise_adagrad":
         core = rowwise_adagrad(1.0, eps=cfg.eps, initial_accumulator=cfg.initial_accumulator)
     elif cfg.name == "adagrad":

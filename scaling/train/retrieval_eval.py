@@ -16,10 +16,11 @@ Scorer = Callable[[dict[str, np.ndarray]], np.ndarray]  # eval batch -> scores [
 
 def evaluate_retrieval(data: SequenceBatches, score: Scorer, stage: str = "test", *, batch_size: int = 512,
                        ks: Sequence[int] = (1, 5, 10, 50, 200), exclude_seen: bool = True,
-                       coverage_k: int = 10) -> dict[str, float]:
-    """hr@k, ndcg@k, mrr over all eval users, plus coverage@coverage_k and novelty of the top lists."""
+                       coverage_k: int = 10, users: np.ndarray | None = None) -> dict[str, float]:
+    """hr@k, ndcg@k, mrr over the eval users (default: all of the split's), plus coverage@coverage_k
+    and novelty of the top lists."""
     split = data.split
-    users = split.eval_users
+    users = split.eval_users if users is None else np.asarray(users)
     ranks, tops = [], []
     for start in range(0, len(users), batch_size):
         batch, seen = data.eval_batch(users[start : start + batch_size], stage)

@@ -1,0 +1,149 @@
+"""Next-item data sets for the sequential track: a timeline log, its leave-one-out split, batches.
+
+    data:
+      name: interactions            # a file: Amazon/SASRec lines, GroupLens MovieLens, RecBole .inter
+      path: data/Beauty.txt
+      num_negatives: 128            # sampled negatives per position (0: none)
+      negatives: uniform            # or in_batch
+      exclude_seen: true            # rank the full catalogue without the user's history
+
+`SequenceDataset` is what the training loop uses for every next-item family: train batches for a
+model's `max_len` (`SequenceBatches`, grain), the eval users, full-catalogue evaluation of the
+validation or test item through `evaluate_retrieval`, and reference numbers (popularity, and an
+oracle ceiling when the data come from a known process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from scaling.config import DataConfig
+from scaling.config_schema import ConfigError, knob
+from scaling.data.interactions import Format, Interactions, load_interactions
+from scaling.data.leave_one_out import Stage, leave_one_out
+from scaling.data.registry import register_data
+from scaling.data.sequence_batches import SequenceBatches
+from scaling.data.spec import SequenceSpec
+from scaling.train.retrieval_eval import Scorer, evaluate_retrieval
+
+_INT32_MAX = 2**31 - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceDataConfig(DataConfig):
+    """Knobs shared by next-item data sets (each registered subclass names itself and its source)."""
+
+    TASK: ClassVar[str] = "next_item"
+
+    name: str = knob("", help="data set")
+    num_negatives: int = knob(128, ge=0, help="sampled negatives per position (the research code's 128)")
+    negatives: Literal["uniform", "in_batch"] = knob(
+        "uniform", help="uniform over the catalogue, or drawn from the batch's own targets"
+    )
+    exclude_seen: bool = knob(True, help="evaluation ranks the catalogue without the user's history")
+    eval_users: int = knob(0, ge=0, help="evaluate a fixed random subset of this many users; 0 = all")
+
+    def load(self) -> tuple[Interactions, dict[str, float], Callable[[Stage], Scorer] | None]:
+        """(log, reference numbers of the source, oracle scorer per stage or None)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def build(self) -> SequenceDataset:
+        log, reference, oracle = self.load()
+        return SequenceDataset(self, log, reference, oracle)
+
+
+@register_data("interactions")
+@dataclasses.dataclass(frozen=True)
+class InteractionsConfig(SequenceDataConfig):
+    """User-item timelines read from a file (see `scaling.data.interactions` for the formats)."""
+
+    name: Literal["interactions"] = knob("interactions", help="data set")
+    path: str = knob("", help="the interactions file (Amazon/SASRec lines, ratings.dat, u.data, .inter)")
+    format: Format = knob("auto", help="file format; auto detects it from the name and first line")
+
+    def check(self) -> None:
+        if not self.path:
+            raise ConfigError("path", "expected the path of an interactions file")
+        if not os.path.isfile(self.path):
+            raise ConfigError("path", f"{self.path}: no such file")
+
+    def load(self):
+        return load_interactions(self.path, self.format), {}, None
+
+
+class SequenceDataset:
+    """A timeline log split leave-one-out, as the training loop and the baselines use it."""
+
+    TASK = "next_item"
+
+    def __init__(self, config: SequenceDataConfig, log: Interactions, source_reference: dict[str, float],
+                 oracle: Callable[[Stage], Scorer] | None = None):
+        self.config = config
+        self.log = _int32_times(log)
+        self.split = leave_one_out(self.log)
+        self.spec = SequenceSpec(num_items=self.log.num_items, num_negatives=config.num_negatives)
+        self.source_reference = dict(source_reference)
+        self.oracle = oracle
+        users = self.split.eval_users
+        if config.eval_users and config.eval_users < len(users):  # a fixed subset, the same every run
+            users = np.sort(np.random.default_rng(0).choice(users, config.eval_users, replace=False))
+        self.eval_users = users
+
+    def batches(self, max_len: int, seed: int = 0) -> SequenceBatches:
+        return SequenceBatches(self.split, max_len=max_len, num_negatives=self.config.num_negatives, seed=seed,
+                               negatives=self.config.negatives)
+
+    def batches_per_epoch(self, batch_size: int) -> int:
+        return self.batches(1).batches_per_epoch(batch_size)
+
+    def train_iterator(self, batch_size: int, max_len: int, seed: int = 0, *, prefetch: int = 2):
+        """Infinite, checkpointable grain iterator of train batches (`SequenceBatches.train_batch`)."""
+        return self.batches(max_len, seed).train_iterator(batch_size, prefetch=prefetch)
+
+    def evaluate(self, score: Scorer, stage: Stage, max_len: int, batch_size: int) -> dict[str, float]:
+        """Full-catalogue ranking metrics of `score` on the eval users' `stage` targets."""
+        return evaluate_retrieval(self.batches(max_len), score, stage, batch_size=batch_size,
+                                  exclude_seen=self.config.exclude_seen, users=self.eval_users)
+
+    @functools.cached_property
+    def _reference(self) -> dict[str, float]:
+        from scaling.models.baselines.popularity import popularity_scorer
+
+        log = self.log
+        out = {
+            "users": float(log.num_users),
+            "items": float(log.num_items),
+            "interactions": float(log.num_interactions),
+            "mean_length": float(log.lengths.mean()),
+            "eval_users": float(len(self.eval_users)),
+            **self.source_reference,
+        }
+        scorers = {"popularity": lambda stage: popularity_scorer(self.split)}
+        if self.oracle is not None:
+            scorers["oracle"] = self.oracle
+        for name, make in scorers.items():
+            for stage in ("valid", "test"):
+                metrics = self.evaluate(make(stage), stage, max_len=1, batch_size=1024)
+                for key in ("hr@10", "ndcg@10", "mrr"):
+                    out[f"{stage}_{name}_{key}"] = metrics[key]
+        return out
+
+    def reference_metrics(self) -> dict[str, float]:
+        """Sizes of the data, and popularity's (and the oracle's, when known) valid/test metrics."""
+        return dict(self._reference)
+
+
+def _int32_times(log: Interactions) -> Interactions:
+    """Timestamps that fit int32 (the model's dtype): shifted to start at 0 when they do not."""
+    if log.num_interactions == 0 or (log.timestamps.min() >= 0 and log.timestamps.max() <= _INT32_MAX):
+        return log
+    shifted = log.timestamps - log.timestamps.min()
+    if shifted.max() > _INT32_MAX:
+        raise ConfigError("data.path", f"{log.source}: timestamps span more than 2^31 units; expected seconds")
+    return dataclasses.replace(log, timestamps=shifted)

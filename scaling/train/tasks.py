@@ -1,0 +1,143 @@
+"""What a run optimizes and how it is evaluated, per kind of data set: click prediction or next item.
+
+The training loop is the same for every family; a task supplies the parts that differ:
+
+    task.loss(model, batch) -> scalar            the training objective (traced in the jitted step)
+    task.eval_outputs(model, batch) -> array     what evaluation reads (traced in the eval step)
+    task.train_iterator(batch_size, seed)        grain iterator of fixed-shape train batches
+    task.abstract_batch(batch_size, sharding)    shapes of a train batch (to compile the step)
+    task.evaluate(eval_fn) -> metrics            the held-out metrics (valid_* select, test_* report)
+    task.selection                               (metric, 'min' | 'max') that picks the best eval
+
+`CTRTask`: logits [B], sigmoid cross-entropy; logloss, NE, AUC on the fixed held-out set.
+`NextItemTask`: queries [B, L, D] scored against the item table by sampled softmax with a
+temperature; evaluation ranks the full catalogue for each eval user's validation and test item.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scaling.config import RunConfig
+from scaling.train import metrics as M
+from scaling.train.sampled_softmax import sampled_softmax_loss
+
+EvalFn = Callable[[dict[str, np.ndarray]], Any]  # host batch -> device outputs
+
+
+def _pad_rows(chunk: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.ndarray], int]:
+    """Pad a short last chunk to the compiled batch size by repeating its last row."""
+    pad = size - len(next(iter(chunk.values())))
+    if pad:
+        chunk = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) for k, v in chunk.items()}
+    return chunk, pad
+
+
+@dataclasses.dataclass
+class CTRTask:
+    """Click prediction on a CTR data set (synthetic or real)."""
+
+    dataset: Any
+    eval_batch_size: int
+    reference_logloss: float | None
+    selection: tuple[str, str] = ("logloss", "min")
+    keys: tuple[str, ...] = ("sparse", "dense")
+
+    def loss(self, model, batch: Mapping[str, jax.Array]) -> jax.Array:
+        logits = model(batch).astype(jnp.float32)
+        return optax.sigmoid_binary_cross_entropy(logits, batch["label"].astype(jnp.float32)).mean()
+
+    def eval_outputs(self, model, batch: Mapping[str, jax.Array]) -> jax.Array:
+        return model(batch).astype(jnp.float32)
+
+    def train_iterator(self, batch_size: int, seed: int):
+        return self.dataset.train_iterator(batch_size)
+
+    def abstract_batch(self, batch_size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+        arrays = self.dataset.eval_arrays()
+        return {k: jax.ShapeDtypeStruct((batch_size,) + arrays[k].shape[1:], arrays[k].dtype, sharding=sharding)
+                for k in (*self.keys, "label") if k in arrays}
+
+    def evaluate(self, eval_fn: EvalFn) -> dict[str, float]:
+        arrays = self.dataset.eval_arrays()
+        reference = self.dataset.reference_metrics()
+        keys = [k for k in self.keys if k in arrays]
+        n = len(arrays["label"])
+        logits = []
+        for start in range(0, n, self.eval_batch_size):
+            chunk, pad = _pad_rows({k: arrays[k][start : start + self.eval_batch_size] for k in keys}, self.eval_batch_size)
+            logits.append(np.asarray(eval_fn(chunk))[: self.eval_batch_size - pad])
+        scores = np.concatenate(logits)
+        labels, probs = arrays["label"], arrays.get("prob")
+        result = M.ctr_metrics(labels, scores, base_rate=reference.get("base_rate"))
+        if "bayes_logloss" in reference:
+            result["excess_logloss"] = result["logloss"] - reference["bayes_logloss"]
+        if probs is not None:
+            result["teacher_logloss"] = M.teacher_logloss_from_logits(probs, scores)
+        # Selection (e.g. the best lr of a sweep) reads valid_*, the scaling curve test_*.
+        for half, rows in M.split_halves(n).items():
+            result[f"{half}_logloss"] = M.logloss_from_logits(labels[rows], scores[rows])
+            if probs is not None:
+                result[f"{half}_teacher_logloss"] = M.teacher_logloss_from_logits(probs[rows], scores[rows])
+        if self.reference_logloss is not None:
+            result["relative_logloss_pct"] = M.relative_logloss(result["logloss"], self.reference_logloss)
+        return result
+
+
+@dataclasses.dataclass
+class NextItemTask:
+    """Next-item prediction on a timeline data set (HSTU, SASRec, ...)."""
+
+    dataset: Any
+    max_len: int
+    temperature: float
+    eval_batch_size: int
+    selection: tuple[str, str] = ("valid_ndcg@10", "max")
+    keys: tuple[str, ...] = ("items", "timestamps", "next_timestamps", "lengths")
+
+    def loss(self, model, batch: Mapping[str, jax.Array]) -> jax.Array:
+        queries = model(batch).astype(jnp.float32)
+        table = model.item_table().astype(jnp.float32)
+        return sampled_softmax_loss(queries, table, batch["targets"], batch["negatives"], batch["lengths"],
+                                    self.temperature)
+
+    def eval_outputs(self, model, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """Scores [B, num_items + 1] of every item for the query at each sequence's last position."""
+        queries = model(batch).astype(jnp.float32)
+        last = jnp.take_along_axis(queries, jnp.maximum(batch["lengths"] - 1, 0)[:, None, None], axis=1)[:, 0]
+        return last @ model.item_table().astype(jnp.float32).T / self.temperature
+
+    def train_iterator(self, batch_size: int, seed: int):
+        return self.dataset.train_iterator(batch_size, self.max_len, seed)
+
+    def abstract_batch(self, batch_size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+        example = self.dataset.batches(self.max_len).train_batch(0, 1)
+        return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=sharding)
+                for k, v in example.items()}
+
+    def evaluate(self, eval_fn: EvalFn) -> dict[str, float]:
+        def score(batch: dict[str, np.ndarray]) -> np.ndarray:
+            chunk, pad = _pad_rows({k: batch[k] for k in self.keys}, self.eval_batch_size)
+            return np.asarray(eval_fn(chunk))[: self.eval_batch_size - pad]
+
+        result: dict[str, float] = {}
+        for stage in ("valid", "test"):
+            metrics = self.dataset.evaluate(score, stage, self.max_len, self.eval_batch_size)
+            result.update({f"{stage}_{k}": v for k, v in metrics.items()})
+        result.update({k[len("test_"):]: v for k, v in result.items() if k.startswith("test_")})
+        return result
+
+
+def make_task(config: RunConfig, dataset, reference_logloss: float | None):
+    """The task of a run, from its data set's kind (`RunConfig.check` matched it to the model's)."""
+    if getattr(dataset, "TASK", "ctr") == "next_item":
+        return NextItemTask(dataset, max_len=config.model.max_len, temperature=config.model.temperature,
+                            eval_batch_size=config.train.eval_batch_size)
+    return CTRTask(dataset, eval_batch_size=config.train.eval_batch_size, reference_logloss=reference_logloss)
