@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from scaling.train.sampled_softmax import sampled_softmax_loss
@@ -23,3 +24,15 @@ def test_sampled_softmax_by_hand():
     assert float(loss) == pytest.approx((p0 + p1) / 2, rel=1e-6)
     only_first = sampled_softmax_loss(queries, table, targets, negatives, jnp.array([1]), temperature=t)
     assert float(only_first) == pytest.approx(p0, rel=1e-6)  # the padded position does not count
+
+
+def test_shared_negatives_equal_the_same_negatives_at_every_position():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 4, 3)), jnp.float32)
+    table = jnp.asarray(rng.normal(size=(9, 3)), jnp.float32)
+    targets = jnp.asarray(rng.integers(1, 9, size=(2, 4)), jnp.int32)
+    shared = jnp.asarray(rng.integers(1, 9, size=(2, 1, 5)), jnp.int32)
+    lengths = jnp.array([4, 2])
+    a = sampled_softmax_loss(q, table, targets, shared, lengths, 0.1)
+    b = sampled_softmax_loss(q, table, targets, jnp.broadcast_to(shared, (2, 4, 5)), lengths, 0.1)
+    np.testing.assert_allclose(float(a), float(b), rtol=1e-6)

@@ -10,7 +10,10 @@ e_1..e_n truncated to the most recent max_len + 1:
     lengths     int32 [B]        valid positions
     negatives   int32 [B, L, M]  per position (M = num_negatives): `uniform` over 1..num_items (the
                                  research code's sampler), or `in_batch`: drawn uniformly from the
-                                 batch's valid targets (popularity-shaped, no logQ correction)
+                                 batch's valid targets (popularity-shaped, no logQ correction);
+                                 [B, 1, M] when shared_negatives: one draw per sequence, used at
+                                 every position (50x less gathering at L = 50; the scores become
+                                 one [L, D] x [D, M] matmul per sequence)
 
 Batch j is a pure function of j (epoch j // batches_per_epoch, a seeded permutation of the users
 per epoch; the last batch of an epoch wraps to the permutation's start), so the grain iterator's
@@ -36,6 +39,7 @@ class SequenceBatches:
     num_negatives: int = 0
     seed: int = 0
     negatives: str = "uniform"
+    shared_negatives: bool = False
 
     def __post_init__(self):
         if self.max_len < 1 or self.num_negatives < 0:
@@ -79,7 +83,7 @@ class SequenceBatches:
             out["lengths"][b] = n
         if self.num_negatives:
             rng = np.random.default_rng((self.seed, 1, j))
-            shape = (batch_size, L, self.num_negatives)
+            shape = (batch_size, 1 if self.shared_negatives else L, self.num_negatives)
             if self.negatives == "uniform":
                 out["negatives"] = rng.integers(1, log.num_items + 1, size=shape, dtype=np.int32)
             else:

@@ -46,6 +46,7 @@ class SequenceDataConfig(DataConfig):
     negatives: Literal["uniform", "in_batch"] = knob(
         "uniform", help="uniform over the catalogue, or drawn from the batch's own targets"
     )
+    shared_negatives: bool = knob(False, help="one negative draw per sequence, used at every position")
     exclude_seen: bool = knob(True, help="evaluation ranks the catalogue without the user's history")
     eval_users: int = knob(0, ge=0, help="evaluate a fixed random subset of this many users; 0 = all")
 
@@ -97,7 +98,7 @@ class SequenceDataset:
 
     def batches(self, max_len: int, seed: int = 0) -> SequenceBatches:
         return SequenceBatches(self.split, max_len=max_len, num_negatives=self.config.num_negatives, seed=seed,
-                               negatives=self.config.negatives)
+                               negatives=self.config.negatives, shared_negatives=self.config.shared_negatives)
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return self.batches(1).batches_per_epoch(batch_size)

@@ -56,7 +56,7 @@ def _count(state: nnx.State) -> int:
 
 def param_counts(model: nnx.Module) -> ParamCounts:
     """Parameters split into embedding tables and everything else (dense)."""
-    _, emb, dense = nnx.split(model, EmbeddingTable, nnx.Param)
+    _, emb, dense, _ = nnx.split(model, EmbeddingTable, nnx.Param, ...)
     return ParamCounts(dense=_count(dense), embedding=_count(emb))
 
 

@@ -37,7 +37,8 @@ from scaling.sharding.annotate import logical_param
 
 
 # The ladder scales depth, width, heads and history length together (the paper's Fig. 7 grows
-# all four); "ml1m"/"ml20m" (+ "_large") are the published configurations (brief, section 3).
+# all four); "ml1m"/"ml20m" (+ "_large") are the published configurations (brief, section 3);
+# "beauty" (+ "_large") is the Books-like setting at Beauty's shorter histories (max_len 50, dropout 0.5).
 _SIZES: dict[str, dict[str, Any]] = {
     "xxs": dict(embed_dim=16, num_layers=1, num_heads=1, qk_dim=16, v_dim=16, max_len=32),
     "xs": dict(embed_dim=24, num_layers=1, num_heads=1, qk_dim=24, v_dim=24, max_len=48),
@@ -45,6 +46,8 @@ _SIZES: dict[str, dict[str, Any]] = {
     "m": dict(embed_dim=48, num_layers=2, num_heads=2, qk_dim=24, v_dim=24, max_len=96),
     "l": dict(embed_dim=64, num_layers=3, num_heads=2, qk_dim=32, v_dim=32, max_len=128),
     "xl": dict(embed_dim=96, num_layers=4, num_heads=4, qk_dim=24, v_dim=24, max_len=160),
+    "beauty": dict(embed_dim=64, num_layers=2, num_heads=1, qk_dim=64, v_dim=64, max_len=50, dropout=0.5),
+    "beauty_large": dict(embed_dim=64, num_layers=8, num_heads=2, qk_dim=32, v_dim=32, max_len=50, dropout=0.5),
     "ml1m": dict(embed_dim=50, num_layers=2, num_heads=1, qk_dim=50, v_dim=50, max_len=200, dropout=0.2),
     "ml1m_large": dict(embed_dim=50, num_layers=8, num_heads=2, qk_dim=25, v_dim=25, max_len=200, dropout=0.2),
     "ml20m": dict(embed_dim=256, num_layers=4, num_heads=4, qk_dim=64, v_dim=64, max_len=200, dropout=0.2),

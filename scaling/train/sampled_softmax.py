@@ -17,10 +17,14 @@ ACCIDENTAL_HIT_LOGIT = -5e4
 
 def sampled_softmax_loss(queries: jax.Array, item_table: jax.Array, targets: jax.Array, negatives: jax.Array,
                          lengths: jax.Array, temperature: float = 0.05) -> jax.Array:
-    """queries [B, L, D], item_table [num_items + 1, D], targets [B, L], negatives [B, L, M],
-    lengths [B] -> scalar mean loss over positions < length."""
+    """queries [B, L, D], item_table [num_items + 1, D], targets [B, L], negatives [B, L, M] (or
+    [B, 1, M]: the same negatives at every position of a sequence), lengths [B] -> scalar mean loss
+    over positions < length."""
     pos = jnp.einsum("bld,bld->bl", queries, item_table[targets]) / temperature
-    neg = jnp.einsum("bld,blmd->blm", queries, item_table[negatives]) / temperature
+    if negatives.shape[1] == 1 and targets.shape[1] != 1:
+        neg = jnp.einsum("bld,bmd->blm", queries, item_table[negatives[:, 0]]) / temperature
+    else:
+        neg = jnp.einsum("bld,blmd->blm", queries, item_table[negatives]) / temperature
     neg = jnp.where(negatives == targets[..., None], ACCIDENTAL_HIT_LOGIT, neg)
     logits = jnp.concatenate([pos[..., None], neg], axis=-1)
     nll = -jax.nn.log_softmax(logits, axis=-1)[..., 0]
