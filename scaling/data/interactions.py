@@ -36,7 +36,9 @@ class Interactions:
     """Timelines in CSR form: user u's events are rows offsets[u]:offsets[u+1], in time order.
 
     items int32 [N] (1..num_items), timestamps int64 [N], ratings float32 [N] (NaN if the format
-    has none); user_ids / item_ids: the original ids (item_ids[0] is the padding placeholder '').
+    has none); user_ids / item_ids: the original ids (item_ids[0] is the padding placeholder '');
+    actions: optional int8 [N] action type per event (synthetic logs: 0 view, 1 click, 2 purchase),
+    None for formats that have none.
     """
 
     offsets: np.ndarray
@@ -46,6 +48,7 @@ class Interactions:
     user_ids: tuple[str, ...]
     item_ids: tuple[str, ...]
     source: str
+    actions: np.ndarray | None = None
 
     @property
     def num_users(self) -> int:
