@@ -42,7 +42,9 @@ def test_movielens_formats_sorted_by_time(tmp_path):
     dat.write_text("1::10::5::300\n1::20::3::100\n2::10::4::50\n1::30::4::200\n")
     udata = tmp_path / "u.data"
     udata.write_text("1\t10\t5\t300\n1\t20\t3\t100\n2\t10\t4\t50\n1\t30\t4\t200\n")
-    for path in (dat, udata):
+    csv = tmp_path / "ratings.csv"  # ML-20M and later
+    csv.write_text("userId,movieId,rating,timestamp\n1,10,5.0,300\n1,20,3.0,100\n2,10,4.0,50\n1,30,4.0,200\n")
+    for path in (dat, udata, csv):
         log = load_interactions(str(path))
         assert log.num_users == 2 and log.num_items == 3
         assert [log.item_ids[i] for i in log.history(0)] == ["20", "30", "10"]  # time order

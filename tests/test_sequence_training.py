@@ -70,3 +70,24 @@ def test_kind_mismatch_and_missing_file_are_config_errors(tmp_path):
                      "--set", "data.path=/nonexistent/Beauty.txt", os.devnull)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "data.path" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name, size, expected", [
+    ("hstu_ml1m", "ml1m", dict(embed_dim=50, num_layers=2, num_heads=1, qk_dim=50, max_len=200, dropout=0.2)),
+    ("hstu_ml1m", "ml1m_large", dict(embed_dim=50, num_layers=8, num_heads=2, qk_dim=25, max_len=200)),
+    ("hstu_ml20m", "ml20m", dict(embed_dim=256, num_layers=4, num_heads=4, qk_dim=64, max_len=200)),
+    ("hstu_ml20m", "ml20m_large", dict(embed_dim=256, num_layers=16, num_heads=8, qk_dim=32, max_len=200)),
+    ("hstu_beauty", "beauty", dict(embed_dim=64, num_layers=2, max_len=50)),
+])
+def test_published_configurations_load(tmp_path, name, size, expected):
+    from tests.conftest import ROOT
+
+    ratings = tmp_path / "ratings.dat"
+    ratings.write_text("1::10::5::300\n1::20::3::100\n1::30::4::200\n")
+    config = load_run_config(os.path.join(ROOT, "sweeps", f"{name}.yaml"),
+                             [f"data.path={ratings}", f"model.size={size}"])
+    assert {k: getattr(config.model, k) for k in expected} == expected
+    assert config.model.temperature == 0.05 and config.data.num_negatives == 128
+    assert config.train.batch_size == 128 and config.optimizer.embedding.name == "dense"
+    dense = config.optimizer.dense
+    assert (dense.name, dense.learning_rate, dense.b1, dense.b2, dense.weight_decay) == ("adamw", 1e-3, 0.9, 0.98, 0.0)

@@ -6,8 +6,8 @@
 Formats:
 - `lines`: the Amazon / SASRec line format, `user item1 item2 ...` in time order, integer ids
   (no timestamps: the position in the line stands in for time);
-- `movielens`: GroupLens `ratings.dat` (`user::item::rating::timestamp`) or `u.data`
-  (tab-separated, same columns);
+- `movielens`: GroupLens `ratings.dat` (`user::item::rating::timestamp`), `u.data`
+  (tab-separated, same columns) or `ratings.csv` (ML-20M and later: comma-separated, a header);
 - `recbole`: RecBole atomic `.inter` files, a typed header (`user_id:token  item_id:token
   rating:float  timestamp:float`) then tab-separated rows.
 
@@ -97,9 +97,20 @@ def _rows_lines(path: str):
             yield tokens[0], item, float("nan"), position
 
 
+_ML_HEADER = "userid,movieid,rating,timestamp"  # ML-20M/25M/latest ratings.csv
+
+
+def _split_movielens(line: str) -> list[str]:
+    if "::" in line:
+        return line.split("::")
+    return line.split("\t") if "\t" in line else line.split(",")
+
+
 def _rows_movielens(path: str):
     for number, line in _lines(path):
-        parts = line.split("::") if "::" in line else line.split("\t")
+        if number == 1 and line.strip().lower().replace(" ", "") == _ML_HEADER:
+            continue
+        parts = _split_movielens(line)
         if len(parts) < 4:
             raise _error(path, number, f"expected `user::item::rating::timestamp` or 4 tab-separated columns, got {line[:60]!r}")
         user, item, rating, stamp = (p.strip() for p in parts[:4])
@@ -135,9 +146,9 @@ def detect_format(path: str) -> Format:
     if path.endswith(".inter"):
         return "recbole"
     for _, line in _lines(path):
-        if "::" in line:
+        if "::" in line or line.strip().lower().replace(" ", "") == _ML_HEADER:
             return "movielens"
-        parts = line.split("\t")
+        parts = _split_movielens(line)
         if len(parts) >= 4 and all(p.strip().lstrip("-").replace(".", "", 1).isdigit() for p in parts[:4]):
             return "movielens"
         return "lines"
