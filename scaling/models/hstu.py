@@ -40,7 +40,6 @@ from scaling.sharding.annotate import logical_param
 # all four); "ml1m"/"ml20m" (+ "_large") are the published configurations (brief, section 3);
 # "beauty" (+ "_large") is the Books-like setting at Beauty's shorter histories (max_len 50, dropout 0.5).
 _SIZES: dict[str, dict[str, Any]] = {
-    "xxs": dict(embed_dim=16, num_layers=1, num_heads=1, qk_dim=16, v_dim=16, max_len=32),
     "xs": dict(embed_dim=24, num_layers=1, num_heads=1, qk_dim=24, v_dim=24, max_len=48),
     "s": dict(embed_dim=32, num_layers=2, num_heads=2, qk_dim=16, v_dim=16, max_len=64),
     "m": dict(embed_dim=48, num_layers=2, num_heads=2, qk_dim=24, v_dim=24, max_len=96),

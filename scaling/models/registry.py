@@ -8,7 +8,7 @@ from flax import nnx
 
 _MODELS: dict[str, tuple[type, type]] = {}
 # Modules that register model families on import.
-_FAMILY_MODULES = ("scaling.models.wukong", "scaling.models.dlrm", "scaling.models.hstu")
+_FAMILY_MODULES = ("scaling.models.wukong", "scaling.models.dlrm", "scaling.models.hstu", "scaling.models.sasrec")
 
 
 def register_model(name: str, config_cls: type):
