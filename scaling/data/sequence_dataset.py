@@ -58,6 +58,13 @@ class SequenceDataConfig(DataConfig):
         log, reference, oracle = self.load()
         return SequenceDataset(self, log, reference, oracle)
 
+    def catalogue_size(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def feature_spec(self) -> SequenceSpec:
+        """The batch spec without building batches (FLOPs and sweep plans need the catalogue size)."""
+        return SequenceSpec(num_items=self.catalogue_size(), num_negatives=self.num_negatives)
+
 
 @register_data("interactions")
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +82,15 @@ class InteractionsConfig(SequenceDataConfig):
             raise ConfigError("path", f"{self.path}: no such file")
 
     def load(self):
-        return load_interactions(self.path, self.format), {}, None
+        return _load_file(self.path, self.format), {}, None
+
+    def catalogue_size(self) -> int:
+        return _load_file(self.path, self.format).num_items
+
+
+@functools.lru_cache(maxsize=2)
+def _load_file(path: str, fmt: Format) -> Interactions:
+    return load_interactions(path, fmt)
 
 
 class SequenceDataset:

@@ -478,6 +478,9 @@ class SyntheticSequencesConfig(SequenceDataConfig):
         """(log, oracle): `generate_sequences(self)`."""
         return generate_sequences(self)
 
+    def catalogue_size(self) -> int:
+        return self.num_items
+
     def load(self):
         """For `SequenceDataset`: the log, the oracle's mean NLL of the test targets, its scorers."""
         log, oracle = self.generate()
