@@ -83,15 +83,19 @@ def _draw_family(ax, fam: FamilyFit, colour: str, marker: str, to_y, k: int) -> 
 def _reference_lines(ax, fit: SweepFit, points: Sequence[ScalePoint], to_y) -> None:
     xs = [p for fam in fit.families.values() for p in fam.x]
     if fit.floor is not None:
-        floor = to_y(np.array(fit.floor)).item()
+        upward = fit.fitted_quantity.startswith("1 - ")
+        floor = to_y(np.array(1.0 - fit.floor if upward else fit.floor)).item()
+        name = "oracle" if upward else "Bayes-optimal"
         lo, hi = ax.get_ylim()
-        if floor >= lo - 0.5 * (hi - lo):  # near the data: draw it
+        near = floor <= hi + 0.5 * (hi - lo) if upward else floor >= lo - 0.5 * (hi - lo)
+        if near:  # near the data: draw it
             ax.axhline(floor, color="0.35", ls=":", lw=1.2)
-            ax.annotate("Bayes-optimal", (min(xs) if xs else 1, floor), fontsize=7, color="0.35", va="bottom",
+            ax.annotate(name, (min(xs) if xs else 1, floor), fontsize=7, color="0.35", va="bottom",
                         xytext=(2, 2), textcoords="offset points")
-        else:  # far below: a note keeps the data readable
-            ax.annotate(f"Bayes-optimal floor {floor:.4g} (below the axis)", (0.99, 0.01), xycoords="axes fraction",
-                        fontsize=7, color="0.35", ha="right")
+        else:  # far away: a note keeps the data readable
+            where = "above" if upward else "below"
+            ax.annotate(f"{name} {floor:.4g} ({where} the axis)", (0.99, 0.99 if upward else 0.01),
+                        xycoords="axes fraction", fontsize=7, color="0.35", ha="right", va="top" if upward else "bottom")
     for p in points:
         y = to_y(np.array(1.0 - p.mean if fit.fitted_quantity.startswith("1 - ") else p.mean)).item()
         ax.axhline(y, color="0.55", ls="-.", lw=1.0)

@@ -11,6 +11,8 @@ then aggregate seeds per (family, size): mean, standard error, n.
 Metric names: `metric="logloss"` reads `valid_logloss` for selection and `test_logloss` for the
 curve when the runs report the two halves of the held-out set, else `logloss` for both (the report
 says which). Any key of a record's `final_eval` works (e.g. `teacher_logloss`, `ne`, `auc`).
+Next-item runs evaluate several times and pick the evaluation with the best validation NDCG@10
+(the record's `best_eval`); that evaluation is the one read here (`hr@10`, `ndcg@10`, `mrr`, ...).
 """
 
 from __future__ import annotations
@@ -67,6 +69,20 @@ class RunSet:
     source: str
 
 
+_HIGHER_IS_BETTER = ("auc", "hr@", "ndcg@", "mrr", "coverage@", "recall@")
+
+
+def higher_is_better(metric: str) -> bool:
+    """AUC and the ranking metrics improve upwards; losses and NE downwards."""
+    return metric.startswith(_HIGHER_IS_BETTER)
+
+
+def _reported_eval(record: Mapping[str, Any]) -> dict[str, float]:
+    """The evaluation a record reports: the validation-picked one for next-item runs, else the final."""
+    best = record.get("best_eval") or {}
+    return dict(best if "valid_ndcg@10" in best else (record.get("final_eval") or {}))
+
+
 def run_from_record(record: Mapping[str, Any]) -> Run:
     """A result.json dict (or a W&B run summary holding the same keys) -> Run."""
     return Run(
@@ -81,7 +97,7 @@ def run_from_record(record: Mapping[str, Any]) -> Run:
         examples=int(record.get("examples_seen", 0)),
         params_dense=int(record.get("params_dense", 0)),
         params_embedding=int(record.get("params_embedding", 0)),
-        final_eval=dict(record.get("final_eval") or {}),
+        final_eval=_reported_eval(record),
         data_reference=dict(record.get("data_reference") or {}),
         config=dict(record.get("config") or {}),
     )
@@ -206,7 +222,7 @@ def _select(runs: list[Run], tune: Sequence[str], metric: str) -> tuple[list[Run
             scored.append((values, sum(vals) / len(vals)))
     if not scored:
         return [], None
-    lower_is_better = metric not in ("auc",)
+    lower_is_better = not higher_is_better(metric)
     best_values, _ = (min if lower_is_better else max)(scored, key=lambda item: item[1])
     edge = []
     for i, key in enumerate(tune):
@@ -245,9 +261,10 @@ def scale_points(runs: RunSet, metric: str = "logloss") -> list[ScalePoint]:
 
 
 def reference_floor(runs: RunSet, metric: str) -> float | None:
-    """The data's Bayes-optimal value of `metric` on the test half, when the data knows it."""
+    """The data's Bayes-optimal value of `metric` on the test half (for ranking metrics the oracle's,
+    a ceiling), when the data knows it."""
     keys = {"logloss": ("test_bayes_logloss", "bayes_logloss"),
-            "teacher_logloss": ("test_bayes_entropy", "bayes_entropy")}.get(metric, ())
+            "teacher_logloss": ("test_bayes_entropy", "bayes_entropy")}.get(metric, (f"test_oracle_{metric}",))
     for run in runs.ok:
         for key in keys:
             if key in run.data_reference:

@@ -126,7 +126,10 @@ def render_report(fit: SweepFit, command: str) -> str:
     lines = [f"# Scaling fits: {fit.source}", "",
              f"Quality: test {fit.metric} (fitted as {fit.fitted_quantity}) vs {AXES[fit.axis]}, "
              f"{fit.n_runs} finished runs. Reproduce with:", "", f"    {command}", ""]
-    if fit.floor is not None:
+    if fit.floor is not None and fit.fitted_quantity.startswith("1 - "):
+        lines += [f"Oracle {fit.metric} on the test items: {fit.floor:.5f} (ranking by the true next-item "
+                  "probabilities of the synthetic process; the ceiling).", ""]
+    elif fit.floor is not None:
         lines += [f"Bayes-optimal {fit.metric} on the test half: {fit.floor:.5f} (the data is synthetic; no model can beat it).", ""]
     lines += ["| family | form | exponent / slope [80% CI] | held-out error (k=1), share of gain | "
               f"compute multiplier vs {fit.reference_family} [80% CI] | sizes | runs |", "|---|---|---|---|---|---|---|"]

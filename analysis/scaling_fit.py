@@ -15,7 +15,7 @@ For each family (on quality vs forward GFLOP/example, or vs total train FLOPs):
   5. local slopes with CIs and a plateau flag; flags for non-monotone points, lrs on the grid
      edge, failed fits;
   6. the compute multiplier vs the reference family (DLRM by default) at matched quality.
-Metrics that improve upwards (AUC) are fitted as 1 - metric.
+Metrics that improve upwards (AUC, HR@K, NDCG@K, MRR) are fitted as 1 - metric.
 """
 
 from __future__ import annotations
@@ -31,11 +31,10 @@ from analysis.bootstrap import BootstrapResult, GroupedRuns, bootstrap_fit
 from analysis.chinchilla import ChinchillaBootstrap, ChinchillaFit, bootstrap_chinchilla, fit_chinchilla
 from analysis.extrapolation import FormChoice, HoldoutResult, choose_form, holdout, min_points
 from analysis.forms import FORMS, FitResult, get_form
-from analysis.records import RunSet, ScalePoint, reference_floor, scale_points
+from analysis.records import RunSet, ScalePoint, higher_is_better, reference_floor, scale_points
 from analysis.slopes import LocalSlopes, local_slopes, multiplier_at_common_best, multiplier_interval
 
 AXES = {"gflops_per_example": "forward GFLOP/example", "train_flops": "total train FLOPs"}
-_UPWARD = ("auc",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +104,7 @@ class SweepFit:
     families: dict[str, FamilyFit]
     data_scaling: dict[str, DataScalingFit]  # families swept over data size too
     skipped: dict[str, str]  # family -> why it has no fit
-    floor: float | None  # Bayes-optimal value of the metric on the test half (synthetic data)
+    floor: float | None  # Bayes-optimal value (ranking metrics: the oracle's) of the metric, in its own units
     reference_family: str
     comparisons: dict[str, Comparison]
     dropped: tuple[tuple[str, str], ...]
@@ -206,7 +205,7 @@ def fit_sweep(runs: RunSet, metric: str = "logloss", *, axis: str = "gflops_per_
     """Fit every family of a run set that has >= 3 sizes; compare each with `reference` (if fitted)."""
     if axis not in AXES:
         raise ValueError(f"unknown axis {axis!r}; expected one of {', '.join(AXES)}")
-    upward = metric in _UPWARD
+    upward = higher_is_better(metric)
     points = scale_points(runs, metric)
     by_family: dict[str, list[ScalePoint]] = {}
     for p in points:
@@ -235,7 +234,7 @@ def fit_sweep(runs: RunSet, metric: str = "logloss", *, axis: str = "gflops_per_
     floor = reference_floor(runs, metric)
     return SweepFit(
         source=runs.source, metric=metric, fitted_quantity=f"1 - {metric}" if upward else metric, axis=axis,
-        families=families, data_scaling=data_scaling, skipped=skipped, floor=None if upward else floor, reference_family=reference,
+        families=families, data_scaling=data_scaling, skipped=skipped, floor=floor, reference_family=reference,
         comparisons=comparisons, dropped=runs.dropped, tune=runs.tune, n_runs=len(runs.ok), n_resamples=n_resamples,
     )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from scaling.config_schema import ConfigError
@@ -33,13 +34,29 @@ def _config_args(p: argparse.ArgumentParser, what: str = "run or sweep YAML (a s
     )
 
 
+def _default_metric(args: argparse.Namespace) -> None:
+    """Fill --metric from the sweep's `metric` (sweep.json) and --reference from the metric's kind."""
+    from analysis.records import higher_is_better
+
+    if args.metric is None:
+        try:
+            with open(os.path.join(args.runs, "sweep.json")) as f:
+                args.metric = json.load(f).get("metric") or "logloss"
+        except (OSError, ValueError):
+            args.metric = "logloss"
+    if getattr(args, "reference", "") is None:
+        args.reference = "sasrec" if higher_is_better(args.metric) and args.metric != "auc" else "dlrm"
+
+
 def _analysis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", help="a sweep's run directory, e.g. runs/quickstart")
-    p.add_argument("--metric", default="logloss",
-                   help="any final_eval key: logloss (default), teacher_logloss, ne, auc (fitted as 1 - auc)")
+    p.add_argument("--metric", default=None,
+                   help="any final_eval key: logloss, teacher_logloss, ne, auc, hr@10, ndcg@10, mrr (upward metrics "
+                        "are fitted as 1 - metric); default: the sweep's `metric`, else logloss")
     p.add_argument("--axis", default="gflops_per_example", choices=["gflops_per_example", "train_flops"],
                    help="x-axis: forward GFLOP/example (default) or total train FLOPs")
-    p.add_argument("--reference", default="dlrm", help="family the compute multipliers compare against (default dlrm)")
+    p.add_argument("--reference", default=None,
+                   help="family the compute multipliers compare against (default dlrm; sasrec for ranking metrics)")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
     p.add_argument("--out", help="where to write (default: the run directory)")
 
@@ -99,7 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="?", help="a sweep's run directory, e.g. runs/quickstart")
     p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead (needs --group)")
     p.add_argument("--group", help="the W&B group: the sweep's name")
-    p.add_argument("--metric", default="logloss", help="any final_eval key (default logloss)")
+    p.add_argument("--metric", default=None, help="any final_eval key (default: the sweep's metric, else logloss)")
 
     p = sub.add_parser("flops", help="forward GFLOP/example (analytic and XLA), params, embedding bytes",
                        description="Count a model's FLOPs and parameters without training.")
@@ -242,6 +259,7 @@ def _fit(args):
         runs = load_local(args.runs)
     except FileNotFoundError as err:
         raise ConfigError("", str(err)) from None
+    _default_metric(args)
     known = {k for r in runs.ok for k in r.final_eval}
     base = {k.removeprefix("valid_").removeprefix("test_") for k in known}
     if args.metric not in base:
@@ -336,6 +354,10 @@ def cmd_compare(args) -> int:
             raise ConfigError("", str(err)) from None
     else:
         raise ConfigError("runs", "give a run directory or --wandb ENTITY/PROJECT --group SWEEP")
+    if args.metric is None:
+        args.metric = "logloss"
+        if args.runs:
+            _default_metric(args)
     wide_console().print(points_table(runs, scale_points(runs, args.metric), args.metric))
     return 0
 

@@ -167,3 +167,32 @@ def test_model_and_data_sweep_fits_the_two_variable_law(tmp_path):
     assert ds.fit.params["beta"] == pytest.approx(beta, abs=0.01)
     assert ds.fit.a == pytest.approx(beta / (alpha + beta), abs=0.01)
     assert {p.examples for p in fit.families["wukong"].points} == {300_000}
+
+
+def test_ranking_metric_sweep_reads_the_validation_picked_eval_and_fits_upward(tmp_path):
+    """Next-item records: the evaluation picked on validation NDCG@10 (best_eval) is what the curve
+    reads, HR@10 rises with compute and is fitted as 1 - HR@10, the oracle is the ceiling, and
+    `scaling fit` takes the sweep's metric and SASRec as the reference by default."""
+    root = str(tmp_path / "seq")
+    for size, x in SIZES.items():
+        for family, gap in (("hstu", 0.0), ("sasrec", 0.01)):
+            hr = 0.45 - 0.002 * x ** -0.3 - gap  # 1 - HR = 0.55 + 0.002 x^-0.3: saturating in 1 - HR
+            rec = _record(f"{family}-{size}", family, size, 0, 1e-3, 0.0)
+            rec["final_eval"] = {"hr@10": hr - 0.05, "valid_hr@10": hr - 0.05, "test_hr@10": hr - 0.05}
+            rec["best_eval"] = {"hr@10": hr, "valid_hr@10": hr, "test_hr@10": hr, "valid_ndcg@10": hr / 2}
+            rec["data_reference"] = {"test_oracle_hr@10": 0.5}
+            os.makedirs(os.path.join(root, rec["run_id"]))
+            with open(os.path.join(root, rec["run_id"], "result.json"), "w") as f:
+                json.dump(rec, f)
+    with open(os.path.join(root, "sweep.json"), "w") as f:
+        json.dump({"name": "seq", "tune": [], "metric": "hr@10"}, f)
+    runs = load_local(root)
+    points = {(p.family, p.size): p.mean for p in scale_points(runs, "hr@10")}
+    assert points[("hstu", "xl")] == pytest.approx(0.45 - 0.002 * SIZES["xl"] ** -0.3)  # best_eval, not final_eval
+    fit = fit_sweep(runs, "hr@10", reference="sasrec", n_resamples=200)
+    assert fit.fitted_quantity == "1 - hr@10" and fit.floor == 0.5
+    assert fit.families["hstu"].y[0] > fit.families["hstu"].y[-1]  # the fitted error falls with compute
+    result = run_cli("fit", root, "--resamples", "100")
+    assert result.returncode == 0, result.stderr
+    report = open(os.path.join(root, "report.md")).read()
+    assert "--metric hr@10" in report and "--reference sasrec" in report and "Oracle hr@10" in report
