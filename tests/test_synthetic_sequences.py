@@ -221,3 +221,15 @@ def test_two_level_sampler_draws_from_the_softmax():
     freq = np.bincount(items, minlength=config.num_items + 1)[1:] / len(query)
     chi2 = ((freq - p) ** 2 / p).sum() * len(query) / (config.num_items - 1)
     assert chi2 < 1.4
+
+
+def test_batches_carry_the_actions(main):
+    log, _, split = main
+    batches = SequenceBatches(split, max_len=16, num_negatives=2)
+    batch = batches.train_batch(0, 8)
+    for b, user in enumerate(batches._epoch_order(0)[:8]):
+        lo = max(int(log.offsets[user]), int(batches.split.train_end[user]) - 17)
+        n = int(batch["lengths"][b])
+        np.testing.assert_array_equal(batch["actions"][b, :n], log.actions[lo : lo + n])
+        np.testing.assert_array_equal(batch["items"][b, :n], log.items[lo : lo + n])
+    assert set(np.unique(batch["actions"])) <= {0, 1, 2} and batch["actions"].max() > 0

@@ -8,6 +8,7 @@ e_1..e_n truncated to the most recent max_len + 1:
     targets     int32 [B, L]     e_2..e_n (the next item at each position; 0 where padded)
     next_timestamps int32 [B, L] the targets' timestamps (HSTU's time bias looks at the next event)
     lengths     int32 [B]        valid positions
+    actions     int32 [B, L]     the input events' action types (0 where the log has none)
     negatives   int32 [B, L, M]  per position (M = num_negatives): `uniform` over 1..num_items (the
                                  research code's sampler), or `in_batch`: drawn uniformly from the
                                  batch's valid targets (popularity-shaped, no logQ correction);
@@ -71,7 +72,9 @@ class SequenceBatches:
             "targets": np.zeros((batch_size, L), np.int32),
             "next_timestamps": np.zeros((batch_size, L), np.int32),
             "lengths": np.zeros(batch_size, np.int32),
+            "actions": np.zeros((batch_size, L), np.int32),
         }
+        actions = log.actions
         for b, u in enumerate(users):
             lo = max(int(log.offsets[u]), int(self.split.train_end[u]) - (L + 1))
             hi = int(self.split.train_end[u])
@@ -81,6 +84,8 @@ class SequenceBatches:
             out["targets"][b, :n] = log.items[lo + 1 : hi]
             out["next_timestamps"][b, :n] = log.timestamps[lo + 1 : hi]
             out["lengths"][b] = n
+            if actions is not None:
+                out["actions"][b, :n] = actions[lo : hi - 1]
         if self.num_negatives:
             rng = np.random.default_rng((self.seed, 1, j))
             shape = (batch_size, 1 if self.shared_negatives else L, self.num_negatives)
@@ -106,6 +111,7 @@ class SequenceBatches:
             "timestamps": np.zeros((B, L), np.int32),
             "next_timestamps": np.zeros((B, L), np.int32),
             "lengths": np.zeros(B, np.int32),
+            "actions": np.zeros((B, L), np.int32),
             "target": np.zeros(B, np.int32),
             "target_timestamp": np.zeros(B, np.int32),
             "users": np.asarray(users, np.int32),
@@ -120,6 +126,8 @@ class SequenceBatches:
             out["timestamps"][b, :n] = log.timestamps[lo:end]
             out["next_timestamps"][b, :n] = log.timestamps[lo + 1 : end + 1]
             out["lengths"][b] = n
+            if log.actions is not None:
+                out["actions"][b, :n] = log.actions[lo:end]
             out["target"][b] = target
             out["target_timestamp"][b] = log.timestamps[end]
             seen.append(history)

@@ -35,8 +35,9 @@ class SequenceSpec:
       items, targets            int32 [B, L]
       timestamps, next_timestamps int32 [B, L]  (seconds; next_timestamps = the target's time)
       lengths                   int32 [B]
-      negatives                 int32 [B, L, num_negatives]
-    Eval batch: items, timestamps, next_timestamps, lengths (the last valid position's
+      actions                   int32 [B, L]  (action type of each input event; 0 if unknown)
+      negatives                 int32 [B, L, num_negatives]  ([B, 1, M] when shared per sequence)
+    Eval batch: items, timestamps, next_timestamps, lengths, actions (the last valid position's
     next_timestamp is the target's time, i.e. the request time), target int32 [B].
     """
 
