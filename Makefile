@@ -20,6 +20,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.synthetic_generation
 	$(VENV)/bin/python -m benchmarks.train_throughput
+	$(VENV)/bin/python -m benchmarks.train_throughput --suite sequences
 
 clean:
 	rm -rf runs wandb

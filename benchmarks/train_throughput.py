@@ -1,7 +1,10 @@
 """Train throughput: examples/s and achieved GFLOP/s per model size, beside the CPU/GPU matmul roofline.
 
-    python -m benchmarks.train_throughput [--steps 200] [--batch-size 512] [--out FILE]
+    python -m benchmarks.train_throughput [--suite ctr|sequences] [--steps N] [--batch-size B] [--out FILE]
 
+Suites: `ctr` trains Wukong and DLRM on the quickstart world (an example is one impression);
+`sequences` trains HSTU and SASRec on the synthetic sequence view of sweeps/hstu_synthetic.yaml
+(an example is one user sequence of max_len positions, with 128 negatives shared per sequence).
 Achieved GFLOP/s = 3 x forward FLOPs/example x examples/s (the DESIGN's train-FLOP convention).
 The roofline is a dense float32 matmul measured in the same process.
 """
@@ -21,8 +24,12 @@ import jax.numpy as jnp
 from scaling.config import load_run_config
 from scaling.train.loop import train
 
-QUICK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps", "quickstart.yaml")
-MODELS = [("wukong", "xs"), ("wukong", "m"), ("wukong", "xl"), ("dlrm", "m")]
+SWEEPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps")
+# suite -> (config, default models, default batch size, steps, overrides that keep the evaluation small)
+SUITES = {
+    "ctr": ("quickstart.yaml", "wukong:xs,wukong:m,wukong:xl,dlrm:m", 512, 300, ["data.eval_examples=4096"]),
+    "sequences": ("hstu_synthetic.yaml", "hstu:s,hstu:l,sasrec:s,sasrec:l", 128, 100, ["data.eval_users=256"]),
+}
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -39,19 +46,23 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=512)
-    parser.add_argument("--models", default=",".join(f"{m}:{s}" for m, s in MODELS), help="family:size,...")
+    parser.add_argument("--suite", choices=sorted(SUITES), default="ctr")
+    parser.add_argument("--steps", type=int, default=None, help="train steps per model (default per suite)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default per suite: 512 ctr, 128 sequences")
+    parser.add_argument("--models", default="", help="family:size,... (default per suite)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
+    config_name, models, batch_size, steps, extra = SUITES[args.suite]
+    args.steps = args.steps or steps
+    args.batch_size = args.batch_size or batch_size
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for item in args.models.split(","):
+        for item in (args.models or models).split(","):
             family, size = item.split(":")
-            config = load_run_config(QUICK, [
+            config = load_run_config(os.path.join(SWEEPS, config_name), [
                 f"model.name={family}", f"model.size={size}", f"train.steps={args.steps}",
                 f"train.batch_size={args.batch_size}", "train.eval_every=0", "train.checkpoint_every=0",
-                f"train.log_every={max(args.steps // 4, 1)}", "data.eval_examples=4096",
+                f"train.log_every={max(args.steps // 4, 1)}", *extra,
                 "logging.progress=false", "logging.wandb.mode=disabled", f"train.output_dir={tmp}",
             ])
             record = train(config)
@@ -66,7 +77,7 @@ def main(argv=None) -> int:
     for row in rows:
         row["fraction_of_matmul_roofline"] = row["achieved_train_gflops_per_s"] / roof
     out = {
-        "benchmark": "train_throughput", "device": jax.devices()[0].device_kind,
+        "benchmark": "train_throughput", "suite": args.suite, "device": jax.devices()[0].device_kind,
         "device_count": jax.device_count(), "batch_size": args.batch_size, "steps": args.steps,
         "matmul_gflops_per_s": roof, "models": rows,
     }
