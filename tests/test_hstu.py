@@ -112,3 +112,34 @@ def test_analytic_flops_match_xla():
     analytic = cfg.encoder_flops()
     assert abs(analytic - xla) / xla < 0.10, (analytic, xla)
     assert cfg.encoder_flops(causal=True) < analytic
+
+
+def test_newer_variant_flags_no_rab_and_alpha():
+    """relative_bias=false drops the bias (the output no longer depends on timestamps); alpha scales
+    the scores, i.e. equals alpha applied to q; FLOPs stay within 10% of XLA for both."""
+    from scaling.flops import abstract_model, xla_flops_per_example
+
+    spec = SequenceSpec(num_items=30, num_negatives=8)
+    base = dict(embed_dim=16, num_layers=2, num_heads=2, qk_dim=8, v_dim=8, max_len=12, num_buckets=64, dropout=0.0)
+    items = jnp.asarray(np.random.default_rng(0).integers(1, 31, size=(2, 12)))
+    lengths = jnp.array([12, 7])
+    ts_a = jnp.asarray(np.sort(np.random.default_rng(1).integers(0, 10**6, size=(2, 12))), jnp.int32)
+    ts_b = ts_a * 3
+    no_rab = HSTU(HSTUConfig(**base, relative_bias=False), spec, rngs=nnx.Rngs(0))
+    with_rab = HSTU(HSTUConfig(**base), spec, rngs=nnx.Rngs(0))
+    for model in (no_rab, with_rab):  # bias tables far from their ~0 init, so time matters if used
+        for i, block in enumerate(model.blocks):
+            block.ts_w[...] = jnp.asarray(np.random.default_rng(i).normal(size=block.ts_w.shape), jnp.float32)
+            block.w_uvqk[...] = 20.0 * block.w_uvqk[...]  # gates away from ~0, or every block is ~identity
+    np.testing.assert_allclose(no_rab.encode(items, ts_a, lengths), no_rab.encode(items, ts_b, lengths), atol=1e-6)
+    assert not np.allclose(with_rab.encode(items, ts_a, lengths), with_rab.encode(items, ts_b, lengths), atol=1e-6)
+    scaled = HSTU(HSTUConfig(**base, attention_alpha=0.5), spec, rngs=nnx.Rngs(0))
+    # SiLU sits between W_uvqk and q, so alpha is checked on the projected q the attention uses
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 12, 16)), jnp.float32)
+    q_plain = HSTU(HSTUConfig(**base), spec, rngs=nnx.Rngs(0)).blocks[0].project(x)[2]
+    q_scaled = scaled.blocks[0].project(x)[2]
+    np.testing.assert_allclose(q_scaled, 0.5 * q_plain, rtol=1e-6)
+    for extra in (dict(relative_bias=False), dict(attention_alpha=0.125)):
+        cfg = HSTUConfig(**{**base, "max_len": 64, "embed_dim": 32, "qk_dim": 16, "v_dim": 16}, **extra)
+        xla = xla_flops_per_example(abstract_model(cfg, spec), spec, 16, cfg.max_len)
+        assert abs(cfg.flops_per_example(spec) - xla) / xla < 0.10, (extra, cfg.flops_per_example(spec), xla)

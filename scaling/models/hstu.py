@@ -72,6 +72,8 @@ class HSTUConfig(SequenceModelConfig):
     dropout: float = knob(0.2, ge=0.0, lt=1.0, help="input and output-projection dropout")
     attn_norm: float = knob(0.0, ge=0.0, help="attention divisor; 0 = the padded length N")
     temperature: float = knob(0.05, gt=0.0, help="softmax temperature of the cosine logits")
+    relative_bias: bool = knob(True, help="learned position + time bias in attention (false: the newer STU's none)")
+    attention_alpha: float = knob(1.0, gt=0.0, help="score scale silu(alpha q.k + rab); the newer STU uses 1/sqrt(qk_dim)")
 
     def encoder_flops(self, n: int | None = None, *, causal: bool = False) -> float:
         """Forward FLOPs of the encoder over one padded sequence of length n (default max_len).
@@ -89,10 +91,14 @@ class HSTUConfig(SequenceModelConfig):
         width = 2 * h * self.v_dim + 2 * h * self.qk_dim
         pairs = n * (n + 1) / 2 if causal else n * n
         matmuls = 2 * n * d * width + 2 * pairs * h * (self.qk_dim + self.v_dim) + 2 * n * h * self.v_dim * d
-        pointwise = (pairs * (8 * h + 1) + layer_norm_flops(d, n) + layer_norm_flops(h * self.v_dim, n)
+        per_score = 8 * h + 1 if self.relative_bias else 7 * h  # without rab: no bias sum, no bias add
+        pointwise = (pairs * per_score + layer_norm_flops(d, n) + layer_norm_flops(h * self.v_dim, n)
                      + n * (4 * width + h * self.v_dim + 2 * d))
         # + the input scale and position add, and the output L2 normalisation (3 per element)
-        return float(self.num_layers * (matmuls + pointwise) + 22 * pairs + 5 * n * d)
+        if self.attention_alpha != 1.0:
+            pointwise += n * h * self.qk_dim
+        buckets = 22 * pairs if self.relative_bias else 0.0
+        return float(self.num_layers * (matmuls + pointwise) + buckets + 5 * n * d)
 
 
 def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -134,6 +140,8 @@ class HSTUBlock(nnx.Module):
         h, lead = cfg.num_heads, x.shape[:-1]
         uvqk = jax.nn.silu(_layer_norm(x) @ self.w_uvqk[...])
         u, v, q, k = jnp.split(uvqk, [h * cfg.v_dim, 2 * h * cfg.v_dim, 2 * h * cfg.v_dim + h * cfg.qk_dim], axis=-1)
+        if cfg.attention_alpha != 1.0:  # scaling q scales every score q.k (and keeps the cache's K as is)
+            q = q * cfg.attention_alpha
         return (u, v.reshape(*lead, h, cfg.v_dim), q.reshape(*lead, h, cfg.qk_dim),
                 k.reshape(*lead, h, cfg.qk_dim))
 
@@ -158,7 +166,8 @@ class HSTUBlock(nnx.Module):
         the time buckets [B, N, N] if already computed (the encoder computes them once)."""
         n = x.shape[1]
         u, v, q, k = self.project(x)
-        rab = relative_bias(self.position_weights(n), self.ts_w[...], timestamps, query_timestamps, buckets=buckets)
+        rab = (relative_bias(self.position_weights(n), self.ts_w[...], timestamps, query_timestamps, buckets=buckets)
+               if self.cfg.relative_bias else None)
         attn = hstu_attention(q, k, v, rab, lengths, norm=norm or self.cfg.attn_norm or n)
         return self.output(x, u, attn), k, v
 
@@ -198,7 +207,7 @@ class HSTU(SequenceModel):
         valid = (jnp.arange(n)[None, :] < lengths[:, None])[..., None]
         x = self.embed(items, jnp.arange(n)[None])
         x = jnp.where(valid, self.input_dropout(x), 0.0)
-        buckets = time_buckets(timestamps, self.cfg.num_buckets, query_timestamps)
+        buckets = time_buckets(timestamps, self.cfg.num_buckets, query_timestamps) if self.cfg.relative_bias else None
         for block in self.blocks:
             x = block(x, timestamps, lengths, query_timestamps, buckets=buckets)
         return _l2_normalize(x)

@@ -99,6 +99,8 @@ def history_cache(model: HSTU, items: jax.Array, timestamps: jax.Array, lengths:
     keys, values, rab_hist, rab_self = [], [], [], []
     for block in model.blocks:
         hist, own = candidate_bias(block.pos_w[...], block.ts_w[...], timestamps, lengths, request_time)
+        if not cfg.relative_bias:
+            hist, own = jnp.zeros_like(hist), jnp.zeros_like(own)
         x, k, v = block.forward_with_kv(x, timestamps, lengths, query, norm=norm)
         keys.append(k)
         values.append(v)
