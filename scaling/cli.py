@@ -140,9 +140,10 @@ def cmd_train(args) -> int:
     args.overrides = overrides
     config = _load(args)
 
-    from scaling.train.loop import Interrupted, run_directory, train
+    from scaling.train.loop import Interrupted, dataset_of, run_directory, train
     from scaling.train.report import print_record
 
+    dataset_of(config.data)  # a missing or malformed data file stops here, before any run directory exists
     print(f"run directory: {run_directory(config)}", file=sys.stderr)
     try:
         record = train(config, restart=args.restart)

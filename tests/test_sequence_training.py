@@ -70,6 +70,12 @@ def test_kind_mismatch_and_missing_file_are_config_errors(tmp_path):
                      "--set", "data.path=/nonexistent/Beauty.txt", os.devnull)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "data.path" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "Beauty.txt"  # a malformed line stops `scaling train` with the file and line, exit 2
+    bad.write_text("1 1 2 3\n2 4 x 6\n")
+    result = run_cli("train", "--set", "model.name=hstu", "--set", "data.name=interactions",
+                     "--set", f"data.path={bad}", "--set", f"train.output_dir={tmp_path}/runs", os.devnull)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {bad}:2: expected integer ids in the `user item1 item2 ...` format, got 'x'"
 
 
 @pytest.mark.parametrize("name, size, expected", [

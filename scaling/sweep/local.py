@@ -106,8 +106,7 @@ def _worker(wid: int, cpus: list[int], gpus: list[str], shared_gpus: int, cache_
         try:
             with trial_lock(run_dir):
                 record = train(config, restart=restart)
-            events.put(("end", wid, index, record.status, record.reason, record.final_eval.get("logloss"),
-                        record.wall_time_s))
+            events.put(("end", wid, index, record.status, record.reason, _headline(record), record.wall_time_s))
             if stop_requested():
                 events.put(("interrupted", wid, index, stop_requested()))
                 return
@@ -125,6 +124,14 @@ def _worker(wid: int, cpus: list[int], gpus: list[str], shared_gpus: int, cache_
                 f.write(traceback.format_exc())
             failure_record(config, status, reason).write(run_dir)
             events.put(("end", wid, index, status, reason, None, 0.0))
+
+
+def _headline(record) -> str:
+    """The metric a finished trial's line shows: final logloss (CTR) or the picked test NDCG@10."""
+    if "ndcg@10" in record.best_eval:
+        return f"test ndcg@10 {record.best_eval['ndcg@10']:.4f} (step {record.best_eval_step})"
+    logloss = record.final_eval.get("logloss")
+    return f"logloss {logloss:.4f}" if logloss is not None else ""
 
 
 class _Display:
@@ -154,14 +161,13 @@ class _Display:
                 info = f"loss {row.get('train/loss', float('nan')):.4f}  {row.get('examples_per_s', 0):,.0f} ex/s"
                 self.progress.update(task, completed=row.get("step", 0), info=info)
 
-    def ended(self, trial: Trial, status: str, reason: str, logloss: float | None, wall: float) -> None:
+    def ended(self, trial: Trial, status: str, reason: str, headline: str, wall: float) -> None:
         task = self.rows.pop(trial.index, None)
         if task is not None:
             self.progress.remove_task(task)
         self.progress.advance(self.overall)
         if status == "ok":
-            metric = f"logloss {logloss:.4f}" if logloss is not None else ""
-            self.console.print(f"[green]done[/]   {trial.label}  {metric}  {wall:.0f}s")
+            self.console.print(f"[green]done[/]   {trial.label}  {headline}  {wall:.0f}s")
         else:
             self.console.print(f"[red]{status}[/] {trial.label}  {reason[:120]}  (see {trial.run_dir})")
 
@@ -214,10 +220,10 @@ def run_local(sweep: Sweep, trials: Sequence[Trial], *, workers: int = 1, restar
             holding[wid] = index
             display.started(by_index[index])
         elif kind == "end":
-            _, _, _, status, reason, logloss, wall = event
+            _, _, _, status, reason, headline, wall = event
             holding[wid] = None
             remaining.discard(index)
-            display.ended(by_index[index], status, reason, logloss, wall)
+            display.ended(by_index[index], status, reason, headline, wall)
             (summary.done.append(index) if status == "ok" else summary.failed.append((index, status, reason)))
         elif kind == "interrupted":
             holding[wid] = None
@@ -253,7 +259,7 @@ def run_local(sweep: Sweep, trials: Sequence[Trial], *, workers: int = 1, restar
                         reason += " (the kernel's OOM killer is the usual cause)"
                     _record_dead_worker(by_index[held], status, reason)
                     remaining.discard(held)
-                    display.ended(by_index[held], status, reason, None, 0.0)
+                    display.ended(by_index[held], status, reason, "", 0.0)
                     summary.failed.append((held, status, reason))
                     if not summary.interrupted:
                         spawn(next_wid)

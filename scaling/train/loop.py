@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from scaling.config import RunConfig, dump_yaml, run_id
-from scaling.config_schema import to_dict
+from scaling.config_schema import ConfigError, to_dict
 from scaling.flops import xla_flops_per_example
 from scaling.models.base import param_counts
 from scaling.models.registry import build_model
@@ -106,8 +106,9 @@ def _device_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
 
 
 @functools.lru_cache(maxsize=1)
-def _dataset(config):
-    """The data set of a data config, built once per process (sweep workers run many trials on it)."""
+def dataset_of(config):
+    """The data set of a data config, built once per process (sweep workers run many trials on it;
+    `scaling train` builds it before anything else so bad data stops with one line)."""
     return config.build()
 
 
@@ -185,7 +186,7 @@ class _Run:
     def execute(self) -> RunRecord:
         try:
             return self._train()
-        except Interrupted:
+        except (Interrupted, ConfigError):  # bad input (e.g. a malformed data file) is the user's to fix
             raise
         except Diverged as err:
             record = self._record("diverged", str(err), **self.partial)
@@ -207,7 +208,7 @@ class _Run:
         if cfg.train.batch_size % divisor or cfg.train.eval_batch_size % divisor:
             raise ValueError(f"train.batch_size and train.eval_batch_size must be multiples of {divisor} (devices holding the batch)")
 
-        dataset = _dataset(cfg.data)
+        dataset = dataset_of(cfg.data)
         spec = dataset.spec
         reference = dataset.reference_metrics()
         with jax.set_mesh(mesh):
