@@ -163,8 +163,14 @@ def test_sequence_batches_by_hand(tmp_path):
     assert raw(ev["items"][0]) == [13, 14, 15] and raw(ev["target"]) == [16, 23]
     assert raw(seen[0]) == [11, 12, 13, 14, 15] and list(ev["lengths"]) == [3, 2]
     assert list(ev["target_timestamp"]) == [160, 23]
+    assert list(ev["next_timestamps"][0]) == [140, 150, 160] and list(ev["next_timestamps"][1][:2]) == [22, 23]
     ev, _ = data.eval_batch(split.eval_users, "valid")
     assert raw(ev["target"]) == [15, 22] and raw(ev["items"][1]) == [21, 0, 0]
+
+    shared = SequenceBatches(split, max_len=3, num_negatives=4, seed=7, shared_negatives=True).train_batch(0, 2)
+    assert shared["negatives"].shape == (2, 1, 4)  # one draw per sequence, used at every position
+    in_batch = SequenceBatches(split, max_len=3, num_negatives=50, seed=7, negatives="in_batch").train_batch(0, 2)
+    assert set(in_batch["negatives"].ravel()) <= set(batch["targets"].ravel()) - {0}  # the batch's own targets
 
 
 def test_popularity_through_the_shared_evaluation(tmp_path):
