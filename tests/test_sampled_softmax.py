@@ -36,3 +36,13 @@ def test_shared_negatives_equal_the_same_negatives_at_every_position():
     a = sampled_softmax_loss(q, table, targets, shared, lengths, 0.1)
     b = sampled_softmax_loss(q, table, targets, jnp.broadcast_to(shared, (2, 4, 5)), lengths, 0.1)
     np.testing.assert_allclose(float(a), float(b), rtol=1e-6)
+
+
+def test_embedding_bytes_count_shared_negatives_once_per_sequence():
+    from scaling.data.spec import SequenceSpec
+    from scaling.models.hstu import HSTUConfig
+
+    cfg = HSTUConfig(embed_dim=8, max_len=10)
+    per_position = cfg.embedding_bytes_per_example(SequenceSpec(num_items=50, num_negatives=4))
+    shared = cfg.embedding_bytes_per_example(SequenceSpec(num_items=50, num_negatives=4, shared_negatives=True))
+    assert per_position == (2 * 10 + 10 * 4) * 8 * 4 and shared == (2 * 10 + 4) * 8 * 4

@@ -63,7 +63,8 @@ class SequenceDataConfig(DataConfig):
 
     def feature_spec(self) -> SequenceSpec:
         """The batch spec without building batches (FLOPs and sweep plans need the catalogue size)."""
-        return SequenceSpec(num_items=self.catalogue_size(), num_negatives=self.num_negatives)
+        return SequenceSpec(num_items=self.catalogue_size(), num_negatives=self.num_negatives,
+                            shared_negatives=self.shared_negatives)
 
 
 @register_data("interactions")
@@ -103,7 +104,8 @@ class SequenceDataset:
         self.config = config
         self.log = _int32_times(log)
         self.split = leave_one_out(self.log)
-        self.spec = SequenceSpec(num_items=self.log.num_items, num_negatives=config.num_negatives)
+        self.spec = SequenceSpec(num_items=self.log.num_items, num_negatives=config.num_negatives,
+                                 shared_negatives=config.shared_negatives)
         self.source_reference = dict(source_reference)
         self.oracle = oracle
         users = self.split.eval_users

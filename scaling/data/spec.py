@@ -43,3 +43,4 @@ class SequenceSpec:
 
     num_items: int
     num_negatives: int
+    shared_negatives: bool = False  # one negative draw per sequence ([B, 1, M]) instead of per position

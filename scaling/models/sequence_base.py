@@ -48,8 +48,10 @@ class SequenceModelConfig(ModelConfig):
         return float(self.encoder_flops(self.max_len) + self.scoring_flops(spec))
 
     def embedding_bytes_per_example(self, spec: SequenceSpec) -> float:
-        """float32 rows gathered per sequence: the inputs, the targets and the negatives."""
-        return float(self.max_len * (2 + spec.num_negatives) * self.embed_dim * 4)
+        """float32 rows gathered per sequence: the inputs, the targets and the negatives (M per
+        position, or M per sequence when shared)."""
+        negatives = spec.num_negatives if spec.shared_negatives else self.max_len * spec.num_negatives
+        return float((2 * self.max_len + negatives) * self.embed_dim * 4)
 
 
 class SequenceModel(nnx.Module):
