@@ -355,10 +355,9 @@ def cmd_compare(args) -> int:
             raise ConfigError("", str(err)) from None
     else:
         raise ConfigError("runs", "give a run directory or --wandb ENTITY/PROJECT --group SWEEP")
-    if args.metric is None:
-        args.metric = "logloss"
-        if args.runs:
-            _default_metric(args)
+    if args.runs:
+        _default_metric(args)
+    args.metric = args.metric or "logloss"
     wide_console().print(points_table(runs, scale_points(runs, args.metric), args.metric))
     return 0
 
