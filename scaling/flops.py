@@ -30,6 +30,7 @@ from flax import nnx
 
 from scaling.data.spec import CTRFeatureSpec, SequenceSpec
 from scaling.models.base import abstract_param_counts
+from scaling.train.sampled_softmax import sampled_scores
 
 __all__ = [
     "FlopReport",
@@ -105,11 +106,7 @@ def _zero_batch(spec: CTRFeatureSpec | SequenceSpec, batch_size: int, max_len: i
 def sequence_training_forward(model: nnx.Module, batch) -> jax.Array:
     """What a next-item model computes per training sequence before the loss: the queries [B, L, D]
     and their dot products with the target and negative items [B, L, 1 + M]."""
-    queries = model(batch)
-    table = model.item_table()
-    pos = jnp.einsum("bld,bld->bl", queries, table[batch["targets"]])
-    neg = jnp.einsum("bld,blmd->blm", queries, table[batch["negatives"]])
-    return jnp.concatenate([pos[..., None], neg], axis=-1)
+    return sampled_scores(model(batch), model.item_table(), batch["targets"], batch["negatives"])
 
 
 def flops_from_cost(cost: Any) -> float:

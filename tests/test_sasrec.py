@@ -15,7 +15,7 @@ from flax import nnx
 from scaling.config import ModelConfig
 from scaling.config_schema import ConfigError, build
 from scaling.data.spec import SequenceSpec
-from scaling.flops import flops_from_cost
+from scaling.flops import flops_from_cost, sequence_training_forward
 from scaling.models.embedding import EmbeddingTable
 from scaling.models.registry import build_model, model_config_classes
 from scaling.models.sasrec import SASRec, SASRecConfig
@@ -156,10 +156,8 @@ def _xla_flops(config: SASRecConfig, spec: SequenceSpec, batch_size: int = 2) ->
     def encode(state, batch):
         return nnx.merge(graphdef, state)(batch)
 
-    def encode_and_score(state, batch, targets, negatives):
-        model = nnx.merge(graphdef, state)
-        q, table = model(batch), model.item_table()  # as sampled_softmax_loss scores them
-        return jnp.einsum("bld,bld->bl", q, table[targets]), jnp.einsum("bld,blmd->blm", q, table[negatives])
+    def encode_and_score(state, batch, targets, negatives):  # as sampled_softmax_loss scores them
+        return sequence_training_forward(nnx.merge(graphdef, state), {**batch, "targets": targets, "negatives": negatives})
 
     enc = jax.jit(encode).lower(state, batch).compile()
     full = jax.jit(encode_and_score).lower(state, batch, targets, negatives).compile()

@@ -117,9 +117,6 @@ class SequenceDataset:
         return SequenceBatches(self.split, max_len=max_len, num_negatives=self.config.num_negatives, seed=seed,
                                negatives=self.config.negatives, shared_negatives=self.config.shared_negatives)
 
-    def batches_per_epoch(self, batch_size: int) -> int:
-        return self.batches(1).batches_per_epoch(batch_size)
-
     def train_iterator(self, batch_size: int, max_len: int, seed: int = 0, *, prefetch: int = 2):
         """Infinite, checkpointable grain iterator of train batches (`SequenceBatches.train_batch`)."""
         return self.batches(max_len, seed).train_iterator(batch_size, prefetch=prefetch)

@@ -32,7 +32,7 @@ from scaling.models.embedding import EmbeddingTable
 from scaling.models.hstu_attention import hstu_attention, relative_bias, time_buckets
 from scaling.models.mlp import layer_norm_flops
 from scaling.models.registry import register_model
-from scaling.models.sequence_base import SequenceModel, SequenceModelConfig
+from scaling.models.sequence_base import SequenceModel, SequenceModelConfig, l2_normalize
 from scaling.sharding.annotate import logical_param
 
 
@@ -107,11 +107,6 @@ def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """x / max(||x||, eps), with a zero (not NaN) gradient at x = 0 (the padding row)."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 def _xavier_uniform(key, fan_in: int, fan_out: int) -> jax.Array:
@@ -210,8 +205,8 @@ class HSTU(SequenceModel):
         buckets = time_buckets(timestamps, self.cfg.num_buckets, query_timestamps) if self.cfg.relative_bias else None
         for block in self.blocks:
             x = block(x, timestamps, lengths, query_timestamps, buckets=buckets)
-        return _l2_normalize(x)
+        return l2_normalize(x)
 
     def item_table(self) -> jax.Array:
         """L2-normalised item embeddings [num_items + 1, D] (the research code's item_l2_norm)."""
-        return _l2_normalize(self.item_emb[...])
+        return l2_normalize(self.item_emb[...])

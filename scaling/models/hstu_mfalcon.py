@@ -47,7 +47,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scaling.models.hstu import HSTU, _l2_normalize
+from scaling.models.hstu import HSTU
+from scaling.models.sequence_base import l2_normalize
 from scaling.models.hstu_attention import candidate_attention, candidate_bias, next_timestamps
 
 
@@ -119,7 +120,7 @@ def candidate_outputs(model: HSTU, cache: MFalconCache, candidates: jax.Array) -
         attn = candidate_attention(q, k, v, cache.keys[layer], cache.values[layer], cache.rab_hist[layer],
                                    cache.rab_self[layer], cache.lengths, norm)
         x = block.output(x, u, attn)
-    return _l2_normalize(x)
+    return l2_normalize(x)
 
 
 def score_candidates(model: HSTU, cache: MFalconCache, candidates: jax.Array) -> jax.Array:
@@ -129,7 +130,7 @@ def score_candidates(model: HSTU, cache: MFalconCache, candidates: jax.Array) ->
     without an O(num_items D) pass per micro-batch.
     """
     out = candidate_outputs(model, cache, candidates)
-    return jnp.sum(out * _l2_normalize(model.item_emb[...][candidates]), axis=-1)
+    return jnp.sum(out * l2_normalize(model.item_emb[...][candidates]), axis=-1)
 
 
 def mfalcon_scores(model: HSTU, items: jax.Array, timestamps: jax.Array, length: jax.Array,

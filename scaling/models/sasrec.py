@@ -49,7 +49,7 @@ from scaling.data.spec import SequenceSpec
 from scaling.models.embedding import EmbeddingTable
 from scaling.models.mlp import LayerNorm, layer_norm_flops
 from scaling.models.registry import register_model
-from scaling.models.sequence_base import SequenceModel, SequenceModelConfig
+from scaling.models.sequence_base import SequenceModel, SequenceModelConfig, l2_normalize
 from scaling.models.transformer import (
     TransformerBlock,
     causal_mask,
@@ -58,7 +58,7 @@ from scaling.models.transformer import (
 )
 from scaling.sharding.annotate import logical_param
 
-__all__ = ["SASRec", "SASRecConfig", "l2_normalize"]
+__all__ = ["SASRec", "SASRecConfig"]
 
 _LN_EPS = 1e-8  # both reference codes
 
@@ -123,11 +123,6 @@ class SASRecConfig(SequenceModelConfig):
         if self.l2_normalize:
             flops += n * (3.0 * d + 1)
         return float(flops)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """x [..., D] / max(||x||, eps); a zero row (padding) stays 0 with a finite gradient."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 @register_model("sasrec", SASRecConfig)

@@ -26,10 +26,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from scaling.config import ModelConfig
 from scaling.data.spec import SequenceSpec
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """x [..., D] / max(||x||, eps); a zero row (padding) stays 0 with a finite (zero) gradient."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
 
 
 class SequenceModelConfig(ModelConfig):

@@ -15,18 +15,27 @@ import jax.numpy as jnp
 ACCIDENTAL_HIT_LOGIT = -5e4
 
 
+def sampled_scores(queries: jax.Array, item_table: jax.Array, targets: jax.Array, negatives: jax.Array) -> jax.Array:
+    """Dot products [B, L, 1 + M] of each query with its target (column 0) and its negatives.
+
+    queries [B, L, D], item_table [num_items + 1, D], targets [B, L], negatives [B, L, M] or
+    [B, 1, M] (the same negatives at every position of a sequence: one [L, D] x [D, M] matmul)."""
+    pos = jnp.einsum("bld,bld->bl", queries, item_table[targets])
+    if negatives.shape[1] == 1 and targets.shape[1] != 1:
+        neg = jnp.einsum("bld,bmd->blm", queries, item_table[negatives[:, 0]])
+    else:
+        neg = jnp.einsum("bld,blmd->blm", queries, item_table[negatives])
+    return jnp.concatenate([pos[..., None], neg], axis=-1)
+
+
 def sampled_softmax_loss(queries: jax.Array, item_table: jax.Array, targets: jax.Array, negatives: jax.Array,
                          lengths: jax.Array, temperature: float = 0.05) -> jax.Array:
     """queries [B, L, D], item_table [num_items + 1, D], targets [B, L], negatives [B, L, M] (or
     [B, 1, M]: the same negatives at every position of a sequence), lengths [B] -> scalar mean loss
     over positions < length."""
-    pos = jnp.einsum("bld,bld->bl", queries, item_table[targets]) / temperature
-    if negatives.shape[1] == 1 and targets.shape[1] != 1:
-        neg = jnp.einsum("bld,bmd->blm", queries, item_table[negatives[:, 0]]) / temperature
-    else:
-        neg = jnp.einsum("bld,blmd->blm", queries, item_table[negatives]) / temperature
-    neg = jnp.where(negatives == targets[..., None], ACCIDENTAL_HIT_LOGIT, neg)
-    logits = jnp.concatenate([pos[..., None], neg], axis=-1)
+    logits = sampled_scores(queries, item_table, targets, negatives) / temperature
+    hit = jnp.concatenate([jnp.zeros_like(targets, bool)[..., None], negatives == targets[..., None]], axis=-1)
+    logits = jnp.where(hit, ACCIDENTAL_HIT_LOGIT, logits)
     nll = -jax.nn.log_softmax(logits, axis=-1)[..., 0]
     valid = jnp.arange(targets.shape[1])[None, :] < lengths[:, None]
     return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)

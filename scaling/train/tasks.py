@@ -17,6 +17,7 @@ temperature; evaluation ranks the full catalogue for each eval user's validation
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -50,6 +51,10 @@ class CTRTask:
     selection: tuple[str, str] = ("logloss", "min")
     keys: tuple[str, ...] = ("sparse", "dense")
 
+    @functools.cached_property
+    def _reference(self) -> dict[str, float]:
+        return self.dataset.reference_metrics()
+
     def loss(self, model, batch: Mapping[str, jax.Array]) -> jax.Array:
         logits = model(batch).astype(jnp.float32)
         return optax.sigmoid_binary_cross_entropy(logits, batch["label"].astype(jnp.float32)).mean()
@@ -67,7 +72,7 @@ class CTRTask:
 
     def evaluate(self, eval_fn: EvalFn) -> dict[str, float]:
         arrays = self.dataset.eval_arrays()
-        reference = self.dataset.reference_metrics()
+        reference = self._reference
         keys = [k for k in self.keys if k in arrays]
         n = len(arrays["label"])
         logits = []
