@@ -30,7 +30,6 @@ from flax import nnx
 
 from scaling.data.spec import CTRFeatureSpec, SequenceSpec
 from scaling.models.base import abstract_param_counts
-from scaling.train.sampled_softmax import sampled_scores
 
 __all__ = [
     "FlopReport",
@@ -96,7 +95,7 @@ def _zero_batch(spec: CTRFeatureSpec | SequenceSpec, batch_size: int, max_len: i
         ints = lambda *shape: jax.ShapeDtypeStruct((batch_size, *shape), jnp.int32)  # noqa: E731
         L = int(max_len)
         return {"items": ints(L), "timestamps": ints(L), "next_timestamps": ints(L), "lengths": ints(),
-                "targets": ints(L), "negatives": ints(L, spec.num_negatives)}
+                "users": ints(), "targets": ints(L), "negatives": ints(L, spec.num_negatives)}
     return {
         "sparse": jax.ShapeDtypeStruct((batch_size, spec.num_fields), jnp.int32),
         "dense": jax.ShapeDtypeStruct((batch_size, spec.num_dense), jnp.float32),
@@ -104,9 +103,9 @@ def _zero_batch(spec: CTRFeatureSpec | SequenceSpec, batch_size: int, max_len: i
 
 
 def sequence_training_forward(model: nnx.Module, batch) -> jax.Array:
-    """What a next-item model computes per training sequence before the loss: the queries [B, L, D]
-    and their dot products with the target and negative items [B, L, 1 + M]."""
-    return sampled_scores(model(batch), model.item_table(), batch["targets"], batch["negatives"])
+    """What a next-item model computes per training sequence before the loss (its `training_forward`:
+    by default the queries [B, L, D] and their dot products with the target and negatives [B, L, 1 + M])."""
+    return model.training_forward(batch)
 
 
 def flops_from_cost(cost: Any) -> float:

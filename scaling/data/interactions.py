@@ -38,7 +38,8 @@ class Interactions:
     items int32 [N] (1..num_items), timestamps int64 [N], ratings float32 [N] (NaN if the format
     has none); user_ids / item_ids: the original ids (item_ids[0] is the padding placeholder '');
     actions: optional int8 [N] action type per event (synthetic logs: 0 view, 1 click, 2 purchase),
-    None for formats that have none.
+    None for formats that have none. timed: False when the format has no clock (the line format's
+    timestamps are positions in each user's line).
     """
 
     offsets: np.ndarray
@@ -49,6 +50,7 @@ class Interactions:
     item_ids: tuple[str, ...]
     source: str
     actions: np.ndarray | None = None
+    timed: bool = True
 
     @property
     def num_users(self) -> int:
@@ -177,5 +179,5 @@ def load_interactions(path: str, fmt: Format = "auto") -> Interactions:
     offsets = np.concatenate([[0], np.cumsum(np.bincount(u, minlength=len(users)))]).astype(np.int64)
     return Interactions(
         offsets=offsets, items=it[order], timestamps=t[order], ratings=r[order],
-        user_ids=tuple(users), item_ids=("",) + tuple(items), source=path,
+        user_ids=tuple(users), item_ids=("",) + tuple(items), source=path, timed=fmt != "lines",
     )

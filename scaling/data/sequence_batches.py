@@ -9,12 +9,17 @@ e_1..e_n truncated to the most recent max_len + 1:
     next_timestamps int32 [B, L] the targets' timestamps (HSTU's time bias looks at the next event)
     lengths     int32 [B]        valid positions
     actions     int32 [B, L]     the input events' action types (0 where the log has none)
+    users       int32 [B]        the users (models with a user embedding read them)
     negatives   int32 [B, L, M]  per position (M = num_negatives): `uniform` over 1..num_items (the
                                  research code's sampler), or `in_batch`: drawn uniformly from the
                                  batch's valid targets (popularity-shaped, no logQ correction);
                                  [B, 1, M] when shared_negatives: one draw per sequence, used at
                                  every position (50x less gathering at L = 50; the scores become
                                  one [L, D] x [D, M] matmul per sequence)
+
+With targets="all" (user-item models such as BPR-MF, and BERT4Rec's Cloze objective) a row holds
+the user's most recent L training events e_{n-L+1}..e_n and `targets` equals `items`: every
+training event is a positive for its user, none is an input only.
 
 Batch j is a pure function of j (epoch j // batches_per_epoch, a seeded permutation of the users
 per epoch; the last batch of an epoch wraps to the permutation's start), so the grain iterator's
@@ -41,18 +46,21 @@ class SequenceBatches:
     seed: int = 0
     negatives: str = "uniform"
     shared_negatives: bool = False
+    targets: str = "next"
 
     def __post_init__(self):
         if self.max_len < 1 or self.num_negatives < 0:
             raise ValueError(f"need max_len >= 1 and num_negatives >= 0, got {self.max_len}, {self.num_negatives}")
         if self.negatives not in ("uniform", "in_batch"):
             raise ValueError(f"negatives must be 'uniform' or 'in_batch', got {self.negatives!r}")
+        if self.targets not in ("next", "all"):
+            raise ValueError(f"targets must be 'next' or 'all', got {self.targets!r}")
 
     @property
     def train_users(self) -> np.ndarray:
-        """Users with at least two training events (one input, one target)."""
+        """Users with at least two training events (one input, one target); one with targets="all"."""
         log = self.split.log
-        return np.flatnonzero(self.split.train_end - log.offsets[:-1] >= 2)
+        return np.flatnonzero(self.split.train_end - log.offsets[:-1] >= (2 if self.targets == "next" else 1))
 
     def batches_per_epoch(self, batch_size: int) -> int:
         return math.ceil(len(self.train_users) / batch_size)
@@ -73,19 +81,22 @@ class SequenceBatches:
             "next_timestamps": np.zeros((batch_size, L), np.int32),
             "lengths": np.zeros(batch_size, np.int32),
             "actions": np.zeros((batch_size, L), np.int32),
+            "users": users.astype(np.int32),
         }
         actions = log.actions
+        shift = 1 if self.targets == "next" else 0  # "all": the targets are the inputs themselves
         for b, u in enumerate(users):
-            lo = max(int(log.offsets[u]), int(self.split.train_end[u]) - (L + 1))
             hi = int(self.split.train_end[u])
-            n = hi - lo - 1
-            out["items"][b, :n] = log.items[lo : hi - 1]
-            out["timestamps"][b, :n] = log.timestamps[lo : hi - 1]
-            out["targets"][b, :n] = log.items[lo + 1 : hi]
-            out["next_timestamps"][b, :n] = log.timestamps[lo + 1 : hi]
+            lo = max(int(log.offsets[u]), hi - (L + shift))
+            hi -= shift
+            n = hi - lo
+            out["items"][b, :n] = log.items[lo:hi]
+            out["timestamps"][b, :n] = log.timestamps[lo:hi]
+            out["targets"][b, :n] = log.items[lo + shift : hi + shift]
+            out["next_timestamps"][b, :n] = log.timestamps[lo + shift : hi + shift]
             out["lengths"][b] = n
             if actions is not None:
-                out["actions"][b, :n] = actions[lo : hi - 1]
+                out["actions"][b, :n] = actions[lo:hi]
         if self.num_negatives:
             rng = np.random.default_rng((self.seed, 1, j))
             shape = (batch_size, 1 if self.shared_negatives else L, self.num_negatives)

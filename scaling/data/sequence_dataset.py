@@ -105,7 +105,7 @@ class SequenceDataset:
         self.log = _int32_times(log)
         self.split = leave_one_out(self.log)
         self.spec = SequenceSpec(num_items=self.log.num_items, num_negatives=config.num_negatives,
-                                 shared_negatives=config.shared_negatives)
+                                 shared_negatives=config.shared_negatives, num_users=self.log.num_users)
         self.source_reference = dict(source_reference)
         self.oracle = oracle
         users = self.split.eval_users
@@ -113,13 +113,14 @@ class SequenceDataset:
             users = np.sort(np.random.default_rng(0).choice(users, config.eval_users, replace=False))
         self.eval_users = users
 
-    def batches(self, max_len: int, seed: int = 0) -> SequenceBatches:
+    def batches(self, max_len: int, seed: int = 0, targets: str = "next") -> SequenceBatches:
         return SequenceBatches(self.split, max_len=max_len, num_negatives=self.config.num_negatives, seed=seed,
-                               negatives=self.config.negatives, shared_negatives=self.config.shared_negatives)
+                               negatives=self.config.negatives, shared_negatives=self.config.shared_negatives,
+                               targets=targets)
 
-    def train_iterator(self, batch_size: int, max_len: int, seed: int = 0, *, prefetch: int = 2):
+    def train_iterator(self, batch_size: int, max_len: int, seed: int = 0, *, targets: str = "next", prefetch: int = 2):
         """Infinite, checkpointable grain iterator of train batches (`SequenceBatches.train_batch`)."""
-        return self.batches(max_len, seed).train_iterator(batch_size, prefetch=prefetch)
+        return self.batches(max_len, seed, targets).train_iterator(batch_size, prefetch=prefetch)
 
     def evaluate(self, score: Scorer, stage: Stage, max_len: int, batch_size: int) -> dict[str, float]:
         """Full-catalogue ranking metrics of `score` on the eval users' `stage` targets."""

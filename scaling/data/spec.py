@@ -35,6 +35,7 @@ class SequenceSpec:
       items, targets            int32 [B, L]
       timestamps, next_timestamps int32 [B, L]  (seconds; next_timestamps = the target's time)
       lengths                   int32 [B]
+      users                     int32 [B]
       actions                   int32 [B, L]  (action type of each input event; 0 if unknown)
       negatives                 int32 [B, L, num_negatives]  ([B, 1, M] when shared per sequence)
     Eval batch: items, timestamps, next_timestamps, lengths, actions (the last valid position's
@@ -44,3 +45,4 @@ class SequenceSpec:
     num_items: int
     num_negatives: int
     shared_negatives: bool = False  # one negative draw per sequence ([B, 1, M]) instead of per position
+    num_users: int = 0  # user ids 0..num_users-1 (`users` [B]); 0 where unknown (FLOP counts need none)

@@ -6,9 +6,15 @@ import importlib
 
 from flax import nnx
 
-_MODELS: dict[str, tuple[type, type]] = {}
+_MODELS: dict[str, tuple[type, type | None]] = {}
 # Modules that register model families on import.
-_FAMILY_MODULES = ("scaling.models.wukong", "scaling.models.dlrm", "scaling.models.hstu", "scaling.models.sasrec")
+_FAMILY_MODULES = (
+    "scaling.models.wukong",
+    "scaling.models.dlrm",
+    "scaling.models.hstu",
+    "scaling.models.sasrec",
+    "scaling.models.baselines.catalogue",
+)
 
 
 def register_model(name: str, config_cls: type):
@@ -19,6 +25,22 @@ def register_model(name: str, config_cls: type):
         return model_cls
 
     return wrap
+
+
+def register_fitted(name: str):
+    """Class decorator: register a fitted baseline's config (`scaling.models.baselines.fitted`);
+    it has no nnx.Module: `scaling.train.fit_run` fits it."""
+
+    def wrap(config_cls: type) -> type:
+        _MODELS[name] = (config_cls, None)
+        return config_cls
+
+    return wrap
+
+
+def is_fitted(config) -> bool:
+    """True for a fitted baseline's config (fit by its own solver, not the gradient loop)."""
+    return bool(getattr(type(config), "FITTED", False))
 
 
 def _load() -> None:
@@ -38,4 +60,7 @@ def model_class(name: str) -> type:
 
 def build_model(config, spec, *, rngs: nnx.Rngs) -> nnx.Module:
     """Instantiate the registered family of `config` for a data spec."""
-    return model_class(config.name)(config, spec, rngs=rngs)
+    cls = model_class(config.name)
+    if cls is None:
+        raise TypeError(f"'{config.name}' is a fitted baseline; it has no nnx.Module (scaling.train.fit_run fits it)")
+    return cls(config, spec, rngs=rngs)

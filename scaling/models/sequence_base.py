@@ -7,10 +7,19 @@ A family is an `nnx.Module` registered with `register_model(name, ConfigClass)`:
         def __call__(self, batch) -> queries float [B, L, D]   # one next-item query per position
         def item_table(self) -> float [num_items + 1, D]       # what queries are scored against
 
-The batch is `SequenceSpec`'s (items, timestamps, next_timestamps, lengths; models that ignore
-time ignore the timestamps). Training scores each valid position's query against its target and
-sampled negatives (`scaling.train.sampled_softmax`); evaluation scores the query at position
-length - 1 against the whole `item_table()`.
+The batch is `SequenceSpec`'s (items, timestamps, next_timestamps, lengths, users; models that
+ignore time ignore the timestamps). The task calls two methods, whose defaults are the sequential
+models' objective; a family with another objective overrides them:
+
+    training_loss(batch, temperature) -> scalar   default: each valid position's query against its
+                                                  target and sampled negatives, sampled softmax
+                                                  (`scaling.train.sampled_softmax`)
+    catalogue_scores(batch, temperature) -> [B, V + 1]   default: the query at position length - 1
+                                                  dotted with the whole `item_table()`
+
+The config's `TARGETS` picks the train batches: "next" (position t predicts event t + 1, the
+sequential models) or "all" (every training event is a target of its user: BPR-MF, NeuMF,
+LightGCN, BERT4Rec's Cloze objective).
 
 The config (a `SequenceModelConfig`) defines `embed_dim` and `max_len` and exposes, without
 building the model:
@@ -31,6 +40,7 @@ from flax import nnx
 
 from scaling.config import ModelConfig
 from scaling.data.spec import SequenceSpec
+from scaling.train.sampled_softmax import sampled_scores, sampled_softmax_loss
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -42,6 +52,7 @@ class SequenceModelConfig(ModelConfig):
     """Shared by next-item family configs (which define `embed_dim`, `max_len`, `encoder_flops`)."""
 
     TASK = "next_item"
+    TARGETS = "next"  # or "all": see the module docstring
 
     def encoder_flops(self, n: int) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -64,10 +75,27 @@ class SequenceModel(nnx.Module):
     """Base class of next-item families: batch -> queries [B, L, D]; `item_table()` [V + 1, D]."""
 
     TASK = "next_item"
-    batch_keys: tuple[str, ...] = ("items", "timestamps", "next_timestamps", "lengths")
+    batch_keys: tuple[str, ...] = ("items", "timestamps", "next_timestamps", "lengths", "users")
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def item_table(self) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def training_forward(self, batch: Mapping[str, jax.Array]) -> jax.Array:
+        """The dense math of a training step before the loss (what the FLOP count covers): the
+        queries' dot products [B, L, 1 + M] with each position's target and negatives."""
+        return sampled_scores(self(batch), self.item_table(), batch["targets"], batch["negatives"])
+
+    def training_loss(self, batch: Mapping[str, jax.Array], temperature: float) -> jax.Array:
+        """Sampled softmax of every valid position's query over its target and the negatives."""
+        queries = self(batch).astype(jnp.float32)
+        table = self.item_table().astype(jnp.float32)
+        return sampled_softmax_loss(queries, table, batch["targets"], batch["negatives"], batch["lengths"], temperature)
+
+    def catalogue_scores(self, batch: Mapping[str, jax.Array], temperature: float) -> jax.Array:
+        """Scores [B, num_items + 1] of every item for the query at each sequence's last position."""
+        queries = self(batch).astype(jnp.float32)
+        last = jnp.take_along_axis(queries, jnp.maximum(batch["lengths"] - 1, 0)[:, None, None], axis=1)[:, 0]
+        return last @ self.item_table().astype(jnp.float32).T / temperature

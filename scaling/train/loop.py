@@ -32,9 +32,10 @@ from scaling.config import RunConfig, dump_yaml, run_id
 from scaling.config_schema import ConfigError, to_dict
 from scaling.flops import xla_flops_per_example
 from scaling.models.base import param_counts
-from scaling.models.registry import build_model
+from scaling.models.registry import build_model, is_fitted
 from scaling.sharding.mesh import batch_divisor, batch_sharding, make_mesh, replicated
 from scaling.train.checkpoint import Checkpointer
+from scaling.train.fit_run import fit_run
 from scaling.train.loggers import MetricsFile, ProgressBar, WandbMirror
 from scaling.train.optimizers import dense_optimizer, embedding_optimizer
 from scaling.train.run_record import (
@@ -203,6 +204,8 @@ class _Run:
     def _train(self) -> RunRecord:
         cfg = self.config
         self.partial: dict[str, Any] = {}
+        if is_fitted(cfg.model):  # a classical baseline with its own solver: fit, evaluate, record
+            return fit_run(cfg, self.run_dir, dataset_of(cfg.data))
         mesh = make_mesh(cfg.sharding.mesh)
         divisor = batch_divisor(mesh)
         if cfg.train.batch_size % divisor or cfg.train.eval_batch_size % divisor:

@@ -107,6 +107,9 @@ class RunRecord:
     device: dict[str, Any]
     versions: dict[str, str]
     resumed_from: list[int] = dataclasses.field(default_factory=list)  # steps at which the run was resumed
+    # Fitted baselines only (scaling/train/fit_run.py): fit_time_s, eval_time_s, fit_peak_host_bytes,
+    # scoring_flops (one user against the catalogue), parameters, and the solver's own details.
+    fit: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def gflops_per_example(self) -> float:

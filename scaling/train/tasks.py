@@ -10,8 +10,9 @@ The training loop is the same for every family; a task supplies the parts that d
     task.selection                               (metric, 'min' | 'max') that picks the best eval
 
 `CTRTask`: logits [B], sigmoid cross-entropy; logloss, NE, AUC on the fixed held-out set.
-`NextItemTask`: queries [B, L, D] scored against the item table by sampled softmax with a
-temperature; evaluation ranks the full catalogue for each eval user's validation and test item.
+`NextItemTask`: the model's `training_loss` (sampled softmax of its queries [B, L, D] against the
+item table by default) and `catalogue_scores`; evaluation ranks the full catalogue for each eval
+user's validation and test item.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import optax
 
 from scaling.config import RunConfig
 from scaling.train import metrics as M
-from scaling.train.sampled_softmax import sampled_softmax_loss
 
 EvalFn = Callable[[dict[str, np.ndarray]], Any]  # host batch -> device outputs
 
@@ -104,26 +104,22 @@ class NextItemTask:
     max_len: int
     temperature: float
     eval_batch_size: int
+    targets: str = "next"
     selection: tuple[str, str] = ("valid_ndcg@10", "max")
-    keys: tuple[str, ...] = ("items", "timestamps", "next_timestamps", "lengths")
+    keys: tuple[str, ...] = ("items", "timestamps", "next_timestamps", "lengths", "users")
 
     def loss(self, model, batch: Mapping[str, jax.Array]) -> jax.Array:
-        queries = model(batch).astype(jnp.float32)
-        table = model.item_table().astype(jnp.float32)
-        return sampled_softmax_loss(queries, table, batch["targets"], batch["negatives"], batch["lengths"],
-                                    self.temperature)
+        return model.training_loss(batch, self.temperature)
 
     def eval_outputs(self, model, batch: Mapping[str, jax.Array]) -> jax.Array:
-        """Scores [B, num_items + 1] of every item for the query at each sequence's last position."""
-        queries = model(batch).astype(jnp.float32)
-        last = jnp.take_along_axis(queries, jnp.maximum(batch["lengths"] - 1, 0)[:, None, None], axis=1)[:, 0]
-        return last @ model.item_table().astype(jnp.float32).T / self.temperature
+        """Scores [B, num_items + 1] of every item for each eval user (the model's `catalogue_scores`)."""
+        return model.catalogue_scores(batch, self.temperature)
 
     def train_iterator(self, batch_size: int, seed: int):
-        return self.dataset.train_iterator(batch_size, self.max_len, seed)
+        return self.dataset.train_iterator(batch_size, self.max_len, seed, targets=self.targets)
 
     def abstract_batch(self, batch_size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
-        example = self.dataset.batches(self.max_len).train_batch(0, 1)
+        example = self.dataset.batches(self.max_len, targets=self.targets).train_batch(0, 1)
         return {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype, sharding=sharding)
                 for k, v in example.items()}
 
@@ -143,6 +139,6 @@ class NextItemTask:
 def make_task(config: RunConfig, dataset, reference_logloss: float | None):
     """The task of a run, from its data set's kind (`RunConfig.check` matched it to the model's)."""
     if getattr(dataset, "TASK", "ctr") == "next_item":
-        return NextItemTask(dataset, max_len=config.model.max_len, temperature=config.model.temperature,
-                            eval_batch_size=config.train.eval_batch_size)
+        return NextItemTask(dataset, max_len=config.model.max_len, temperature=getattr(config.model, "temperature", 1.0),
+                            eval_batch_size=config.train.eval_batch_size, targets=type(config.model).TARGETS)
     return CTRTask(dataset, eval_batch_size=config.train.eval_batch_size, reference_logloss=reference_logloss)

@@ -1,0 +1,4 @@
+"""Every classical baseline, imported so that its family registers (the model registry imports this)."""
+
+from scaling.models.baselines import popularity  # noqa: F401
+from scaling.models.baselines import bpr_mf  # noqa: F401
