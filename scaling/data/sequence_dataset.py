@@ -29,7 +29,7 @@ from scaling.data.interactions import Format, Interactions, load_interactions
 from scaling.data.leave_one_out import Stage, leave_one_out
 from scaling.data.registry import register_data
 from scaling.data.sequence_batches import SequenceBatches
-from scaling.data.spec import SequenceSpec
+from scaling.data.spec import SequenceSpec, TrainingEvents
 from scaling.train.retrieval_eval import Scorer, evaluate_retrieval
 
 _INT32_MAX = 2**31 - 1
@@ -105,7 +105,8 @@ class SequenceDataset:
         self.log = _int32_times(log)
         self.split = leave_one_out(self.log)
         self.spec = SequenceSpec(num_items=self.log.num_items, num_negatives=config.num_negatives,
-                                 shared_negatives=config.shared_negatives, num_users=self.log.num_users)
+                                 shared_negatives=config.shared_negatives, num_users=self.log.num_users,
+                                 training_events=training_events(self.split))
         self.source_reference = dict(source_reference)
         self.oracle = oracle
         users = self.split.eval_users
@@ -153,6 +154,17 @@ class SequenceDataset:
     def reference_metrics(self) -> dict[str, float]:
         """Sizes of the data, and popularity's (and the oracle's, when known) valid/test metrics."""
         return dict(self._reference)
+
+
+def training_events(split) -> TrainingEvents:
+    """The distinct (user, item) pairs of the split's training events, with their counts."""
+    log = split.log
+    lengths = split.train_end - log.offsets[:-1]
+    users = np.repeat(np.arange(log.num_users, dtype=np.int64), lengths)
+    items = np.concatenate([log.items[a:b] for a, b in zip(log.offsets[:-1], split.train_end)]).astype(np.int64)
+    pairs, counts = np.unique(users * (log.num_items + 1) + items, return_counts=True)
+    return TrainingEvents(users=(pairs // (log.num_items + 1)).astype(np.int32),
+                          items=(pairs % (log.num_items + 1)).astype(np.int32), counts=counts.astype(np.int32))
 
 
 def _int32_times(log: Interactions) -> Interactions:
