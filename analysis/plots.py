@@ -99,7 +99,8 @@ def _reference_lines(ax, fit: SweepFit, points: Sequence[ScalePoint], to_y) -> N
     for p in points:
         y = to_y(np.array(1.0 - p.mean if fit.fitted_quantity.startswith("1 - ") else p.mean)).item()
         ax.axhline(y, color="0.55", ls="-.", lw=1.0)
-        ax.annotate(f"{p.family} ({p.size})", (max(xs) if xs else 1, y), fontsize=7, color="0.4", ha="right",
+        label = p.family if p.size == "custom" else f"{p.family} ({p.size})"
+        ax.annotate(label, (max(xs) if xs else 1, y), fontsize=7, color="0.4", ha="right",
                     va="bottom", xytext=(-2, 2), textcoords="offset points")
 
 

@@ -45,6 +45,8 @@ class Run:
     final_eval: Mapping[str, float]
     data_reference: Mapping[str, float]
     config: Mapping[str, Any]
+    wall_time_s: float = 0.0
+    fit: Mapping[str, float] = dataclasses.field(default_factory=dict)  # fitted baselines' fit facts
 
     def get(self, key: str) -> Any:
         """A config value by dotted key, e.g. `optimizer.dense.learning_rate` (None if absent)."""
@@ -100,6 +102,8 @@ def run_from_record(record: Mapping[str, Any]) -> Run:
         final_eval=_reported_eval(record),
         data_reference=dict(record.get("data_reference") or {}),
         config=dict(record.get("config") or {}),
+        wall_time_s=float(record.get("wall_time_s") or 0.0),
+        fit=dict(record.get("fit") or {}),
     )
 
 
@@ -108,7 +112,7 @@ def split_ok(runs: Iterable[Run], tune: Sequence[str], source: str) -> RunSet:
     for run in runs:
         if run.status != "ok":
             dropped.append((run.run_id, f"status {run.status}: {run.reason}"[:200]))
-        elif run.gflops_per_example <= 0:
+        elif run.gflops_per_example <= 0 and not run.fit:  # fitted baselines have no training forward pass
             dropped.append((run.run_id, "no FLOP count in its record"))
         else:
             ok.append(run)
@@ -192,6 +196,7 @@ class ScalePoint:
     values: tuple[float, ...]  # per seed
     seeds: tuple[int, ...]
     choice: TunedChoice | None
+    run_ids: tuple[str, ...] = ()  # the chosen runs (one per seed)
 
 
 def _group_key(run: Run, tune: Sequence[str]) -> tuple:
@@ -255,7 +260,8 @@ def scale_points(runs: RunSet, metric: str = "logloss") -> list[ScalePoint]:
         sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else float("nan")
         first = chosen[0]
         points.append(ScalePoint(family, size, first.gflops_per_example, first.train_flops, first.examples, first.params_dense,
-                                 first.params_embedding, mean, sem, n, tuple(values), tuple(s for s, _ in vals), choice))
+                                 first.params_embedding, mean, sem, n, tuple(values), tuple(s for s, _ in vals), choice,
+                                 tuple(r.run_id for r in chosen)))
     points.sort(key=lambda p: (p.family, p.gflops_per_example, p.examples))
     return points
 

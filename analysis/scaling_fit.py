@@ -219,6 +219,9 @@ def fit_sweep(runs: RunSet, metric: str = "logloss", *, axis: str = "gflops_per_
         if len(pts) < 3:
             skipped[family] = f"{len(pts)} size(s); a fit needs at least 3"
             continue
+        if any(p.gflops_per_example <= 0 for p in pts):  # fitted baselines: no training forward pass
+            skipped[family] = "no FLOP scale (a fitted baseline)"
+            continue
         families[family] = fit_family(family, pts, axis=axis, upward=upward, n_resamples=n_resamples, seed=seed)
     comparisons = {}
     ref = families.get(reference)

@@ -110,6 +110,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="draw the fit made without the largest N sizes (open markers), or 0: the fit to all sizes")
     p.add_argument("--relative-to", metavar="FAMILY:SIZE",
                    help="plot %% relative to that point (the Wukong paper's y-axis), e.g. dlrm:xxs")
+    p.add_argument("--baselines", metavar="RUNS",
+                   help="another sweep's run directory (e.g. runs/baselines_synthetic): its best method is drawn "
+                        "as a labelled reference line")
     p = sub.add_parser("compare", help="one table of a sweep's results, from run directories or from W&B",
                        description="Per family and size: FLOPs, params, seeds, chosen lr and the metric. Reads "
                                    "runs/<sweep> or, with --wandb, the runs of a W&B group (online).")
@@ -322,13 +325,23 @@ def cmd_plot(args) -> int:
         if point is None:
             raise ConfigError("--relative-to", f"no point {args.relative_to!r} among the fitted families' sizes")
         relative = (args.relative_to, point.mean)
-    from analysis.records import scale_points
+    from analysis.records import higher_is_better, load_local, scale_points
 
+    best = max if higher_is_better(args.metric) else min
     references = []
     for family in fit.skipped:  # families without a FLOP scale: their best point as a reference line
         points = [p for p in scale_points(runs, args.metric) if p.family == family]
         if points:
-            references.append(min(points, key=lambda p: p.mean))
+            references.append(best(points, key=lambda p: p.mean))
+    if args.baselines:  # the best method of another sweep (the classical baselines) as one more line
+        try:
+            others = load_local(args.baselines)
+        except FileNotFoundError as err:
+            raise ConfigError("--baselines", str(err)) from None
+        points = [p for p in scale_points(others, args.metric) if p.family not in fit.families]
+        if not points:
+            raise ConfigError("--baselines", f"{args.baselines}: no finished run reports test {args.metric}")
+        references.append(best(points, key=lambda p: p.mean))
     paths = plot_sweep(fit, os.path.join(out, "plots"), holdout=args.holdout, relative_to=relative, references=references)
     print("wrote " + " and ".join(paths))
     return 0
@@ -358,8 +371,17 @@ def cmd_compare(args) -> int:
     if args.runs:
         _default_metric(args)
     args.metric = args.metric or "logloss"
+    if _is_ranking(args.metric):  # the retrieval track: one row per method, with the data's own rows
+        from analysis.retrieval_table import retrieval_table
+
+        wide_console().print(retrieval_table(runs, args.metric))
+        return 0
     wide_console().print(points_table(runs, scale_points(runs, args.metric), args.metric))
     return 0
+
+
+def _is_ranking(metric: str) -> bool:
+    return metric.startswith(("hr@", "ndcg@", "mrr", "coverage@"))
 
 
 def main(argv: list[str] | None = None) -> int:

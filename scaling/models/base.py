@@ -61,8 +61,12 @@ def param_counts(model: nnx.Module) -> ParamCounts:
 
 
 def abstract_param_counts(config, spec) -> ParamCounts:
-    """Parameter counts without allocating (via nnx.eval_shape)."""
-    from scaling.models.registry import build_model
+    """Parameter counts without allocating (via nnx.eval_shape); zeros for a fitted baseline, whose
+    size is known only after its fit (the run record has it)."""
+    from scaling.models.registry import build_model, is_fitted
+
+    if is_fitted(config):
+        return ParamCounts(dense=0, embedding=0)
 
     model = nnx.eval_shape(lambda: build_model(config, spec, rngs=nnx.Rngs(0)))
     return param_counts(model)

@@ -6,6 +6,8 @@ A sweep YAML is a run config (the base) plus a `sweep:` section of axes:
       scale:                      # which families and sizes (a family's named ladder) ...
         wukong: [xxs, xs, s, m]
         dlrm: {gflops: [1.0e-4, 1.0e-3], set: {optimizer.dense.learning_rate: 1.0e-3}}
+        item_knn: {set: {model.neighbours: 200}}   # no sizes: one trial (families without a ladder)
+        popularity:                                # the same, with the family's defaults
       grid:                       # cartesian product; a value may depend on family / size
         optimizer.dense.learning_rate: {default: [2.0e-3, 4.0e-3], wukong.m: [1.0e-3, 2.0e-3]}
       zip:                        # lockstep: the i-th values go together
@@ -253,6 +255,8 @@ def _scale_entries(base: dict[str, Any], scale: Any) -> list[_ScaleEntry]:
         path = f"sweep.scale.{family}"
         family = _check_family(family, path)
         sizes_cls = _families()[family].SIZES
+        if spec is None:  # `popularity:` alone: one trial with the family's defaults
+            spec = {}
         if isinstance(spec, (list, tuple)):
             spec = {"sizes": spec}
         if not isinstance(spec, Mapping):
@@ -268,8 +272,9 @@ def _scale_entries(base: dict[str, Any], scale: Any) -> list[_ScaleEntry]:
             if key in _RESERVED:
                 raise ConfigError(f"{path}.set.{key}", f"cannot be set per family: {_RESERVED[key]}")
         overrides = tuple((str(k), v) for k, v in sets.items())
-        if "sizes" not in spec and "gflops" not in spec:
-            raise ConfigError(path, "give `sizes` or `gflops`")
+        if "sizes" not in spec and "gflops" not in spec:  # one trial, no preset (families without a ladder)
+            entries.append(_ScaleEntry(family, "custom", None, overrides))
+            continue
         for size in _as_list(spec["sizes"], f"{path}.sizes") if "sizes" in spec else []:
             if size not in sizes_cls:
                 raise ConfigError(f"{path}.sizes", f"unknown size {size!r} of {family}"
@@ -282,7 +287,9 @@ def _scale_entries(base: dict[str, Any], scale: Any) -> list[_ScaleEntry]:
 
 def _trial_config(base: Mapping[str, Any], family: str, size: str, family_sets, axes, seed: int, where: str) -> RunConfig:
     raw = json.loads(json.dumps(base))  # deep copy of plain data
-    raw["model"] = {**_family_model_section(base, family), "name": family, "size": size}
+    raw["model"] = {**_family_model_section(base, family), "name": family}
+    if size != "custom":  # families without a ladder have no `size` knob
+        raw["model"]["size"] = size
     raw["seed"] = seed
     try:
         for key, value in (*family_sets, *axes):

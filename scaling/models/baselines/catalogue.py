@@ -2,3 +2,6 @@
 
 from scaling.models.baselines import popularity  # noqa: F401
 from scaling.models.baselines import bpr_mf  # noqa: F401
+from scaling.models.baselines import neighbourhood  # noqa: F401
+from scaling.models.baselines import als  # noqa: F401
+from scaling.models.baselines import funk_mf  # noqa: F401
