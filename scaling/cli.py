@@ -160,6 +160,11 @@ def cmd_train(args) -> int:
 def cmd_flops(args) -> int:
     config = _load(args)
     from scaling.flops import flop_report
+    from scaling.models.registry import is_fitted
+
+    if is_fitted(config.model):
+        raise ConfigError("model.name", f"'{config.model.name}' is a fitted baseline: it has no training forward pass "
+                                        "to count; its scoring cost is in its run record (fit.scoring_flops)")
 
     report = flop_report(config.model, config.data.feature_spec())
     if args.json:
