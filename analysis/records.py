@@ -169,6 +169,15 @@ def load_local(directory: str) -> RunSet:
     return split_ok(runs, tune, directory)
 
 
+def merge_run_sets(sets: Sequence[RunSet]) -> RunSet:
+    """Several sweeps' runs read as one set (e.g. the baselines beside SASRec and HSTU on one split)."""
+    if len(sets) == 1:
+        return sets[0]
+    tune = tuple(dict.fromkeys(k for s in sets for k in s.tune))
+    return RunSet(tuple(r for s in sets for r in s.ok), tuple(d for s in sets for d in s.dropped), tune,
+                  " + ".join(s.source for s in sets))
+
+
 @dataclasses.dataclass(frozen=True)
 class TunedChoice:
     """The best value of the tuned keys for one (family, size, other settings) group."""

@@ -42,10 +42,22 @@ def _default_metric(args: argparse.Namespace) -> None:
         try:
             with open(os.path.join(args.runs, "sweep.json")) as f:
                 args.metric = json.load(f).get("metric") or "logloss"
-        except (OSError, ValueError):
-            args.metric = "logloss"
+        except (OSError, ValueError):  # runs of `scaling train`: next-item records say so themselves
+            args.metric = "ndcg@10" if _next_item_runs(args.runs) else "logloss"
     if getattr(args, "reference", "") is None:
         args.reference = "sasrec" if higher_is_better(args.metric) and args.metric != "auc" else "dlrm"
+
+
+def _next_item_runs(directory: str) -> bool:
+    import glob
+
+    for path in glob.glob(os.path.join(directory, "*", "result.json"))[:1]:
+        try:
+            with open(path) as f:
+                return "valid_ndcg@10" in (json.load(f).get("best_eval") or {})
+        except (OSError, ValueError):
+            return False
+    return False
 
 
 def _analysis_args(p: argparse.ArgumentParser) -> None:
@@ -116,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="one table of a sweep's results, from run directories or from W&B",
                        description="Per family and size: FLOPs, params, seeds, chosen lr and the metric. Reads "
                                    "runs/<sweep> or, with --wandb, the runs of a W&B group (online).")
-    p.add_argument("runs", nargs="?", help="a sweep's run directory, e.g. runs/quickstart")
+    p.add_argument("runs", nargs="*", help="a sweep's run directory, e.g. runs/quickstart; several are read as one "
+                                           "set (e.g. runs/baselines_beauty runs/sasrec_beauty)")
     p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read the runs from W&B instead (needs --group)")
     p.add_argument("--group", help="the W&B group: the sweep's name")
     p.add_argument("--metric", default=None, help="any final_eval key (default: the sweep's metric, else logloss)")
@@ -353,7 +366,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from analysis.records import load_local, scale_points
+    from analysis.records import load_local, merge_run_sets, scale_points
     from analysis.summary import points_table
     from scaling.train.report import wide_console
 
@@ -368,13 +381,15 @@ def cmd_compare(args) -> int:
             raise ConfigError("--wandb", str(err)) from None
     elif args.runs:
         try:
-            runs = load_local(args.runs)
+            runs = merge_run_sets([load_local(d) for d in args.runs])
         except FileNotFoundError as err:
             raise ConfigError("", str(err)) from None
     else:
         raise ConfigError("runs", "give a run directory or --wandb ENTITY/PROJECT --group SWEEP")
     if args.runs:
+        directories, args.runs = args.runs, args.runs[0]  # the first directory's sweep names the metric
         _default_metric(args)
+        args.runs = directories
     args.metric = args.metric or "logloss"
     if _is_ranking(args.metric):  # the retrieval track: one row per method, with the data's own rows
         from analysis.retrieval_table import retrieval_table
