@@ -23,9 +23,11 @@ stage) against the trained Y; score(b, j) = x_bᵀ y_j. So, unlike MF scored wit
 factors, ALS ranks the test item knowing the validation item. The trained user factors are used
 only to fit Y.
 
-Defaults: alpha = 10 (the event counts here are mostly 1, so an observed pair weighs 11 times an
-unobserved one; HKV used 40 on watch-time counts), reg = 0.1, 15 iterations, rank 64 (size
-presets r8 ... r256).
+Defaults: alpha = 40 (HKV's value; the event counts here are mostly 1, so an observed pair weighs
+41 times an unobserved one), reg = 0.1, 15 iterations, rank 64 (size presets r8 ... r256). On
+Amazon Beauty's validation targets alpha 40 beat 2 and 10 (HR@10 0.069 against 0.059, 0.067;
+100 within noise), reg between 0.1 and 100 barely mattered (the confidence-weighted Gram
+dominates), and rank helped (32: 0.059, 64: 0.069, 128: 0.078).
 """
 
 from __future__ import annotations
@@ -167,7 +169,7 @@ class ALSConfig(FittedModelConfig):
     name: Literal["als"] = knob("als")
     size: str = knob("custom", help=f"preset name ({', '.join(_SIZES)}) or 'custom' (no preset)")
     rank: int = knob(64, ge=1, help="k: rank of the user and item factors")
-    alpha: float = knob(10.0, ge=0.0, help="confidence per event: c_ui = 1 + alpha r_ui")
+    alpha: float = knob(40.0, ge=0.0, help="confidence per event: c_ui = 1 + alpha r_ui")
     regularization: float = knob(0.1, ge=0.0, help="reg: L2 penalty on every factor")
     iterations: int = knob(15, ge=1, help="alternations (all users, then all items)")
 
