@@ -5,3 +5,5 @@ from scaling.models.baselines import bpr_mf  # noqa: F401
 from scaling.models.baselines import neighbourhood  # noqa: F401
 from scaling.models.baselines import als  # noqa: F401
 from scaling.models.baselines import funk_mf  # noqa: F401
+from scaling.models.baselines import neumf, lightgcn  # noqa: F401
+from scaling.models.baselines import two_tower, bert4rec  # noqa: F401
