@@ -71,13 +71,20 @@ def test_bfloat16_compute_and_compiled_memory(tiny_overrides):
 
 
 def test_step_compiles_once(tiny_overrides):
+    """30 more steps compile nothing more: every program that reaches the compiler (compiled, or
+    found in the persistent cache the tests share) is counted."""
     compiles = []
 
-    def listener(event, duration, **kwargs):
+    def on_duration(event, duration, **kwargs):
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(event)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def on_event(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     try:
         train(_config(tiny_overrides, "model.size=xs", "train.steps=10", "train.eval_every=0", "name=a"))
         short = len(compiles)
@@ -85,8 +92,9 @@ def test_step_compiles_once(tiny_overrides):
         train(_config(tiny_overrides, "model.size=xs", "train.steps=40", "train.eval_every=0", "name=b"))
         long = len(compiles)
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert short == long, f"{long - short} extra compilations in 30 more steps"
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
+    assert 0 < long <= short, f"{long - short} extra compilations in 30 more steps"
 
 
 def test_deterministic_for_fixed_seed(tiny_overrides, tmp_path):
