@@ -1,0 +1,293 @@
+"""The OneTrans stack (Zhang et al., WWW'26): causal pre-norm Transformer blocks over
+[S-tokens ; NS-tokens] with mixed parameterization, the pyramid schedule, and two-stage caching.
+
+Tokens: S-tokens s [B, L, d] (the merged behaviour sequence, RIGHT-aligned: the most recent event
+is position L-1, padding first, `s_valid` [B, L]) followed by N NS-tokens ns [B, N, d] (the
+non-sequential features). Order matters: S first, NS last, one causal mask over the concatenation.
+
+Block (pre-norm, RMSNorm):   Z = MixedMHA(Norm(X)) + X;    X' = MixedFFN(Norm(Z)) + Z.
+
+Mixed parameterization: every projection (Q, K, V, the attention output, both FFN matrices) has ONE
+weight shared by all S-tokens and a token-specific weight for each NS position i:
+    W x_j = W_S x_j (j an S-token),    W x_i = W_NS[i] x_i (i-th NS-token),
+written as two einsums ('bld,dhk->blhk' and 'bnd,ndhk->bnhk'), never a loop over tokens. The paper
+leaves the output projection's sharing open; it is mixed here like the rest. FFN(x) = W_2 act(W_1 x).
+No biases (the norms carry the scales).
+
+Causal mask: position p attends position q iff q <= p and q is a valid token. An S-token therefore
+sees only earlier S-tokens (never an NS-token), and an NS-token sees every valid S-token, the NS
+tokens before it, and itself. The S side is candidate-independent: the basis of caching.
+
+Pyramid: layer l lets only the last `keep[l]` S-tokens (the most recent, next to the NS-tokens)
+issue queries; keys and values cover all current tokens; only the query positions' outputs go on,
+so the S length shrinks L -> keep[0] -> keep[1] ... `pyramid_schedule` interpolates linearly from
+L to min(N, L) over the layers, rounding to a multiple (the paper: 1190 -> 12 in multiples of 32).
+Attention at layer l costs O((keep + N) (L_l + N) d) instead of O((L + N)^2 d).
+
+Two-stage caching (`sequence_cache` then `candidate_forward`): for one request, the S-side is run
+once and each layer's S keys and values are cached; each of C candidates then runs only its N
+NS-tokens against the cache. Scores equal the full recomputation (tests/test_onetrans.py).
+
+FLOPs (forward, per example, the project's convention, scaling/models/mlp.py): every matmul
+2 x multiply-adds at the sizes actually computed (the dense path computes the full
+(keep + N) x (L_l + N) score block, whatever the mask), softmax `SOFTMAX_FLOPS_PER_SCORE` per
+score, RMSNorm 4d + 2 per token, activations `ACTIVATION_FLOPS`, residual adds one per element.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from scaling.models.transformer import (
+    ACTIVATION_FLOPS,
+    SOFTMAX_FLOPS_PER_SCORE,
+    Activation,
+    dot_product_attention,
+)
+from scaling.sharding.annotate import logical_param
+
+__all__ = [
+    "MixedProjection",
+    "OneTransBlock",
+    "OneTransStack",
+    "RMSNorm",
+    "pyramid_schedule",
+    "onetrans_stack_flops",
+]
+
+_MASKED_SCORE = -1e30
+# XLA's count for an RMSNorm of one d-vector: square, mean (sum + scale), add eps, multiply by the
+# rsqrt, multiply by the scale (the rsqrt itself is a transcendental).
+_RMS_PER_ELEMENT = 4
+_RMS_PER_VECTOR = 2
+
+
+def _xavier(key: jax.Array, shape: tuple[int, ...], fan_in: int, fan_out: int) -> jax.Array:
+    return math.sqrt(2.0 / (fan_in + fan_out)) * jax.random.normal(key, shape, jnp.float32)
+
+
+def pyramid_schedule(seq_len: int, num_ns: int, num_layers: int, *, multiple: int = 32,
+                     enabled: bool = True) -> tuple[int, ...]:
+    """S-tokens kept as queries by each layer: linear from `seq_len` down to min(num_ns, seq_len)
+    at the last layer, rounded to the nearest `multiple`, never growing, never below the target.
+
+    >>> pyramid_schedule(1190, 12, 6)
+    (992, 800, 608, 416, 224, 12)
+    """
+    if not enabled or num_layers == 0:
+        return (seq_len,) * num_layers
+    target = min(num_ns, seq_len)
+    keep, previous = [], seq_len
+    for layer in range(1, num_layers + 1):
+        if layer == num_layers:
+            k = target
+        else:
+            raw = seq_len + (target - seq_len) * layer / num_layers
+            k = int(round(raw / multiple)) * multiple if multiple > 1 else int(round(raw))
+            k = max(target, min(previous, k))
+        keep.append(k)
+        previous = k
+    return tuple(keep)
+
+
+class RMSNorm(nnx.Module):
+    """x [..., d] -> x / sqrt(mean(x^2) + eps) * scale (statistics in float32)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.eps = eps
+        self.scale = logical_param(jnp.ones((dim,), jnp.float32), ("embed",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...]).astype(x.dtype)
+
+
+class MixedProjection(nnx.Module):
+    """A linear map shared by the S-tokens and specific to each of the N NS-tokens.
+
+    shared [d_in, *out] ("embed" and the output axes); per_token [N, d_in, *out] ("fields" first).
+    `s(x)` maps S-tokens x [B, L, d_in] -> [B, L, *out]; `ns(x)` maps NS-tokens x [..., N, d_in]
+    -> [..., N, *out] (any leading axes, e.g. candidates)."""
+
+    def __init__(self, num_ns: int, d_in: int, out: tuple[int, ...], out_axes: tuple[str, ...], *,
+                 fan_out: int | None = None, in_axis: str = "embed", rngs: nnx.Rngs):
+        fan_out = fan_out or math.prod(out)
+        self.shared = logical_param(_xavier(rngs.params(), (d_in, *out), d_in, fan_out), (in_axis, *out_axes))
+        self.per_token = logical_param(_xavier(rngs.params(), (num_ns, d_in, *out), d_in, fan_out),
+                                       ("fields", in_axis, *out_axes))
+        if len(out) > 2:
+            raise ValueError("a mixed projection has at most two output axes")
+        self._out = "hk"[: len(out)]  # einsum letters of the output axes
+
+    def s(self, x: jax.Array) -> jax.Array:
+        o = self._out
+        return jnp.einsum(f"...ld,d{o}->...l{o}", x, self.shared[...].astype(x.dtype))
+
+    def ns(self, x: jax.Array) -> jax.Array:
+        o = self._out
+        return jnp.einsum(f"...nd,nd{o}->...n{o}", x, self.per_token[...].astype(x.dtype))
+
+
+class _MixedOutput(nnx.Module):
+    """The attention output projection [H, dh] -> d, mixed like the others."""
+
+    def __init__(self, num_ns: int, num_heads: int, head_dim: int, dim: int, *, rngs: nnx.Rngs):
+        inner = num_heads * head_dim
+        self.shared = logical_param(_xavier(rngs.params(), (num_heads, head_dim, dim), inner, dim),
+                                    ("heads", "kv", "embed"))
+        self.per_token = logical_param(_xavier(rngs.params(), (num_ns, num_heads, head_dim, dim), inner, dim),
+                                       ("fields", "heads", "kv", "embed"))
+
+    def s(self, a: jax.Array) -> jax.Array:
+        return jnp.einsum("...lhk,hkd->...ld", a, self.shared[...].astype(a.dtype))
+
+    def ns(self, a: jax.Array) -> jax.Array:
+        return jnp.einsum("...nhk,nhkd->...nd", a, self.per_token[...].astype(a.dtype))
+
+
+def _activate(x: jax.Array, activation: Activation) -> jax.Array:
+    return jax.nn.relu(x) if activation == "relu" else jax.nn.gelu(x, approximate=False)
+
+
+class OneTransBlock(nnx.Module):
+    """One OneTrans block: (s [B, L, d], ns [B, N, d], s_valid [B, L], keep) ->
+    (s' [B, keep, d], ns' [B, N, d], s_valid' [B, keep])."""
+
+    def __init__(self, dim: int, num_heads: int, ffn_dim: int, num_ns: int, *,
+                 activation: Activation = "relu", rngs: nnx.Rngs):
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim, self.activation = num_heads, dim // num_heads, activation
+        heads = (num_heads, self.head_dim)
+        self.norm_attn = RMSNorm(dim)
+        self.norm_ffn = RMSNorm(dim)
+        self.q = MixedProjection(num_ns, dim, heads, ("heads", "kv"), rngs=rngs)
+        self.k = MixedProjection(num_ns, dim, heads, ("heads", "kv"), rngs=rngs)
+        self.v = MixedProjection(num_ns, dim, heads, ("heads", "kv"), rngs=rngs)
+        self.o = _MixedOutput(num_ns, num_heads, self.head_dim, dim, rngs=rngs)
+        self.w_1 = MixedProjection(num_ns, dim, (ffn_dim,), ("mlp",), rngs=rngs)
+        self.w_2 = MixedProjection(num_ns, ffn_dim, (dim,), ("embed",), in_axis="mlp", rngs=rngs)
+
+    def _ffn_s(self, z: jax.Array) -> jax.Array:
+        """Pre-norm residual FFN on S-tokens (the shared weights)."""
+        return z + self.w_2.s(_activate(self.w_1.s(self.norm_ffn(z)), self.activation))
+
+    def _ffn_ns(self, z: jax.Array) -> jax.Array:
+        """Pre-norm residual FFN on NS-tokens (each its own weights)."""
+        return z + self.w_2.ns(_activate(self.w_1.ns(self.norm_ffn(z)), self.activation))
+
+    def keys_values(self, s: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The S-tokens' keys and values [B, L, H, dh]: what the cache keeps per layer."""
+        y = self.norm_attn(s)
+        return self.k.s(y), self.v.s(y)
+
+    def __call__(self, s: jax.Array, ns: jax.Array, s_valid: jax.Array, keep: int
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        length, n = s.shape[1], ns.shape[1]
+        y_s, y_ns = self.norm_attn(s), self.norm_attn(ns)
+        q = jnp.concatenate([self.q.s(y_s[:, length - keep:]), self.q.ns(y_ns)], axis=1)
+        k = jnp.concatenate([self.k.s(y_s), self.k.ns(y_ns)], axis=1)
+        v = jnp.concatenate([self.v.s(y_s), self.v.ns(y_ns)], axis=1)
+        # Static positions: queries are S positions L-keep..L-1 then NS L..L+N-1; keys 0..L+N-1.
+        q_pos = jnp.arange(length - keep, length + n)
+        k_pos = jnp.arange(length + n)
+        k_valid = jnp.concatenate([s_valid, jnp.ones((s.shape[0], n), jnp.bool_)], axis=1)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & k_valid[:, None, None, :]
+        a = dot_product_attention(q, k, v, mask)  # [B, keep + N, H, dh]
+        z_s = s[:, length - keep:] + self.o.s(a[:, :keep])
+        z_ns = ns + self.o.ns(a[:, keep:])
+        valid = s_valid[:, length - keep:]
+        return jnp.where(valid[..., None], self._ffn_s(z_s), 0.0), self._ffn_ns(z_ns), valid
+
+    def sequence_only(self, s: jax.Array, s_valid: jax.Array, keep: int) -> jax.Array:
+        """Stage I: the S-tokens' outputs alone (they never attend an NS-token) -> [B, keep, d]."""
+        length = s.shape[1]
+        y = self.norm_attn(s)
+        q = self.q.s(y[:, length - keep:])
+        k, v = self.k.s(y), self.v.s(y)
+        q_pos, k_pos = jnp.arange(length - keep, length), jnp.arange(length)
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & s_valid[:, None, None, :]
+        z_s = s[:, length - keep:] + self.o.s(dot_product_attention(q, k, v, mask))
+        valid = s_valid[:, length - keep:]
+        return jnp.where(valid[..., None], self._ffn_s(z_s), 0.0)
+
+    def candidates(self, k_s: jax.Array, v_s: jax.Array, s_valid: jax.Array, ns: jax.Array) -> jax.Array:
+        """Stage II: NS-tokens of C candidates per request, ns [B, C, N, d], against the cached S
+        keys/values k_s, v_s [B, L, H, dh] (s_valid [B, L]) -> ns' [B, C, N, d]."""
+        n = ns.shape[2]
+        y = self.norm_attn(ns)
+        q, k_ns, v_ns = self.q.ns(y), self.k.ns(y), self.v.ns(y)  # [B, C, N, H, dh]
+        scale = 1.0 / math.sqrt(self.head_dim)
+        q = q * jnp.asarray(scale, q.dtype)
+        scores_s = jnp.einsum("bcnhk,blhk->bchnl", q, k_s, preferred_element_type=jnp.float32)
+        scores_ns = jnp.einsum("bcnhk,bcmhk->bchnm", q, k_ns, preferred_element_type=jnp.float32)
+        scores_s = jnp.where(s_valid[:, None, None, None, :], scores_s, _MASKED_SCORE)
+        causal = jnp.tril(jnp.ones((n, n), jnp.bool_))
+        scores_ns = jnp.where(causal, scores_ns, _MASKED_SCORE)
+        probs = jax.nn.softmax(jnp.concatenate([scores_s, scores_ns], axis=-1), axis=-1)
+        p_s, p_ns = probs[..., : k_s.shape[1]], probs[..., k_s.shape[1]:]
+        a = (jnp.einsum("bchnl,blhk->bcnhk", p_s.astype(v_s.dtype), v_s)
+             + jnp.einsum("bchnm,bcmhk->bcnhk", p_ns.astype(v_ns.dtype), v_ns))
+        return self._ffn_ns(ns + self.o.ns(a))
+
+
+class OneTransStack(nnx.Module):
+    """`num_layers` OneTrans blocks with a pyramid schedule `keep` (one entry per layer)."""
+
+    def __init__(self, num_layers: int, dim: int, num_heads: int, ffn_dim: int, num_ns: int,
+                 keep: tuple[int, ...], *, activation: Activation = "relu", rngs: nnx.Rngs):
+        if len(keep) != num_layers:
+            raise ValueError(f"the pyramid needs one entry per layer, got {len(keep)} for {num_layers}")
+        self.keep = tuple(int(k) for k in keep)
+        self.blocks = nnx.List([OneTransBlock(dim, num_heads, ffn_dim, num_ns, activation=activation, rngs=rngs)
+                                for _ in range(num_layers)])
+        self.final_norm = RMSNorm(dim)
+
+    def __call__(self, s: jax.Array, ns: jax.Array, s_valid: jax.Array) -> jax.Array:
+        """s [B, L, d] (right-aligned), ns [B, N, d], s_valid [B, L] -> final NS-tokens [B, N, d]."""
+        for block, keep in zip(self.blocks, self.keep):
+            s, ns, s_valid = block(s, ns, s_valid, min(keep, s.shape[1]))
+        return self.final_norm(ns)
+
+    def sequence_cache(self, s: jax.Array, s_valid: jax.Array) -> list[tuple[jax.Array, jax.Array, jax.Array]]:
+        """Stage I, once per request: each layer's (S keys [B, L_l, H, dh], S values, S validity)."""
+        cache = []
+        for block, keep in zip(self.blocks, self.keep):
+            k, v = block.keys_values(s)
+            cache.append((k, v, s_valid))
+            keep = min(keep, s.shape[1])
+            s = block.sequence_only(s, s_valid, keep)
+            s_valid = s_valid[:, s_valid.shape[1] - keep:]
+        return cache
+
+    def candidate_forward(self, cache: list[tuple[jax.Array, jax.Array, jax.Array]], ns: jax.Array) -> jax.Array:
+        """Stage II: ns [B, C, N, d] (C candidates per request) -> final NS-tokens [B, C, N, d]."""
+        for block, (k, v, valid) in zip(self.blocks, cache):
+            ns = block.candidates(k, v, valid, ns)
+        return self.final_norm(ns)
+
+
+def onetrans_stack_flops(seq_len: int, num_ns: int, dim: int, num_heads: int, ffn_dim: int,
+                         keep: tuple[int, ...], *, activation: Activation = "relu") -> float:
+    """Forward FLOPs of `OneTransStack` for one example (module docstring)."""
+    flops, length, n, d = 0.0, seq_len, num_ns, dim
+    rms = lambda count: count * (_RMS_PER_ELEMENT * d + _RMS_PER_VECTOR)  # noqa: E731
+    for k in keep:
+        k = min(k, length)
+        n_q, n_k = k + n, length + n
+        flops += rms(n_k)                                   # attention norm over every current token
+        flops += 2.0 * d * d * (2 * n_q + 2 * n_k)          # Q, O over queries; K, V over keys
+        flops += n_q * d                                    # q / sqrt(dh)
+        flops += 2.0 * 2.0 * n_q * n_k * d                  # scores and values (full block)
+        flops += SOFTMAX_FLOPS_PER_SCORE * n_q * n_k * num_heads
+        flops += n_q * d                                    # residual
+        flops += rms(n_q)
+        flops += n_q * (4.0 * d * ffn_dim + ACTIVATION_FLOPS[activation] * ffn_dim + d)  # FFN + residual
+        flops += k * d                                      # zero the padded S outputs
+        length = k
+    return float(flops + rms(n))
