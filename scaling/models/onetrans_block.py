@@ -22,7 +22,9 @@ Pyramid: layer l lets only the last `keep[l]` S-tokens (the most recent, next to
 issue queries; keys and values cover all current tokens; only the query positions' outputs go on,
 so the S length shrinks L -> keep[0] -> keep[1] ... `pyramid_schedule` interpolates linearly from
 L to min(N, L) over the layers, rounding to a multiple (the paper: 1190 -> 12 in multiples of 32).
-Attention at layer l costs O((keep + N) (L_l + N) d) instead of O((L + N)^2 d).
+Attention at layer l costs O((keep + N) (L_l + N) d) instead of O((L + N)^2 d). The last layer's
+S outputs are never read (the head reads the final NS-tokens), so the last block issues NS queries
+only and has no shared query, output or FFN weights: its schedule entry is not computed.
 
 Two-stage caching (`sequence_cache` then `candidate_forward`): for one request, the S-side is run
 once and each layer's S keys and values are cached; each of C candidates then runs only its N
@@ -115,9 +117,10 @@ class MixedProjection(nnx.Module):
     -> [..., N, *out] (any leading axes, e.g. candidates)."""
 
     def __init__(self, num_ns: int, d_in: int, out: tuple[int, ...], out_axes: tuple[str, ...], *,
-                 fan_out: int | None = None, in_axis: str = "embed", rngs: nnx.Rngs):
+                 fan_out: int | None = None, in_axis: str = "embed", shared: bool = True, rngs: nnx.Rngs):
         fan_out = fan_out or math.prod(out)
-        self.shared = logical_param(_xavier(rngs.params(), (d_in, *out), d_in, fan_out), (in_axis, *out_axes))
+        self.shared = (logical_param(_xavier(rngs.params(), (d_in, *out), d_in, fan_out), (in_axis, *out_axes))
+                       if shared else None)
         self.per_token = logical_param(_xavier(rngs.params(), (num_ns, d_in, *out), d_in, fan_out),
                                        ("fields", in_axis, *out_axes))
         if len(out) > 2:
@@ -136,10 +139,11 @@ class MixedProjection(nnx.Module):
 class _MixedOutput(nnx.Module):
     """The attention output projection [H, dh] -> d, mixed like the others."""
 
-    def __init__(self, num_ns: int, num_heads: int, head_dim: int, dim: int, *, rngs: nnx.Rngs):
+    def __init__(self, num_ns: int, num_heads: int, head_dim: int, dim: int, *, shared: bool = True,
+                 rngs: nnx.Rngs):
         inner = num_heads * head_dim
-        self.shared = logical_param(_xavier(rngs.params(), (num_heads, head_dim, dim), inner, dim),
-                                    ("heads", "kv", "embed"))
+        self.shared = (logical_param(_xavier(rngs.params(), (num_heads, head_dim, dim), inner, dim),
+                                     ("heads", "kv", "embed")) if shared else None)
         self.per_token = logical_param(_xavier(rngs.params(), (num_ns, num_heads, head_dim, dim), inner, dim),
                                        ("fields", "heads", "kv", "embed"))
 
@@ -156,22 +160,26 @@ def _activate(x: jax.Array, activation: Activation) -> jax.Array:
 
 class OneTransBlock(nnx.Module):
     """One OneTrans block: (s [B, L, d], ns [B, N, d], s_valid [B, L], keep) ->
-    (s' [B, keep, d], ns' [B, N, d], s_valid' [B, keep])."""
+    (s' [B, keep, d], ns' [B, N, d], s_valid' [B, keep]).
+
+    `s_queries=False` (the last block): only NS-tokens issue queries (keep must be 0), and the
+    S-side query, output and FFN weights, which nothing would train, are not created."""
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, num_ns: int, *,
-                 activation: Activation = "relu", rngs: nnx.Rngs):
+                 activation: Activation = "relu", s_queries: bool = True, rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim, self.activation = num_heads, dim // num_heads, activation
         heads = (num_heads, self.head_dim)
         self.norm_attn = RMSNorm(dim)
         self.norm_ffn = RMSNorm(dim)
-        self.q = MixedProjection(num_ns, dim, heads, ("heads", "kv"), rngs=rngs)
+        self.s_queries = s_queries
+        self.q = MixedProjection(num_ns, dim, heads, ("heads", "kv"), shared=s_queries, rngs=rngs)
         self.k = MixedProjection(num_ns, dim, heads, ("heads", "kv"), rngs=rngs)
         self.v = MixedProjection(num_ns, dim, heads, ("heads", "kv"), rngs=rngs)
-        self.o = _MixedOutput(num_ns, num_heads, self.head_dim, dim, rngs=rngs)
-        self.w_1 = MixedProjection(num_ns, dim, (ffn_dim,), ("mlp",), rngs=rngs)
-        self.w_2 = MixedProjection(num_ns, ffn_dim, (dim,), ("embed",), in_axis="mlp", rngs=rngs)
+        self.o = _MixedOutput(num_ns, num_heads, self.head_dim, dim, shared=s_queries, rngs=rngs)
+        self.w_1 = MixedProjection(num_ns, dim, (ffn_dim,), ("mlp",), shared=s_queries, rngs=rngs)
+        self.w_2 = MixedProjection(num_ns, ffn_dim, (dim,), ("embed",), in_axis="mlp", shared=s_queries, rngs=rngs)
 
     def _ffn_s(self, z: jax.Array) -> jax.Array:
         """Pre-norm residual FFN on S-tokens (the shared weights)."""
@@ -189,8 +197,10 @@ class OneTransBlock(nnx.Module):
     def __call__(self, s: jax.Array, ns: jax.Array, s_valid: jax.Array, keep: int
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
         length, n = s.shape[1], ns.shape[1]
+        if keep and not self.s_queries:
+            raise ValueError("this block issues NS queries only (keep must be 0)")
         y_s, y_ns = self.norm_attn(s), self.norm_attn(ns)
-        q = jnp.concatenate([self.q.s(y_s[:, length - keep:]), self.q.ns(y_ns)], axis=1)
+        q = self.q.ns(y_ns) if not keep else jnp.concatenate([self.q.s(y_s[:, length - keep:]), self.q.ns(y_ns)], axis=1)
         k = jnp.concatenate([self.k.s(y_s), self.k.ns(y_ns)], axis=1)
         v = jnp.concatenate([self.v.s(y_s), self.v.ns(y_ns)], axis=1)
         # Static positions: queries are S positions L-keep..L-1 then NS L..L+N-1; keys 0..L+N-1.
@@ -199,9 +209,11 @@ class OneTransBlock(nnx.Module):
         k_valid = jnp.concatenate([s_valid, jnp.ones((s.shape[0], n), jnp.bool_)], axis=1)
         mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & k_valid[:, None, None, :]
         a = dot_product_attention(q, k, v, mask)  # [B, keep + N, H, dh]
-        z_s = s[:, length - keep:] + self.o.s(a[:, :keep])
         z_ns = ns + self.o.ns(a[:, keep:])
         valid = s_valid[:, length - keep:]
+        if not keep:
+            return s[:, length:], self._ffn_ns(z_ns), valid
+        z_s = s[:, length - keep:] + self.o.s(a[:, :keep])
         return jnp.where(valid[..., None], self._ffn_s(z_s), 0.0), self._ffn_ns(z_ns), valid
 
     def sequence_only(self, s: jax.Array, s_valid: jax.Array, keep: int) -> jax.Array:
@@ -243,9 +255,10 @@ class OneTransStack(nnx.Module):
                  keep: tuple[int, ...], *, activation: Activation = "relu", rngs: nnx.Rngs):
         if len(keep) != num_layers:
             raise ValueError(f"the pyramid needs one entry per layer, got {len(keep)} for {num_layers}")
-        self.keep = tuple(int(k) for k in keep)
-        self.blocks = nnx.List([OneTransBlock(dim, num_heads, ffn_dim, num_ns, activation=activation, rngs=rngs)
-                                for _ in range(num_layers)])
+        self.keep = tuple(int(k) for k in keep[:-1]) + (0,)  # the last layer's S outputs are unread
+        self.blocks = nnx.List([OneTransBlock(dim, num_heads, ffn_dim, num_ns, activation=activation,
+                                              s_queries=layer < num_layers - 1, rngs=rngs)
+                                for layer in range(num_layers)])
         self.final_norm = RMSNorm(dim)
 
     def __call__(self, s: jax.Array, ns: jax.Array, s_valid: jax.Array) -> jax.Array:
@@ -260,6 +273,8 @@ class OneTransStack(nnx.Module):
         for block, keep in zip(self.blocks, self.keep):
             k, v = block.keys_values(s)
             cache.append((k, v, s_valid))
+            if not keep:
+                break
             keep = min(keep, s.shape[1])
             s = block.sequence_only(s, s_valid, keep)
             s_valid = s_valid[:, s_valid.shape[1] - keep:]
@@ -277,7 +292,7 @@ def onetrans_stack_flops(seq_len: int, num_ns: int, dim: int, num_heads: int, ff
     """Forward FLOPs of `OneTransStack` for one example (module docstring)."""
     flops, length, n, d = 0.0, seq_len, num_ns, dim
     rms = lambda count: count * (_RMS_PER_ELEMENT * d + _RMS_PER_VECTOR)  # noqa: E731
-    for k in keep:
+    for k in (*keep[:-1], 0):  # the last layer issues NS queries only
         k = min(k, length)
         n_q, n_k = k + n, length + n
         flops += rms(n_k)                                   # attention norm over every current token
