@@ -222,10 +222,12 @@ def test_slurm_launcher_through_submitit_local_executor(tmp_path):
 
 def test_a_worker_killed_mid_trial_is_recorded_and_the_sweep_goes_on(tmp_path):
     """The kernel's OOM killer takes a worker down: that trial is recorded (oom), a new worker runs the rest."""
-    path = write_sweep(tmp_path, {"scale": {"wukong": ["xs", "xxs"]}},
+    # the victim is long (it is killed after its first steps); the survivor short
+    path = write_sweep(tmp_path, {"scale": {"dlrm": ["xs"], "wukong": {"sizes": ["xxs"], "set": {"train.steps": 40}}}},
                        train={**BASE["train"], "output_dir": str(tmp_path / "runs"), "steps": 400,
                               "checkpoint_every": 100, "eval_every": 400})
     victim, survivor = load_sweep(path).trials
+    assert (victim.config.train.steps, survivor.config.train.steps) == (400, 40)
     proc = subprocess.Popen([sys.executable, "-m", "scaling.cli", "sweep", path], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lock = os.path.join(victim.run_dir, ".lock")
