@@ -163,10 +163,11 @@ def _checkpoint_steps(run_dir):
 def test_kill_or_ctrl_c_then_relaunch_skips_finished_and_resumes_unfinished(tmp_path):
     """SIGKILL of the launcher alone (the kernel tells its worker to stop), relaunch, Ctrl-C (SIGINT to the
     whole process group), relaunch: the finished trial is never recomputed and the other resumes each time."""
-    path = write_sweep(tmp_path, {"scale": {"wukong": ["xxs", "xs"]}},
+    path = write_sweep(tmp_path, {"scale": {"dlrm": {"sizes": ["xxs"], "set": {"train.steps": 40}}, "wukong": ["xs"]}},
                        train={**BASE["train"], "output_dir": str(tmp_path / "runs"), "steps": 400,
                               "checkpoint_every": 20, "eval_every": 200})
-    first, second = load_sweep(path).trials  # run in order with one worker
+    first, second = load_sweep(path).trials  # run in order with one worker: a short one, then a long one
+    assert (first.config.train.steps, second.config.train.steps) == (40, 400)
 
     proc = _launch(path)
     try:
