@@ -134,7 +134,8 @@ def plot_sweep(fit: SweepFit, out_dir: str, *, holdout: int = 1, relative_to: tu
     metric = fit.metric if not relative_to else f"{fit.metric}, % relative to {relative_to[0]}"
     ax.set_ylabel(f"test {metric}")
     ax.grid(True, which="both", alpha=0.25, lw=0.5)
-    ax.legend(loc="upper right", frameon=False)
+    # curves rise for ranking metrics: keep the legend clear of them and of the top-right notes
+    ax.legend(loc="lower right" if fit.fitted_quantity.startswith("1 - ") else "upper right", frameon=False)
     heading = title or f"{os.path.basename(fit.source.rstrip('/'))}: {fit.metric} vs {AXES[fit.axis]}"
     note = ("solid: fit without the largest size; dashed: extrapolation; open: held out; band: 80%"
             if holdout else "solid: fit to all sizes; dashed: extrapolation; band: 80%")
