@@ -139,3 +139,50 @@ def test_gradients_reach_every_parameter():
     grads = nnx.grad(loss)(stack)
     for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
         assert np.all(np.isfinite(g)) and float(jnp.abs(g).max()) > 0, path
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+
+
+def test_timestamp_aware_merge_orders_every_event_by_time_right_aligned():
+    from scaling.models.onetrans_tokenizer import merge_by_time
+
+    # two sequences for 1 example: clicks at t = 5, 1, 9 (third padded), purchases at t = 3, 7
+    clicks = jnp.arange(1, 4, dtype=jnp.float32)[None, :, None] * jnp.ones((1, 3, 2))   # tokens 1, 2, 3
+    buys = jnp.arange(10, 12, dtype=jnp.float32)[None, :, None] * jnp.ones((1, 2, 2))   # tokens 10, 11
+    merged, valid = merge_by_time([clicks, buys], [jnp.array([[5, 1, 9]]), jnp.array([[3, 7]])],
+                                  [jnp.array([[True, True, False]]), jnp.array([[True, True]])])
+    # padding first, then by time: t=1 (2), t=3 (10), t=5 (1), t=7 (11)
+    np.testing.assert_array_equal(merged[0, :, 0], [3, 2, 10, 1, 11])
+    np.testing.assert_array_equal(valid[0], [False, True, True, True, True])
+
+
+def test_separator_merge_keeps_sequence_order_with_a_sep_after_each():
+    from scaling.models.onetrans_tokenizer import merge_with_separators
+
+    a = jnp.array([[[1.0], [2.0], [0.0]]])                    # two events, one padded slot
+    b = jnp.array([[[3.0]]])
+    seps = jnp.array([[-1.0], [-2.0]])
+    merged, valid = merge_with_separators([a, b], [jnp.array([[True, True, False]]), jnp.array([[True]])], seps)
+    np.testing.assert_array_equal(valid[0], [False, True, True, True, True, True])
+    np.testing.assert_array_equal(merged[0, 1:, 0], [1.0, 2.0, -1.0, 3.0, -2.0])
+
+
+def test_tokenizers_shapes_padding_and_flops():
+    from scaling.models.onetrans_tokenizer import NSTokenizer, SequenceTokenizer
+
+    seq = SequenceTokenizer((6, 4), 8, (16,), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    events = [jnp.asarray(rng.normal(size=(2, 5, 6)), jnp.float32), jnp.asarray(rng.normal(size=(2, 3, 4)), jnp.float32)]
+    valid = [jnp.asarray(rng.random((2, 5)) < 0.6), jnp.ones((2, 3), bool)]
+    out = seq(events, valid)
+    assert [o.shape for o in out] == [(2, 5, 8), (2, 3, 8)]
+    np.testing.assert_array_equal(np.asarray(out[0])[~np.asarray(valid[0])], 0.0)
+    ns = NSTokenizer(10, 3, 8, (32,), rngs=nnx.Rngs(0))
+    tokens = ns(jnp.ones((2, 10)))
+    assert tokens.shape == (2, 3, 8)
+    # auto-split: token i is output slice [i d, (i + 1) d) of one MLP
+    np.testing.assert_allclose(tokens.reshape(2, 24), ns.mlp(jnp.ones((2, 10))), atol=1e-6)
+    cost = jax.jit(lambda x: ns(x)).lower(jnp.ones((4, 10))).compile().cost_analysis()
+    xla = (cost[0] if isinstance(cost, list) else cost)["flops"] / 4
+    assert abs(NSTokenizer.flops(10, 3, 8, (32,)) - xla) / xla < 0.10
