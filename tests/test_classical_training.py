@@ -23,6 +23,7 @@ from scaling.data.spec import SequenceSpec
 from scaling.flops import xla_flops_per_example
 from scaling.models.baselines.bpr_mf import BPRMF, BPRMFConfig
 from scaling.models.baselines.popularity import PopularityConfig
+from scaling.sweep.plan import plan
 from scaling.sweep.spec import load_sweep
 from scaling.train.loop import train
 from scaling.train.pairwise_losses import bce_loss, bpr_loss
@@ -156,3 +157,9 @@ sweep:
     shown = run_cli("compare", str(tmp_path / "runs" / "bl"), env={"COLUMNS": "200"})
     assert shown.returncode == 0, shown.stderr
     assert "popularity window_days=2.0" in shown.stdout and "(popularity, from the data)" in shown.stdout
+    # the plan (dry run) counts what the run measured: BPR-MF's user table needs the loaded data
+    bpr_trial = sweep.trials[2]
+    (row,) = [r for r in plan(sweep) if r.trial is bpr_trial]
+    record = json.load(open(os.path.join(bpr_trial.run_dir, "result.json")))
+    assert row.params_embedding == record["params_embedding"] > 300 * 8
+    assert bpr_trial.gflops_per_example * 1e9 == pytest.approx(record["flops_per_example_analytic"])

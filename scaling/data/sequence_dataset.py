@@ -61,8 +61,13 @@ class SequenceDataConfig(DataConfig):
     def catalogue_size(self) -> int:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def feature_spec(self) -> SequenceSpec:
-        """The batch spec without building batches (FLOPs and sweep plans need the catalogue size)."""
+    def feature_spec(self, *, with_training_graph: bool = False) -> SequenceSpec:
+        """The batch spec without building batches (FLOPs and sweep plans need the catalogue size).
+
+        with_training_graph: load the data and split it, so the spec carries the training graph
+        (what a graph model's FLOPs depend on); cached per data config."""
+        if with_training_graph:
+            return _spec_with_training_graph(self)
         return SequenceSpec(num_items=self.catalogue_size(), num_negatives=self.num_negatives,
                             shared_negatives=self.shared_negatives)
 
@@ -175,3 +180,8 @@ def _int32_times(log: Interactions) -> Interactions:
     if shifted.max() > _INT32_MAX:
         raise ConfigError("data.path", f"{log.source}: timestamps span more than 2^31 units; expected seconds")
     return dataclasses.replace(log, timestamps=shifted)
+
+
+@functools.lru_cache(maxsize=4)
+def _spec_with_training_graph(config: SequenceDataConfig) -> SequenceSpec:
+    return config.build().spec

@@ -32,7 +32,7 @@ def plan(sweep: Sweep) -> list[PlanRow]:
     """Parameter counts (without allocating) and FLOPs of every trial."""
     rows = []
     for t in sweep.trials:
-        counts = _counts(t.config.model, t.config.data.feature_spec())
+        counts = _counts(t.config.model, t.feature_spec())
         rows.append(PlanRow(t, counts.dense, counts.embedding, t.gflops_per_example, t.train_flops))
     return rows
 

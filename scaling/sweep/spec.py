@@ -63,9 +63,17 @@ class Trial:
     def run_dir(self) -> str:
         return os.path.join(self.config.train.output_dir, self.config.name, self.trial_id)
 
+    def feature_spec(self):
+        """The data's batch spec; loaded from the data (users, training graph) for a model whose
+        tables or FLOPs depend on them (user embeddings, graph propagation), else from the config."""
+        data = self.config.data
+        if getattr(type(self.config.model), "NEEDS_LOADED_DATA", False):
+            return data.feature_spec(with_training_graph=True)
+        return data.feature_spec()
+
     @property
     def gflops_per_example(self) -> float:
-        return self.config.model.flops_per_example(self.config.data.feature_spec()) / 1e9
+        return self.config.model.flops_per_example(self.feature_spec()) / 1e9
 
     @property
     def train_flops(self) -> float:

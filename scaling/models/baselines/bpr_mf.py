@@ -42,6 +42,7 @@ class BPRMFConfig(SequenceModelConfig):
     """BPR-MF hyperparameters; `size` names a rank preset (d8 ... d256)."""
 
     SIZES: ClassVar[dict[str, dict[str, Any]]] = _SIZES
+    NEEDS_LOADED_DATA: ClassVar[bool] = True  # one embedding row per user of the data
     TARGETS: ClassVar[str] = "all"
 
     name: Literal["bpr_mf"] = knob("bpr_mf")

@@ -105,6 +105,7 @@ class LightGCNConfig(SequenceModelConfig):
 
     SIZES: ClassVar[dict[str, dict[str, Any]]] = _SIZES
     TARGETS: ClassVar[str] = "all"
+    NEEDS_LOADED_DATA: ClassVar[bool] = True  # user table and propagation FLOPs depend on the graph
 
     name: Literal["lightgcn"] = knob("lightgcn")
     size: str = knob("custom", help=f"preset name (d8_k1 ... d256_k4, {len(_SIZES)} in all) or 'custom' (no preset)")

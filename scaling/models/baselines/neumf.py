@@ -64,6 +64,7 @@ class NeuMFConfig(SequenceModelConfig):
     """NeuMF hyperparameters; `size` names a preset (d8 ... d128: GMF dim d, tower (4d, 2d, d))."""
 
     SIZES: ClassVar[dict[str, dict[str, Any]]] = _SIZES
+    NEEDS_LOADED_DATA: ClassVar[bool] = True  # one embedding row per user of the data
     TARGETS: ClassVar[str] = "all"
 
     name: Literal["neumf"] = knob("neumf")

@@ -84,6 +84,7 @@ class TwoTowerConfig(SequenceModelConfig):
     """Two-tower hyperparameters; `size` names a tower width/depth preset (xs ... xl)."""
 
     SIZES: ClassVar[dict[str, dict[str, Any]]] = _SIZES
+    NEEDS_LOADED_DATA: ClassVar[bool] = True  # one embedding row per user of the data
     TARGETS: ClassVar[str] = "next"
 
     name: Literal["two_tower"] = knob("two_tower")
