@@ -1,6 +1,6 @@
 """The CTR zoo against its math: the FM identity, dense fields, the first-order term, DCNv2's cross
-layers (full and low rank), DeepFM's and DCNv2's forward passes, gradients, config errors, and a
-short run through the training loop."""
+layers (full and low rank), AutoInt's field attention, the DeepFM, DCNv2 and AutoInt+ forward
+passes, gradients, config errors, and a short run through the training loop."""
 
 from __future__ import annotations
 
@@ -90,7 +90,31 @@ def test_dcnv2_forward(structure):
     np.testing.assert_allclose(model(batch), logit[:, 0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["deepfm", "dcnv2"])
+def test_autoint_layer_is_multi_head_softmax_attention_over_fields_plus_a_residual_projection():
+    from scaling.models.baselines.autoint import FieldSelfAttention
+
+    layer = FieldSelfAttention(3, 2, 4, rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(2, 5, 3)).astype(np.float32)
+    wq, wk, wv, wr = (np.asarray(w[...]) for w in (layer.w_q, layer.w_k, layer.w_v, layer.w_res))
+    expected = np.zeros((2, 5, 2, 4), np.float32)
+    for b, h in itertools.product(range(2), range(2)):
+        q, k, v, r = x[b] @ wq[:, h], x[b] @ wk[:, h], x[b] @ wv[:, h], x[b] @ wr[:, h]
+        scores = q @ k.T / np.sqrt(4)
+        p = np.exp(scores - scores.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        expected[b, :, h] = np.maximum(p @ v + r, 0.0)
+    np.testing.assert_allclose(layer(jnp.asarray(x)), expected.reshape(2, 5, 8), rtol=1e-4, atol=1e-5)
+    # AutoInt+: the attention logit plus the DNN logit
+    model = build_model(build(ModelConfig, {"name": "autoint", "embed_dim": 3, "attention_layers": 2, "num_heads": 2,
+                                            "head_dim": 4, "dnn": [8]}), SPEC, rngs=nnx.Rngs(0))
+    batch = random_ctr_batch(SPEC, 4)
+    e = np.concatenate([np.asarray(model.embedding(batch["sparse"])), np.asarray(model.dense_fields(batch["dense"]))], 1)
+    h = np.asarray(model.layers[1](model.layers[0](jnp.asarray(e)))).reshape(4, -1)
+    logit = h @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...]) + _relu_mlp(model.dnn, e.reshape(4, -1))
+    np.testing.assert_allclose(model(batch), logit[:, 0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deepfm", "dcnv2", "autoint"])
 def test_gradients_reach_every_parameter(name):
     model = build_model(build(ModelConfig, {"name": name, "size": "xs"}), SPEC, rngs=nnx.Rngs(0))
     batch = random_ctr_batch(SPEC, 8)
@@ -116,7 +140,7 @@ def test_bad_configs_name_the_key(values, key):
     assert key in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["dcnv2", "deepfm"])
+@pytest.mark.parametrize("name", ["dcnv2", "deepfm", "autoint"])
 def test_trains_through_the_loop(tmp_path, name):
     record = train(load_run_config(os.path.join(ROOT, "sweeps", "quickstart.yaml"), [
         f"model.name={name}", "model.size=xs", "train.steps=60", "train.batch_size=256", "train.eval_every=0",
