@@ -1,5 +1,5 @@
 """The CTR zoo against its math: the FM identity, dense fields, the first-order term, DCNv2's cross
-layers (full and low rank), AutoInt's field attention, the DeepFM, DCNv2 and AutoInt+ forward
+layers (full and low rank), AutoInt's field attention, xDeepFM's CIN, the four models' forward
 passes, gradients, config errors, and a short run through the training loop."""
 
 from __future__ import annotations
@@ -114,7 +114,31 @@ def test_autoint_layer_is_multi_head_softmax_attention_over_fields_plus_a_residu
     np.testing.assert_allclose(model(batch), logit[:, 0], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["deepfm", "dcnv2", "autoint"])
+def test_cin_layers_are_compressed_outer_products_and_xdeepfm_adds_three_logits():
+    from scaling.models.baselines.xdeepfm import CompressedInteraction
+
+    cin = CompressedInteraction(3, (4, 2), rngs=nnx.Rngs(0))
+    x0 = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
+    pooled, x = [], x0
+    for w in cin.weights:
+        w = np.asarray(w[...])
+        nxt = np.zeros((2, w.shape[0], 5), np.float32)
+        for b, h, i, j in itertools.product(range(2), range(w.shape[0]), range(w.shape[1]), range(3)):
+            nxt[b, h] += w[h, i, j] * x[b, i] * x0[b, j]   # X^k_h = sum_ij W_hij (X^{k-1}_i * X^0_j)
+        x = nxt
+        pooled.append(x.sum(-1))
+    np.testing.assert_allclose(cin(jnp.asarray(x0)), np.concatenate(pooled, 1), rtol=1e-4, atol=1e-5)
+    model = build_model(build(ModelConfig, {"name": "xdeepfm", "embed_dim": 3, "cin": [4], "dnn": [8]}), SPEC,
+                        rngs=nnx.Rngs(0))
+    batch = random_ctr_batch(SPEC, 4)
+    e = np.concatenate([np.asarray(model.embedding(batch["sparse"])), np.asarray(model.dense_fields(batch["dense"]))], 1)
+    cin_logit = np.asarray(model.cin_head(model.cin(jnp.asarray(e))))[:, 0]
+    expected = (np.asarray(model.linear(batch["sparse"], batch["dense"])) + cin_logit
+                + _relu_mlp(model.dnn, e.reshape(4, -1))[:, 0])
+    np.testing.assert_allclose(model(batch), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["deepfm", "dcnv2", "autoint", "xdeepfm"])
 def test_gradients_reach_every_parameter(name):
     model = build_model(build(ModelConfig, {"name": name, "size": "xs"}), SPEC, rngs=nnx.Rngs(0))
     batch = random_ctr_batch(SPEC, 8)
@@ -125,7 +149,7 @@ def test_gradients_reach_every_parameter(name):
     grads = nnx.grad(loss)(model)
     for path, g in jax.tree_util.tree_leaves_with_path(nnx.state(grads, nnx.Param)):
         assert np.all(np.isfinite(g)), path
-        if "table" not in str(path) and "weights" not in str(path):  # untouched id rows get 0
+        if "table" not in str(path):  # embedding tables: rows no id in the batch touched get 0
             assert float(jnp.abs(g).max()) > 0, path
 
 
@@ -140,7 +164,7 @@ def test_bad_configs_name_the_key(values, key):
     assert key in str(error.value)
 
 
-@pytest.mark.parametrize("name", ["dcnv2", "deepfm", "autoint"])
+@pytest.mark.parametrize("name", ["dcnv2", "deepfm", "autoint", "xdeepfm"])
 def test_trains_through_the_loop(tmp_path, name):
     record = train(load_run_config(os.path.join(ROOT, "sweeps", "quickstart.yaml"), [
         f"model.name={name}", "model.size=xs", "train.steps=60", "train.batch_size=256", "train.eval_every=0",
