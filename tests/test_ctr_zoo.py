@@ -108,7 +108,7 @@ def test_autoint_layer_is_multi_head_softmax_attention_over_fields_plus_a_residu
     model = build_model(build(ModelConfig, {"name": "autoint", "embed_dim": 3, "attention_layers": 2, "num_heads": 2,
                                             "head_dim": 4, "dnn": [8]}), SPEC, rngs=nnx.Rngs(0))
     batch = random_ctr_batch(SPEC, 4)
-    e = np.concatenate([np.asarray(model.embedding(batch["sparse"])), np.asarray(model.dense_fields(batch["dense"]))], 1)
+    e = np.asarray(model.fields(batch["sparse"], batch["dense"]))
     h = np.asarray(model.layers[1](model.layers[0](jnp.asarray(e)))).reshape(4, -1)
     logit = h @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...]) + _relu_mlp(model.dnn, e.reshape(4, -1))
     np.testing.assert_allclose(model(batch), logit[:, 0], rtol=1e-4, atol=1e-5)
@@ -131,7 +131,7 @@ def test_cin_layers_are_compressed_outer_products_and_xdeepfm_adds_three_logits(
     model = build_model(build(ModelConfig, {"name": "xdeepfm", "embed_dim": 3, "cin": [4], "dnn": [8]}), SPEC,
                         rngs=nnx.Rngs(0))
     batch = random_ctr_batch(SPEC, 4)
-    e = np.concatenate([np.asarray(model.embedding(batch["sparse"])), np.asarray(model.dense_fields(batch["dense"]))], 1)
+    e = np.asarray(model.fields(batch["sparse"], batch["dense"]))
     cin_logit = np.asarray(model.cin_head(model.cin(jnp.asarray(e))))[:, 0]
     expected = (np.asarray(model.linear(batch["sparse"], batch["dense"])) + cin_logit
                 + _relu_mlp(model.dnn, e.reshape(4, -1))[:, 0])

@@ -5,7 +5,8 @@ With field embeddings E [B, F, d] (one row per field) and dense features x [B, D
 
   first order   w0 + sum_f w[id_f] + <v, x>                     (one scalar per id, one per dense feature)
   FM pairwise   sum_{i<j} <e_i, e_j> = 1/2 sum_k [(sum_i e_ik)^2 - sum_i e_ik^2]      (Rendle 2010)
-  dense fields  e_{F+j} = x_j u_j                                (a real-valued feature scales its vector)
+  dense fields  e_{F+j} = x_j u_j                                (a real-valued feature scales its vector;
+                                                                 `FieldVectors` stacks them after the F embeddings)
   cross layer   x_{l+1} = x_0 * (W_l x_l + b_l) + x_l            (DCNv2, Wang et al. 2021; W_l [D', D'])
   low rank      W_l = U_l V_l^T, U_l, V_l [D', r]                 (the paper's cost-saving variant)
 
@@ -24,7 +25,7 @@ from scaling.data.spec import CTRFeatureSpec
 from scaling.models.embedding import EmbeddingTable, FieldEmbedding
 from scaling.sharding.annotate import logical_param
 
-__all__ = ["CrossNetwork", "DenseFields", "FirstOrder", "cross_network_flops", "fm_pairwise", "fm_pairwise_flops",
+__all__ = ["CrossNetwork", "DenseFields", "FieldVectors", "FirstOrder", "cross_network_flops", "fm_pairwise", "fm_pairwise_flops",
            "first_order_flops"]
 
 
@@ -58,6 +59,22 @@ class DenseFields(nnx.Module):
 
     def __call__(self, dense: jax.Array) -> jax.Array:
         return dense[..., None] * self.vectors[...]
+
+
+class FieldVectors(nnx.Module):
+    """Every field as a d-vector: the F categorical embeddings, then the D dense features as
+    fields: sparse int32 [B, F], dense [B, D] -> [B, F + D, d] (what FM, DeepFM, AutoInt+ and
+    xDeepFM interact)."""
+
+    def __init__(self, spec: CTRFeatureSpec, dim: int, *, rngs: nnx.Rngs):
+        self.embedding = FieldEmbedding(spec.cardinalities, dim, rngs=rngs)
+        self.dense_fields = DenseFields(spec.num_dense, dim, rngs=rngs) if spec.num_dense > 0 else None
+
+    def __call__(self, sparse: jax.Array, dense: jax.Array) -> jax.Array:
+        e = self.embedding(sparse)
+        if self.dense_fields is None:
+            return e
+        return jnp.concatenate([e, self.dense_fields(dense.astype(e.dtype))], axis=1)
 
 
 def fm_pairwise(e: jax.Array) -> jax.Array:

@@ -46,9 +46,12 @@ from flax import nnx
 
 from scaling.models.transformer import (
     ACTIVATION_FLOPS,
+    MASKED_SCORE,
     SOFTMAX_FLOPS_PER_SCORE,
     Activation,
+    activate,
     dot_product_attention,
+    xavier_normal,
 )
 from scaling.sharding.annotate import logical_param
 
@@ -61,15 +64,10 @@ __all__ = [
     "onetrans_stack_flops",
 ]
 
-_MASKED_SCORE = -1e30
 # XLA's count for an RMSNorm of one d-vector: square, mean (sum + scale), add eps, multiply by the
 # rsqrt, multiply by the scale (the rsqrt itself is a transcendental).
 _RMS_PER_ELEMENT = 4
 _RMS_PER_VECTOR = 2
-
-
-def _xavier(key: jax.Array, shape: tuple[int, ...], fan_in: int, fan_out: int) -> jax.Array:
-    return math.sqrt(2.0 / (fan_in + fan_out)) * jax.random.normal(key, shape, jnp.float32)
 
 
 def pyramid_schedule(seq_len: int, num_ns: int, num_layers: int, *, multiple: int = 32,
@@ -110,52 +108,36 @@ class RMSNorm(nnx.Module):
 
 
 class MixedProjection(nnx.Module):
-    """A linear map shared by the S-tokens and specific to each of the N NS-tokens.
+    """A linear map shared by the S-tokens and specific to each of the N NS-tokens, from input
+    axes `in_shape` to output axes `out_shape` (one or two each: d -> (H, dh) for Q/K/V, (H, dh)
+    -> d for the attention output, d -> F -> d for the FFN).
 
-    shared [d_in, *out] ("embed" and the output axes); per_token [N, d_in, *out] ("fields" first).
-    `s(x)` maps S-tokens x [B, L, d_in] -> [B, L, *out]; `ns(x)` maps NS-tokens x [..., N, d_in]
-    -> [..., N, *out] (any leading axes, e.g. candidates)."""
+    shared [*in, *out]; per_token [N, *in, *out] ("fields" first). `s(x)` maps S-tokens
+    x [..., L, *in] -> [..., L, *out]; `ns(x)` maps NS-tokens x [..., N, *in] -> [..., N, *out]
+    (any leading axes, e.g. candidates)."""
 
-    def __init__(self, num_ns: int, d_in: int, out: tuple[int, ...], out_axes: tuple[str, ...], *,
-                 fan_out: int | None = None, in_axis: str = "embed", shared: bool = True, rngs: nnx.Rngs):
-        fan_out = fan_out or math.prod(out)
-        self.shared = (logical_param(_xavier(rngs.params(), (d_in, *out), d_in, fan_out), (in_axis, *out_axes))
-                       if shared else None)
-        self.per_token = logical_param(_xavier(rngs.params(), (num_ns, d_in, *out), d_in, fan_out),
-                                       ("fields", in_axis, *out_axes))
-        if len(out) > 2:
-            raise ValueError("a mixed projection has at most two output axes")
-        self._out = "hk"[: len(out)]  # einsum letters of the output axes
+    def __init__(self, num_ns: int, in_shape: tuple[int, ...], in_axes: tuple[str, ...], out_shape: tuple[int, ...],
+                 out_axes: tuple[str, ...], *, shared: bool = True, rngs: nnx.Rngs):
+        if not (1 <= len(in_shape) <= 2 and 1 <= len(out_shape) <= 2):
+            raise ValueError("a mixed projection has one or two input and output axes")
+        fan_in, fan_out = math.prod(in_shape), math.prod(out_shape)
+        shape, axes = (*in_shape, *out_shape), (*in_axes, *out_axes)
+        self.shared = logical_param(xavier_normal(rngs.params(), shape, fan_in, fan_out), axes) if shared else None
+        self.per_token = logical_param(xavier_normal(rngs.params(), (num_ns, *shape), fan_in, fan_out), ("fields", *axes))
+        self._in, self._out = "ab"[: len(in_shape)], "yz"[: len(out_shape)]  # einsum letters
 
     def s(self, x: jax.Array) -> jax.Array:
-        o = self._out
-        return jnp.einsum(f"...ld,d{o}->...l{o}", x, self.shared[...].astype(x.dtype))
+        i, o = self._in, self._out
+        return jnp.einsum(f"...l{i},{i}{o}->...l{o}", x, self.shared[...].astype(x.dtype))
 
     def ns(self, x: jax.Array) -> jax.Array:
-        o = self._out
-        return jnp.einsum(f"...nd,nd{o}->...n{o}", x, self.per_token[...].astype(x.dtype))
+        i, o = self._in, self._out
+        return jnp.einsum(f"...n{i},n{i}{o}->...n{o}", x, self.per_token[...].astype(x.dtype))
 
 
-class _MixedOutput(nnx.Module):
-    """The attention output projection [H, dh] -> d, mixed like the others."""
-
-    def __init__(self, num_ns: int, num_heads: int, head_dim: int, dim: int, *, shared: bool = True,
-                 rngs: nnx.Rngs):
-        inner = num_heads * head_dim
-        self.shared = (logical_param(_xavier(rngs.params(), (num_heads, head_dim, dim), inner, dim),
-                                     ("heads", "kv", "embed")) if shared else None)
-        self.per_token = logical_param(_xavier(rngs.params(), (num_ns, num_heads, head_dim, dim), inner, dim),
-                                       ("fields", "heads", "kv", "embed"))
-
-    def s(self, a: jax.Array) -> jax.Array:
-        return jnp.einsum("...lhk,hkd->...ld", a, self.shared[...].astype(a.dtype))
-
-    def ns(self, a: jax.Array) -> jax.Array:
-        return jnp.einsum("...nhk,nhkd->...nd", a, self.per_token[...].astype(a.dtype))
-
-
-def _activate(x: jax.Array, activation: Activation) -> jax.Array:
-    return jax.nn.relu(x) if activation == "relu" else jax.nn.gelu(x, approximate=False)
+def _causal(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:
+    """Query at position p attends key at q iff q <= p and the key is valid: [B, 1, Nq, Nk]."""
+    return (k_pos[None, :] <= q_pos[:, None])[None, None] & k_valid[:, None, None, :]
 
 
 class OneTransBlock(nnx.Module):
@@ -174,25 +156,21 @@ class OneTransBlock(nnx.Module):
         self.norm_attn = RMSNorm(dim)
         self.norm_ffn = RMSNorm(dim)
         self.s_queries = s_queries
-        self.q = MixedProjection(num_ns, dim, heads, ("heads", "kv"), shared=s_queries, rngs=rngs)
-        self.k = MixedProjection(num_ns, dim, heads, ("heads", "kv"), rngs=rngs)
-        self.v = MixedProjection(num_ns, dim, heads, ("heads", "kv"), rngs=rngs)
-        self.o = _MixedOutput(num_ns, num_heads, self.head_dim, dim, shared=s_queries, rngs=rngs)
-        self.w_1 = MixedProjection(num_ns, dim, (ffn_dim,), ("mlp",), shared=s_queries, rngs=rngs)
-        self.w_2 = MixedProjection(num_ns, ffn_dim, (dim,), ("embed",), in_axis="mlp", shared=s_queries, rngs=rngs)
+        embed, head_axes = ((dim,), ("embed",)), (heads, ("heads", "kv"))
+        self.q = MixedProjection(num_ns, *embed, *head_axes, shared=s_queries, rngs=rngs)
+        self.k = MixedProjection(num_ns, *embed, *head_axes, rngs=rngs)
+        self.v = MixedProjection(num_ns, *embed, *head_axes, rngs=rngs)
+        self.o = MixedProjection(num_ns, *head_axes, *embed, shared=s_queries, rngs=rngs)
+        self.w_1 = MixedProjection(num_ns, *embed, (ffn_dim,), ("mlp",), shared=s_queries, rngs=rngs)
+        self.w_2 = MixedProjection(num_ns, (ffn_dim,), ("mlp",), *embed, shared=s_queries, rngs=rngs)
 
     def _ffn_s(self, z: jax.Array) -> jax.Array:
         """Pre-norm residual FFN on S-tokens (the shared weights)."""
-        return z + self.w_2.s(_activate(self.w_1.s(self.norm_ffn(z)), self.activation))
+        return z + self.w_2.s(activate(self.w_1.s(self.norm_ffn(z)), self.activation))
 
     def _ffn_ns(self, z: jax.Array) -> jax.Array:
         """Pre-norm residual FFN on NS-tokens (each its own weights)."""
-        return z + self.w_2.ns(_activate(self.w_1.ns(self.norm_ffn(z)), self.activation))
-
-    def keys_values(self, s: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """The S-tokens' keys and values [B, L, H, dh]: what the cache keeps per layer."""
-        y = self.norm_attn(s)
-        return self.k.s(y), self.v.s(y)
+        return z + self.w_2.ns(activate(self.w_1.ns(self.norm_ffn(z)), self.activation))
 
     def __call__(self, s: jax.Array, ns: jax.Array, s_valid: jax.Array, keep: int
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -207,8 +185,7 @@ class OneTransBlock(nnx.Module):
         q_pos = jnp.arange(length - keep, length + n)
         k_pos = jnp.arange(length + n)
         k_valid = jnp.concatenate([s_valid, jnp.ones((s.shape[0], n), jnp.bool_)], axis=1)
-        mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & k_valid[:, None, None, :]
-        a = dot_product_attention(q, k, v, mask)  # [B, keep + N, H, dh]
+        a = dot_product_attention(q, k, v, _causal(q_pos, k_pos, k_valid))  # [B, keep + N, H, dh]
         z_ns = ns + self.o.ns(a[:, keep:])
         valid = s_valid[:, length - keep:]
         if not keep:
@@ -216,17 +193,20 @@ class OneTransBlock(nnx.Module):
         z_s = s[:, length - keep:] + self.o.s(a[:, :keep])
         return jnp.where(valid[..., None], self._ffn_s(z_s), 0.0), self._ffn_ns(z_ns), valid
 
-    def sequence_only(self, s: jax.Array, s_valid: jax.Array, keep: int) -> jax.Array:
-        """Stage I: the S-tokens' outputs alone (they never attend an NS-token) -> [B, keep, d]."""
+    def sequence_only(self, s: jax.Array, s_valid: jax.Array, keep: int
+                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Stage I: the S-tokens alone (they never attend an NS-token) -> (their outputs
+        [B, keep, d], and their keys and values [B, L, H, dh], which the cache keeps)."""
         length = s.shape[1]
         y = self.norm_attn(s)
-        q = self.q.s(y[:, length - keep:])
         k, v = self.k.s(y), self.v.s(y)
-        q_pos, k_pos = jnp.arange(length - keep, length), jnp.arange(length)
-        mask = (k_pos[None, :] <= q_pos[:, None])[None, None] & s_valid[:, None, None, :]
+        if not keep:  # the last block: no S query
+            return s[:, length:], k, v
+        q = self.q.s(y[:, length - keep:])
+        mask = _causal(jnp.arange(length - keep, length), jnp.arange(length), s_valid)
         z_s = s[:, length - keep:] + self.o.s(dot_product_attention(q, k, v, mask))
         valid = s_valid[:, length - keep:]
-        return jnp.where(valid[..., None], self._ffn_s(z_s), 0.0)
+        return jnp.where(valid[..., None], self._ffn_s(z_s), 0.0), k, v
 
     def candidates(self, k_s: jax.Array, v_s: jax.Array, s_valid: jax.Array, ns: jax.Array) -> jax.Array:
         """Stage II: NS-tokens of C candidates per request, ns [B, C, N, d], against the cached S
@@ -238,9 +218,9 @@ class OneTransBlock(nnx.Module):
         q = q * jnp.asarray(scale, q.dtype)
         scores_s = jnp.einsum("bcnhk,blhk->bchnl", q, k_s, preferred_element_type=jnp.float32)
         scores_ns = jnp.einsum("bcnhk,bcmhk->bchnm", q, k_ns, preferred_element_type=jnp.float32)
-        scores_s = jnp.where(s_valid[:, None, None, None, :], scores_s, _MASKED_SCORE)
+        scores_s = jnp.where(s_valid[:, None, None, None, :], scores_s, MASKED_SCORE)
         causal = jnp.tril(jnp.ones((n, n), jnp.bool_))
-        scores_ns = jnp.where(causal, scores_ns, _MASKED_SCORE)
+        scores_ns = jnp.where(causal, scores_ns, MASKED_SCORE)
         probs = jax.nn.softmax(jnp.concatenate([scores_s, scores_ns], axis=-1), axis=-1)
         p_s, p_ns = probs[..., : k_s.shape[1]], probs[..., k_s.shape[1]:]
         a = (jnp.einsum("bchnl,blhk->bcnhk", p_s.astype(v_s.dtype), v_s)
@@ -271,13 +251,10 @@ class OneTransStack(nnx.Module):
         """Stage I, once per request: each layer's (S keys [B, L_l, H, dh], S values, S validity)."""
         cache = []
         for block, keep in zip(self.blocks, self.keep):
-            k, v = block.keys_values(s)
-            cache.append((k, v, s_valid))
-            if not keep:
-                break
             keep = min(keep, s.shape[1])
-            s = block.sequence_only(s, s_valid, keep)
-            s_valid = s_valid[:, s_valid.shape[1] - keep:]
+            out, k, v = block.sequence_only(s, s_valid, keep)
+            cache.append((k, v, s_valid))
+            s, s_valid = out, s_valid[:, s_valid.shape[1] - keep:]
         return cache
 
     def candidate_forward(self, cache: list[tuple[jax.Array, jax.Array, jax.Array]], ns: jax.Array) -> jax.Array:

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from scaling.models.mlp import MLP, mlp_flops
+from scaling.models.transformer import MASKED_SCORE
 
 __all__ = ["TargetAttention"]
 
@@ -37,7 +38,7 @@ class TargetAttention(nnx.Module):
         t = jnp.broadcast_to(target[:, None, :], history.shape)
         a = self.unit(jnp.concatenate([history, t, history - t, history * t], axis=-1))[..., 0]
         if self.normalize:
-            a = jax.nn.softmax(jnp.where(valid, a, -1e30), axis=-1)
+            a = jax.nn.softmax(jnp.where(valid, a, MASKED_SCORE), axis=-1)
         return jnp.where(valid, a, 0.0)
 
     def __call__(self, history: jax.Array, valid: jax.Array, target: jax.Array) -> jax.Array:

@@ -51,12 +51,14 @@ from scaling.sharding.annotate import logical_param
 
 __all__ = [
     "ACTIVATION_FLOPS",
+    "MASKED_SCORE",
     "SOFTMAX_FLOPS_PER_SCORE",
     "Activation",
     "BlockNorm",
     "FeedForward",
     "MultiHeadAttention",
     "TransformerBlock",
+    "activate",
     "attention_flops",
     "causal_mask",
     "dot_product_attention",
@@ -64,6 +66,7 @@ __all__ = [
     "padding_mask",
     "transformer_block_flops",
     "valid_from_lengths",
+    "xavier_normal",
 ]
 
 Activation = Literal["relu", "gelu"]
@@ -78,10 +81,10 @@ ACTIVATION_FLOPS: dict[str, int] = {"relu": 1, "gelu": 64}
 
 # Finite stand-in for -inf: a fully masked row then softmaxes to a uniform row (later zeroed)
 # instead of 0/0 = NaN, in float32 and bfloat16 alike.
-_MASKED_SCORE = -1e30
+MASKED_SCORE = -1e30
 
 
-def _xavier_normal(key: jax.Array, shape: tuple[int, ...], fan_in: int, fan_out: int) -> jax.Array:
+def xavier_normal(key: jax.Array, shape: tuple[int, ...], fan_in: int, fan_out: int) -> jax.Array:
     return math.sqrt(2.0 / (fan_in + fan_out)) * jax.random.normal(key, shape, jnp.float32)
 
 
@@ -134,7 +137,7 @@ def dot_product_attention(
     scores = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k,
                         preferred_element_type=jnp.float32)
     if mask is not None:
-        scores = jnp.where(mask, scores, _MASKED_SCORE)
+        scores = jnp.where(mask, scores, MASKED_SCORE)
     probs = jax.nn.softmax(scores, axis=-1)
     if mask is not None:
         probs = jnp.where(mask, probs, 0.0)  # a fully masked row was uniform; make it 0
@@ -167,10 +170,10 @@ class MultiHeadAttention(nnx.Module):
         self.dim, self.num_heads, self.head_dim, self.use_bias = dim, num_heads, head_dim, use_bias
         inner = num_heads * head_dim
         shape_in, axes_in = (dim, num_heads, head_dim), ("embed", "heads", "kv")
-        self.w_q = logical_param(_xavier_normal(rngs.params(), shape_in, dim, inner), axes_in)
-        self.w_k = logical_param(_xavier_normal(rngs.params(), shape_in, dim, inner), axes_in)
-        self.w_v = logical_param(_xavier_normal(rngs.params(), shape_in, dim, inner), axes_in)
-        self.w_o = logical_param(_xavier_normal(rngs.params(), (num_heads, head_dim, dim), inner, dim),
+        self.w_q = logical_param(xavier_normal(rngs.params(), shape_in, dim, inner), axes_in)
+        self.w_k = logical_param(xavier_normal(rngs.params(), shape_in, dim, inner), axes_in)
+        self.w_v = logical_param(xavier_normal(rngs.params(), shape_in, dim, inner), axes_in)
+        self.w_o = logical_param(xavier_normal(rngs.params(), (num_heads, head_dim, dim), inner, dim),
                                  ("heads", "kv", "embed"))
         if use_bias:
             zeros = jnp.zeros((num_heads, head_dim), jnp.float32)
@@ -193,7 +196,7 @@ class MultiHeadAttention(nnx.Module):
         return out + self.b_o[...] if self.use_bias else out
 
 
-def _activate(x: jax.Array, activation: Activation) -> jax.Array:
+def activate(x: jax.Array, activation: Activation) -> jax.Array:
     if activation == "relu":
         return jax.nn.relu(x)
     if activation == "gelu":
@@ -209,14 +212,14 @@ class FeedForward(nnx.Module):
     def __init__(self, dim: int, hidden: int, *, activation: Activation = "relu", dropout: float = 0.0,
                  rngs: nnx.Rngs):
         self.dim, self.hidden, self.activation = dim, hidden, activation
-        self.w_1 = logical_param(_xavier_normal(rngs.params(), (dim, hidden), dim, hidden), ("embed", "mlp"))
+        self.w_1 = logical_param(xavier_normal(rngs.params(), (dim, hidden), dim, hidden), ("embed", "mlp"))
         self.b_1 = logical_param(jnp.zeros((hidden,), jnp.float32), ("mlp",))
-        self.w_2 = logical_param(_xavier_normal(rngs.params(), (hidden, dim), hidden, dim), ("mlp", "embed"))
+        self.w_2 = logical_param(xavier_normal(rngs.params(), (hidden, dim), hidden, dim), ("mlp", "embed"))
         self.b_2 = logical_param(jnp.zeros((dim,), jnp.float32), ("embed",))
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = _activate(x @ self.w_1[...] + self.b_1[...], self.activation)
+        h = activate(x @ self.w_1[...] + self.b_1[...], self.activation)
         if self.dropout is not None:
             h = self.dropout(h)
         return h @ self.w_2[...] + self.b_2[...]

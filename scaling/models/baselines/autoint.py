@@ -23,8 +23,7 @@ from flax import nnx
 from scaling.config_schema import knob
 from scaling.data.spec import CTRFeatureSpec
 from scaling.models.base import CTRModel, CTRModelConfig
-from scaling.models.embedding import FieldEmbedding
-from scaling.models.feature_interactions import DenseFields
+from scaling.models.feature_interactions import FieldVectors
 from scaling.models.mlp import MLP, Linear, check_widths, linear_flops, mlp_flops
 from scaling.models.registry import register_model
 from scaling.models.transformer import SOFTMAX_FLOPS_PER_SCORE, dot_product_attention
@@ -103,17 +102,14 @@ class AutoInt(CTRModel):
         self.config, self.spec = config, spec
         d, inner = config.embed_dim, config.num_heads * config.head_dim
         n = spec.num_fields + spec.num_dense
-        self.embedding = FieldEmbedding(spec.cardinalities, d, rngs=rngs)
-        self.dense_fields = DenseFields(spec.num_dense, d, rngs=rngs) if spec.num_dense > 0 else None
+        self.fields = FieldVectors(spec, d, rngs=rngs)
         self.layers = nnx.List([FieldSelfAttention(d if i == 0 else inner, config.num_heads, config.head_dim, rngs=rngs)
                                 for i in range(config.attention_layers)])
         self.head = Linear(n * inner, 1, axes=("embed", None), rngs=rngs)
         self.dnn = MLP(n * d, config.dnn, 1, rngs=rngs)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        e = self.embedding(batch["sparse"])
-        if self.dense_fields is not None:
-            e = jnp.concatenate([e, self.dense_fields(batch["dense"].astype(e.dtype))], axis=1)
+        e = self.fields(batch["sparse"], batch["dense"])
         x = e
         for layer in self.layers:
             x = layer(x)

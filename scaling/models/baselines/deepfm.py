@@ -20,9 +20,8 @@ from flax import nnx
 from scaling.config_schema import knob
 from scaling.data.spec import CTRFeatureSpec
 from scaling.models.base import CTRModel, CTRModelConfig
-from scaling.models.embedding import FieldEmbedding
 from scaling.models.feature_interactions import (
-    DenseFields,
+    FieldVectors,
     FirstOrder,
     first_order_flops,
     fm_pairwise,
@@ -39,19 +38,16 @@ def fm_flops(spec: CTRFeatureSpec, dim: int) -> float:
 
 
 class FMTerms(nnx.Module):
-    """What FM and DeepFM share: field embeddings, dense fields and the first-order term."""
+    """The FM part's inputs: every field as a vector (FieldVectors) and the first-order term."""
 
     def __init__(self, spec: CTRFeatureSpec, dim: int, *, rngs: nnx.Rngs):
-        self.embedding = FieldEmbedding(spec.cardinalities, dim, rngs=rngs)
-        self.dense_fields = DenseFields(spec.num_dense, dim, rngs=rngs) if spec.num_dense > 0 else None
+        self.fields = FieldVectors(spec, dim, rngs=rngs)
         self.linear = FirstOrder(spec, rngs=rngs)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """-> (all field vectors [B, F + D, d], first-order logit [B])."""
-        e = self.embedding(batch["sparse"])
+        e = self.fields(batch["sparse"], batch["dense"])
         dense = batch["dense"].astype(e.dtype)
-        if self.dense_fields is not None:
-            e = jnp.concatenate([e, self.dense_fields(dense)], axis=1)
         return e, self.linear(batch["sparse"], dense)
 
 

@@ -22,8 +22,7 @@ from flax import nnx
 from scaling.config_schema import knob
 from scaling.data.spec import CTRFeatureSpec
 from scaling.models.base import CTRModel, CTRModelConfig
-from scaling.models.embedding import FieldEmbedding
-from scaling.models.feature_interactions import DenseFields, FirstOrder, first_order_flops
+from scaling.models.feature_interactions import FieldVectors, FirstOrder, first_order_flops
 from scaling.models.mlp import MLP, Linear, check_widths, linear_flops, mlp_flops
 from scaling.models.registry import register_model
 from scaling.sharding.annotate import logical_param
@@ -99,18 +98,15 @@ class XDeepFM(CTRModel):
     def __init__(self, config: XDeepFMConfig, spec: CTRFeatureSpec, *, rngs: nnx.Rngs):
         self.config, self.spec = config, spec
         d, n = config.embed_dim, spec.num_fields + spec.num_dense
-        self.embedding = FieldEmbedding(spec.cardinalities, d, rngs=rngs)
-        self.dense_fields = DenseFields(spec.num_dense, d, rngs=rngs) if spec.num_dense > 0 else None
+        self.fields = FieldVectors(spec, d, rngs=rngs)
         self.linear = FirstOrder(spec, rngs=rngs)
         self.cin = CompressedInteraction(n, config.cin, rngs=rngs)
         self.cin_head = Linear(sum(config.cin), 1, axes=("mlp", None), rngs=rngs)
         self.dnn = MLP(n * d, config.dnn, 1, rngs=rngs)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        e = self.embedding(batch["sparse"])
+        e = self.fields(batch["sparse"], batch["dense"])
         dense = batch["dense"].astype(e.dtype)
-        if self.dense_fields is not None:
-            e = jnp.concatenate([e, self.dense_fields(dense)], axis=1)
         logit = (self.linear(batch["sparse"], dense) + self.cin_head(self.cin(e))[:, 0]
                  + self.dnn(e.reshape(e.shape[0], -1))[:, 0])
         return logit.astype(jnp.float32)
