@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scaling.data.spec import CTRFeatureSpec, SequenceSpec
+from scaling.data.spec import CTRFeatureSpec, RankingSpec, SequenceSpec
 from scaling.models.base import abstract_param_counts
 
 __all__ = [
@@ -96,10 +96,18 @@ def _zero_batch(spec: CTRFeatureSpec | SequenceSpec, batch_size: int, max_len: i
         L = int(max_len)
         return {"items": ints(L), "timestamps": ints(L), "next_timestamps": ints(L), "lengths": ints(),
                 "users": ints(), "targets": ints(L), "negatives": ints(L, spec.num_negatives)}
-    return {
-        "sparse": jax.ShapeDtypeStruct((batch_size, spec.num_fields), jnp.int32),
+    batch = {
+        "sparse": jax.ShapeDtypeStruct((batch_size, spec.num_sparse), jnp.int32),
         "dense": jax.ShapeDtypeStruct((batch_size, spec.num_dense), jnp.float32),
     }
+    if spec.bag_cardinalities:
+        history = (batch_size, len(spec.bag_cardinalities), spec.bag_length)
+        batch["history"] = jax.ShapeDtypeStruct(history, jnp.int32)
+        if isinstance(spec, RankingSpec):
+            batch["history_actions"] = jax.ShapeDtypeStruct(history, jnp.int32)
+            batch["history_times"] = jax.ShapeDtypeStruct(history, jnp.int32)
+            batch["request_time"] = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+    return batch
 
 
 def sequence_training_forward(model: nnx.Module, batch) -> jax.Array:

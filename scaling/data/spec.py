@@ -15,18 +15,60 @@ class CTRFeatureSpec:
       sparse: int32 [B, F], the id of each categorical field, in [0, cardinalities[f])
       dense:  float32 [B, D]
       label:  float32 [B], 0 or 1
+    and, when the data has multi-hot fields (`bag_cardinalities`, e.g. behaviour histories):
+      history: int32 [B, S, bag_length], ids of bag s in 1..bag_cardinalities[s]-1, 0 = padding
+
+    A model sees F + S fields (`num_fields`): the F single-hot ones, then one mean-pooled vector
+    per bag (`scaling.models.embedding.FieldEmbedding`).
     """
 
     cardinalities: tuple[int, ...]
     num_dense: int
+    bag_cardinalities: tuple[int, ...] = ()
+    bag_length: int = 0
 
     @property
-    def num_fields(self) -> int:
+    def num_sparse(self) -> int:
+        """F: single-hot categorical fields (the width of `sparse`)."""
         return len(self.cardinalities)
 
     @property
+    def num_fields(self) -> int:
+        """F + S: every field a model embeds (single-hot, then multi-hot)."""
+        return len(self.cardinalities) + len(self.bag_cardinalities)
+
+    @property
     def total_vocab(self) -> int:
-        return int(sum(self.cardinalities))
+        return int(sum(self.cardinalities) + sum(self.bag_cardinalities))
+
+
+@dataclasses.dataclass(frozen=True)
+class RankingSpec(CTRFeatureSpec):
+    """Shapes of a ranking batch: a CTR batch whose last single-hot field is the candidate item
+    and whose bags are the user's S behaviour sequences, with their events' actions and times.
+
+      sparse          int32 [B, F]        NS features; sparse[:, -1] = candidate item (1..num_items)
+      dense           float32 [B, D]
+      history         int32 [B, S, L]     items, RIGHT-aligned (padding 0 first, most recent last)
+      history_actions int32 [B, S, L]     action of each event (0..num_actions-1; 0 on padding)
+      history_times   int32 [B, S, L]     event times in seconds (0 on padding)
+      request_time    int32 [B]           the impression's time
+      label           float32 [B]
+
+    CTR families read sparse, dense and history (pooled as multi-hot fields); ranking families
+    (OneTrans, DIN, HSTU as a ranker) read the sequences event by event.
+    """
+
+    num_items: int = 0
+    num_actions: int = 3
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.bag_cardinalities)
+
+    @property
+    def seq_len(self) -> int:
+        return self.bag_length
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -27,8 +27,10 @@ class CTRModelConfig(ModelConfig):
     """Shared by CTR family configs (which define `embed_dim`): one embedding row per field."""
 
     def embedding_bytes_per_example(self, spec) -> float:
-        """Bytes gathered from the float32 embedding tables per example (one row per field)."""
-        return float(spec.num_fields * self.embed_dim * 4)
+        """Bytes gathered from the float32 embedding tables per example (one row per single-hot
+        field, bag_length rows per multi-hot field)."""
+        rows = spec.num_sparse + len(spec.bag_cardinalities) * spec.bag_length
+        return float(rows * self.embed_dim * 4)
 
 
 class CTRModel(nnx.Module):

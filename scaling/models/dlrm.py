@@ -96,14 +96,14 @@ class DLRM(CTRModel):
 
     def __init__(self, config: DLRMConfig, spec: CTRFeatureSpec, *, rngs: nnx.Rngs):
         self.config, self.spec = config, spec
-        self.embedding = FieldEmbedding(spec.cardinalities, config.embed_dim, rngs=rngs)
+        self.embedding = FieldEmbedding(spec.cardinalities, config.embed_dim, rngs=rngs, bags=spec.bag_cardinalities)
         self.bottom = (
             MLP(spec.num_dense, config.bottom_mlp, config.embed_dim, rngs=rngs) if spec.num_dense > 0 else None
         )
         self.top = MLP(config.top_in_features(spec), config.top_mlp, 1, rngs=rngs)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        e = self.embedding(batch["sparse"])
+        e = self.embedding(batch["sparse"], batch.get("history"))
         if self.bottom is None:
             features = dot_interaction(e)
         else:

@@ -30,16 +30,17 @@ __all__ = ["CrossNetwork", "DenseFields", "FieldVectors", "FirstOrder", "cross_n
 
 
 class FirstOrder(nnx.Module):
-    """w0 + sum_f w[id_f] + <v, dense>: sparse int32 [B, F], dense [B, D] -> [B]."""
+    """w0 + sum_f w[id_f] + <v, dense>: sparse int32 [B, F], dense [B, D] (history [B, S, L]:
+    multi-hot fields, each weighing the mean of its ids' weights) -> [B]."""
 
     def __init__(self, spec: CTRFeatureSpec, *, rngs: nnx.Rngs):
-        self.weights = FieldEmbedding(spec.cardinalities, 1, rngs=rngs, init_scale=0.0)
+        self.weights = FieldEmbedding(spec.cardinalities, 1, rngs=rngs, init_scale=0.0, bags=spec.bag_cardinalities)
         self.dense = (logical_param(jnp.zeros((spec.num_dense,), jnp.float32), ("embed",))
                       if spec.num_dense > 0 else None)
         self.bias = logical_param(jnp.zeros((), jnp.float32), ())
 
-    def __call__(self, sparse: jax.Array, dense: jax.Array) -> jax.Array:
-        out = self.weights(sparse)[..., 0].sum(axis=1) + self.bias[...]
+    def __call__(self, sparse: jax.Array, dense: jax.Array, history: jax.Array | None = None) -> jax.Array:
+        out = self.weights(sparse, history)[..., 0].sum(axis=1) + self.bias[...]
         if self.dense is not None:
             out = out + dense @ self.dense[...]
         return out
@@ -63,15 +64,15 @@ class DenseFields(nnx.Module):
 
 class FieldVectors(nnx.Module):
     """Every field as a d-vector: the F categorical embeddings, then the D dense features as
-    fields: sparse int32 [B, F], dense [B, D] -> [B, F + D, d] (what FM, DeepFM, AutoInt+ and
-    xDeepFM interact)."""
+    fields: sparse int32 [B, F], dense [B, D] (history [B, S, L]: S pooled multi-hot fields after
+    the F) -> [B, F + S + D, d] (what FM, DeepFM, AutoInt+ and xDeepFM interact)."""
 
     def __init__(self, spec: CTRFeatureSpec, dim: int, *, rngs: nnx.Rngs):
-        self.embedding = FieldEmbedding(spec.cardinalities, dim, rngs=rngs)
+        self.embedding = FieldEmbedding(spec.cardinalities, dim, rngs=rngs, bags=spec.bag_cardinalities)
         self.dense_fields = DenseFields(spec.num_dense, dim, rngs=rngs) if spec.num_dense > 0 else None
 
-    def __call__(self, sparse: jax.Array, dense: jax.Array) -> jax.Array:
-        e = self.embedding(sparse)
+    def __call__(self, sparse: jax.Array, dense: jax.Array, history: jax.Array | None = None) -> jax.Array:
+        e = self.embedding(sparse, history)
         if self.dense_fields is None:
             return e
         return jnp.concatenate([e, self.dense_fields(dense.astype(e.dtype))], axis=1)

@@ -239,7 +239,7 @@ class Wukong(CTRModel):
     def __init__(self, config: WukongConfig, spec: CTRFeatureSpec, *, rngs: nnx.Rngs):
         self.config, self.spec = config, spec
         d = config.embed_dim
-        self.embedding = FieldEmbedding(spec.cardinalities, d, rngs=rngs)
+        self.embedding = FieldEmbedding(spec.cardinalities, d, rngs=rngs, bags=spec.bag_cardinalities)
         self.num_dense_embeddings = config.num_dense_embeddings if spec.num_dense > 0 else 0
         self.dense_mlp = (
             MLP(spec.num_dense, config.dense_mlp, self.num_dense_embeddings * d, rngs=rngs)
@@ -255,7 +255,7 @@ class Wukong(CTRModel):
 
     def embed(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """X0 [B, n0, d]: sparse field embeddings, then the dense MLP's embeddings."""
-        x = self.embedding(batch["sparse"])
+        x = self.embedding(batch["sparse"], batch.get("history"))
         if self.dense_mlp is None:
             return x
         dense = self.dense_mlp(batch["dense"].astype(x.dtype))

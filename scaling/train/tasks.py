@@ -141,4 +141,5 @@ def make_task(config: RunConfig, dataset, reference_logloss: float | None):
     if getattr(dataset, "TASK", "ctr") == "next_item":
         return NextItemTask(dataset, max_len=config.model.max_len, temperature=getattr(config.model, "temperature", 1.0),
                             eval_batch_size=config.train.eval_batch_size, targets=type(config.model).TARGETS)
-    return CTRTask(dataset, eval_batch_size=config.train.eval_batch_size, reference_logloss=reference_logloss)
+    return CTRTask(dataset, eval_batch_size=config.train.eval_batch_size, reference_logloss=reference_logloss,
+                   keys=getattr(dataset, "BATCH_KEYS", CTRTask.keys))

@@ -109,7 +109,7 @@ class AutoInt(CTRModel):
         self.dnn = MLP(n * d, config.dnn, 1, rngs=rngs)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        e = self.fields(batch["sparse"], batch["dense"])
+        e = self.fields(batch["sparse"], batch["dense"], batch.get("history"))
         x = e
         for layer in self.layers:
             x = layer(x)

@@ -78,7 +78,7 @@ class DCNv2(CTRModel):
     def __init__(self, config: DCNv2Config, spec: CTRFeatureSpec, *, rngs: nnx.Rngs):
         self.config, self.spec = config, spec
         w = config.width(spec)
-        self.embedding = FieldEmbedding(spec.cardinalities, config.embed_dim, rngs=rngs)
+        self.embedding = FieldEmbedding(spec.cardinalities, config.embed_dim, rngs=rngs, bags=spec.bag_cardinalities)
         self.cross = CrossNetwork(w, config.cross_layers, config.cross_rank, rngs=rngs)
         # the DNN's last hidden layer is its output (ReLU applied here), the head is a separate Linear
         self.dnn = MLP(w, config.dnn[:-1], config.dnn[-1], rngs=rngs)
@@ -87,7 +87,7 @@ class DCNv2(CTRModel):
         self.head = Linear(head_in, 1, axes=("embed", None), rngs=rngs)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        e = self.embedding(batch["sparse"])
+        e = self.embedding(batch["sparse"], batch.get("history"))
         x0 = jnp.concatenate([e.reshape(e.shape[0], -1), batch["dense"].astype(e.dtype)], axis=1)
         if self.config.structure == "parallel":
             h = jnp.concatenate([self.cross(x0), jax.nn.relu(self.dnn(x0))], axis=1)

@@ -46,9 +46,9 @@ class FMTerms(nnx.Module):
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """-> (all field vectors [B, F + D, d], first-order logit [B])."""
-        e = self.fields(batch["sparse"], batch["dense"])
+        e = self.fields(batch["sparse"], batch["dense"], batch.get("history"))
         dense = batch["dense"].astype(e.dtype)
-        return e, self.linear(batch["sparse"], dense)
+        return e, self.linear(batch["sparse"], dense, batch.get("history"))
 
 
 _SIZES: dict[str, dict[str, Any]] = {

@@ -105,8 +105,8 @@ class XDeepFM(CTRModel):
         self.dnn = MLP(n * d, config.dnn, 1, rngs=rngs)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        e = self.fields(batch["sparse"], batch["dense"])
+        e = self.fields(batch["sparse"], batch["dense"], batch.get("history"))
         dense = batch["dense"].astype(e.dtype)
-        logit = (self.linear(batch["sparse"], dense) + self.cin_head(self.cin(e))[:, 0]
+        logit = (self.linear(batch["sparse"], dense, batch.get("history")) + self.cin_head(self.cin(e))[:, 0]
                  + self.dnn(e.reshape(e.shape[0], -1))[:, 0])
         return logit.astype(jnp.float32)
