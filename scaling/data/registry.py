@@ -6,7 +6,8 @@ import importlib
 
 _DATA: dict[str, type] = {}
 # Modules that register data sets on import.
-_DATA_MODULES = ("scaling.data.synthetic_ctr", "scaling.data.sequence_dataset", "scaling.data.synthetic_sequences")
+_DATA_MODULES = ("scaling.data.synthetic_ctr", "scaling.data.sequence_dataset", "scaling.data.synthetic_sequences",
+                 "scaling.data.synthetic_ranking")
 
 
 def register_data(name: str):
