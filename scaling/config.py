@@ -178,10 +178,11 @@ class RunConfig:
     logging: LoggingConfig = knob(default_factory=LoggingConfig)
 
     def check(self) -> None:
-        """The model family and the data set must be of the same kind (click or next item)."""
+        """The model family and the data set must be of the same kind (click, ranking or next item);
+        a ranking data set also serves click models, which read its histories as multi-hot fields."""
         model_task = getattr(type(self.model), "TASK", "ctr")
         data_task = getattr(type(self.data), "TASK", "ctr")
-        if model_task != data_task:
+        if model_task != data_task and (model_task, data_task) != ("ctr", "ranking"):
             raise ConfigError("model.name", f"'{self.model.name}' is a {model_task} model but data.name "
                               f"'{self.data.name}' is a {data_task} data set")
         if data_task == "next_item" and self.data.num_negatives < 1:

@@ -9,7 +9,7 @@ from flax import nnx
 
 from scaling.config import ModelConfig
 from scaling.config_schema import build
-from scaling.data.spec import CTRFeatureSpec, SequenceSpec
+from scaling.data.spec import CTRFeatureSpec, RankingSpec, SequenceSpec
 from scaling.flops import (
     FlopReport,
     flops_from_cost,
@@ -26,6 +26,9 @@ from scaling.models.registry import build_model, model_config_classes
 # families are checked with the research code's 128 negatives per position.
 SPEC = CTRFeatureSpec(cardinalities=(50,) * 26, num_dense=13)
 SEQUENCE_SPEC = SequenceSpec(num_items=500, num_negatives=128)
+# Ranking families on the ranking view's shape: 26 fields + the candidate, two sequences of 32 events.
+RANKING_SPEC = RankingSpec(cardinalities=(50,) * 26 + (501,), num_dense=13, bag_cardinalities=(501, 501),
+                           bag_length=32, num_items=500)
 # Fitted baselines (kNN, ALS, ...) have no training forward pass to count.
 FAMILIES = sorted(name for name, cls in model_config_classes().items() if not getattr(cls, "FITTED", False))
 
@@ -38,14 +41,22 @@ def _sizes(family: str) -> list[str]:
 @pytest.mark.parametrize("family, size", [(f, s) for f in FAMILIES for s in _sizes(f)])
 def test_analytic_matches_xla(family, size):
     config = build(ModelConfig, {"name": family, "size": size})
-    sequence = getattr(type(config), "TASK", "ctr") == "next_item"
-    spec = SEQUENCE_SPEC if sequence else SPEC
+    task = getattr(type(config), "TASK", "ctr")
+    sequence = task == "next_item"
+    spec = {"next_item": SEQUENCE_SPEC, "ranking": RANKING_SPEC}.get(task, SPEC)
     analytic = analytic_flops_per_example(config, spec)
     # next-item models normalise the item table once per batch: a batch of 16 amortises it
     xla = xla_flops_per_example(abstract_model(config, spec), spec, batch_size=16 if sequence else 4,
                                 max_len=getattr(config, "max_len", None))
     assert analytic > 0 and xla > 0
     assert abs(analytic - xla) / xla < 0.10, (family, size, analytic, xla)
+
+
+@pytest.mark.parametrize("family", ["dlrm", "wukong", "deepfm"])
+def test_click_models_reading_pooled_histories_match_xla(family):
+    config = build(ModelConfig, {"name": family, "size": "xs"})
+    xla = xla_flops_per_example(abstract_model(config, RANKING_SPEC), RANKING_SPEC, batch_size=4)
+    assert abs(config.flops_per_example(RANKING_SPEC) - xla) / xla < 0.10
 
 
 def test_families_are_registered():

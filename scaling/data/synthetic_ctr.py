@@ -56,7 +56,8 @@ from scaling.data.spec import CTRFeatureSpec
 from scaling.train.metrics import split_halves
 from scaling.data.world import CounterRNG, World, log_spaced_cardinalities, rowwise_dot, rowwise_matmul
 
-__all__ = ["SyntheticCTRConfig", "SyntheticCTR", "Teacher", "TRAIN_STREAM", "EVAL_STREAM"]
+__all__ = ["SyntheticCTRConfig", "SyntheticCTR", "Teacher", "TRAIN_STREAM", "EVAL_STREAM", "binary_entropy",
+           "click_reference_metrics", "expected_click"]
 
 TRAIN_STREAM = 0
 EVAL_STREAM = 1
@@ -83,7 +84,16 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def _binary_entropy(p: float) -> float:
+def expected_click(logit: np.ndarray, label_noise: float) -> np.ndarray:
+    """float64 [B]: E_eps[sigmoid(logit + label_noise * eps)], eps ~ N(0, 1) (Gauss-Hermite, exact
+    for practical purposes): the click probability when the label's logit has Gaussian noise."""
+    logit = np.asarray(logit, np.float64)
+    if label_noise == 0:
+        return _sigmoid(logit)
+    return rowwise_dot(_sigmoid(logit[:, None] + label_noise * _GH_X[None, :]), _GH_W)
+
+
+def binary_entropy(p: float) -> float:
     p = min(max(float(p), 1e-12), 1 - 1e-12)
     return float(-(p * np.log(p) + (1 - p) * np.log1p(-p)))
 
@@ -216,10 +226,7 @@ class Teacher:
 
     def prob(self, logit: np.ndarray) -> np.ndarray:
         """float64 [B]: P(click | features) = E_eps[sigmoid(logit + label_noise * eps)]."""
-        logit = np.asarray(logit, np.float64)
-        if self.label_noise == 0:
-            return _sigmoid(logit)
-        return rowwise_dot(_sigmoid(logit[:, None] + self.label_noise * _GH_X[None, :]), _GH_W)
+        return expected_click(logit, self.label_noise)
 
     # -- the spectrum -----------------------------------------------------------------------------
     def spectrum_tail(self, n: int) -> float:
@@ -358,34 +365,41 @@ class SyntheticCTR:
         return dict(self._eval)
 
     def reference_metrics(self) -> dict[str, float]:
-        """Floors and baselines on the held-out set, from the teacher's true probabilities.
-
-        base_rate: the held-out click rate (mean label). constant_logloss: logloss of always
-        predicting it (= its binary entropy, the NE denominator). bayes_logloss: logloss of the true
-        probabilities on the held-out labels (no model can do better in expectation); bayes_ne its
-        normalized entropy; bayes_entropy: its expectation over labels, mean H(prob).
-        """
-        ev = self._eval
-        y = ev["label"].astype(np.float64)
-        p = np.clip(ev["prob"].astype(np.float64), 1e-12, 1 - 1e-12)
-        base = float(y.mean())
-        constant = _binary_entropy(base)
-        bayes_each = -(y * np.log(p) + (1 - y) * np.log1p(-p))
-        entropy_each = -(p * np.log(p) + (1 - p) * np.log1p(-p))
-        bayes, entropy = float(bayes_each.mean()), float(entropy_each.mean())
-        # The same floors on the halves the loop reports as valid_* and test_*.
-        per_half = {}
-        for half, rows in split_halves(len(y)).items():
-            per_half[f"{half}_bayes_logloss"] = float(bayes_each[rows].mean())
-            per_half[f"{half}_bayes_entropy"] = float(entropy_each[rows].mean())
+        """Floors and baselines on the held-out set from the teacher's true probabilities
+        (`click_reference_metrics`), and the deep term's spectrum."""
         return {
-            **per_half,
-            "base_rate": base,
-            "true_base_rate": float(p.mean()),
-            "constant_logloss": constant,
-            "bayes_logloss": bayes,
-            "bayes_ne": bayes / constant,
-            "bayes_entropy": entropy,
+            **click_reference_metrics(self._eval["label"], self._eval["prob"]),
             "spectrum_exponent": self.teacher.spectrum_exponent,
             "implied_exponent": self.teacher.implied_exponent,
         }
+
+
+def click_reference_metrics(label: np.ndarray, prob: np.ndarray) -> dict[str, float]:
+    """Floors and baselines of a held-out set whose true click probabilities are known.
+
+    base_rate: the held-out click rate (mean label). constant_logloss: logloss of always
+    predicting it (= its binary entropy, the NE denominator). bayes_logloss: logloss of the true
+    probabilities on the held-out labels (no model can do better in expectation); bayes_ne its
+    normalized entropy; bayes_entropy: its expectation over labels, mean H(prob). The same floors
+    on the halves the loop reports as valid_* and test_*.
+    """
+    y = np.asarray(label, np.float64)
+    p = np.clip(np.asarray(prob, np.float64), 1e-12, 1 - 1e-12)
+    base = float(y.mean())
+    constant = binary_entropy(base)
+    bayes_each = -(y * np.log(p) + (1 - y) * np.log1p(-p))
+    entropy_each = -(p * np.log(p) + (1 - p) * np.log1p(-p))
+    per_half = {}
+    for half, rows in split_halves(len(y)).items():
+        per_half[f"{half}_bayes_logloss"] = float(bayes_each[rows].mean())
+        per_half[f"{half}_bayes_entropy"] = float(entropy_each[rows].mean())
+    bayes = float(bayes_each.mean())
+    return {
+        **per_half,
+        "base_rate": base,
+        "true_base_rate": float(p.mean()),
+        "constant_logloss": constant,
+        "bayes_logloss": bayes,
+        "bayes_ne": bayes / constant,
+        "bayes_entropy": float(entropy_each.mean()),
+    }

@@ -334,13 +334,18 @@ class World:
         """Entities and features of examples `index` (int64 [B]) of the stream behind `rng`."""
         index = np.asarray(index, dtype=np.int64)
         u = rng.uniform(index, self.SLOT_MEMBERS, len(SIDES))
-        members: dict[str, np.ndarray] = {}
+        members = {name: self.sides[name].draw(u[:, s]) for s, name in enumerate(SIDES)}
+        return self.features(members, rng, index)
+
+    def features(self, members: dict[str, np.ndarray], rng: CounterRNG, index: np.ndarray) -> Entities:
+        """What the world shows of given members (side -> int64 [B] member index) in examples
+        `index` of the stream behind `rng` (the dense features' noise is drawn per example)."""
+        index = np.asarray(index, dtype=np.int64)
         sparse = np.empty((len(index), self.num_fields), dtype=np.int32)
         latents = []
-        for s, name in enumerate(SIDES):
+        for name in SIDES:
             side = self.sides[name]
-            m = side.draw(u[:, s])
-            members[name] = m
+            m = members[name]
             if side.fields:
                 sparse[:, list(side.fields)] = side.attributes[m]
             latents.append(side.latent[m])

@@ -13,6 +13,9 @@ _FAMILY_MODULES = (
     "scaling.models.dlrm",
     "scaling.models.hstu",
     "scaling.models.sasrec",
+    "scaling.models.onetrans",
+    "scaling.models.din",
+    "scaling.models.hstu_ranker",
     "scaling.models.baselines.catalogue",
 )
 
