@@ -7,7 +7,7 @@ import importlib
 _DATA: dict[str, type] = {}
 # Modules that register data sets on import.
 _DATA_MODULES = ("scaling.data.synthetic_ctr", "scaling.data.sequence_dataset", "scaling.data.synthetic_sequences",
-                 "scaling.data.synthetic_ranking")
+                 "scaling.data.synthetic_ranking", "scaling.data.criteo", "scaling.data.avazu")
 
 
 def register_data(name: str):

@@ -43,7 +43,12 @@ def _pad_rows(chunk: dict[str, np.ndarray], size: int) -> tuple[dict[str, np.nda
 
 @dataclasses.dataclass
 class CTRTask:
-    """Click prediction on a CTR data set (synthetic or real)."""
+    """Click prediction on a CTR data set (synthetic or real).
+
+    A data set with its own valid and test files (`eval_splits`, e.g. Criteo) adds their AUC and NE
+    (valid_*, test_*), reports the test file's numbers as logloss/ne/auc, and picks evaluations
+    by its `SELECTION` (valid_logloss) instead of the whole held-out set's logloss.
+    """
 
     dataset: Any
     eval_batch_size: int
@@ -63,6 +68,9 @@ class CTRTask:
         return model(batch).astype(jnp.float32)
 
     def train_iterator(self, batch_size: int, seed: int):
+        # Data read from files is shuffled by the run's seed; the synthetic stream has one order.
+        if getattr(self.dataset, "SEEDED_ORDER", False):
+            return self.dataset.train_iterator(batch_size, seed=seed)
         return self.dataset.train_iterator(batch_size)
 
     def abstract_batch(self, batch_size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
@@ -86,11 +94,17 @@ class CTRTask:
             result["excess_logloss"] = result["logloss"] - reference["bayes_logloss"]
         if probs is not None:
             result["teacher_logloss"] = M.teacher_logloss_from_logits(probs, scores)
-        # Selection (e.g. the best lr of a sweep) reads valid_*, the scaling curve test_*.
-        for half, rows in M.split_halves(n).items():
+        # Selection (e.g. the best lr of a sweep) reads valid_*, the scaling curve test_*: the eval
+        # set's halves, or the data set's own valid and test files (`eval_splits`, real data).
+        files = self.dataset.eval_splits() if hasattr(self.dataset, "eval_splits") else None
+        for half, rows in (files or M.split_halves(n)).items():
             result[f"{half}_logloss"] = M.logloss_from_logits(labels[rows], scores[rows])
             if probs is not None:
                 result[f"{half}_teacher_logloss"] = M.teacher_logloss_from_logits(probs[rows], scores[rows])
+            if files is not None:
+                result.update({f"{half}_{k}": v for k, v in M.ctr_metrics(labels[rows], scores[rows]).items()})
+        if files is not None:  # the reported numbers are the test file's, not the valid + test mix
+            result.update({k: result[f"test_{k}"] for k in ("logloss", "ne", "auc")})
         if self.reference_logloss is not None:
             result["relative_logloss_pct"] = M.relative_logloss(result["logloss"], self.reference_logloss)
         return result
@@ -142,4 +156,5 @@ def make_task(config: RunConfig, dataset, reference_logloss: float | None):
         return NextItemTask(dataset, max_len=config.model.max_len, temperature=getattr(config.model, "temperature", 1.0),
                             eval_batch_size=config.train.eval_batch_size, targets=type(config.model).TARGETS)
     return CTRTask(dataset, eval_batch_size=config.train.eval_batch_size, reference_logloss=reference_logloss,
-                   keys=getattr(dataset, "BATCH_KEYS", CTRTask.keys))
+                   keys=getattr(dataset, "BATCH_KEYS", CTRTask.keys),
+                   selection=getattr(dataset, "SELECTION", CTRTask.selection))
