@@ -10,11 +10,15 @@ With field embeddings E [B, F, d] (one row per field) and dense features x [B, D
   cross layer   x_{l+1} = x_0 * (W_l x_l + b_l) + x_l            (DCNv2, Wang et al. 2021; W_l [D', D'])
   low rank      W_l = U_l V_l^T, U_l, V_l [D', r]                 (the paper's cost-saving variant)
 
+`FMTerms` pairs the field vectors with the first-order term: what FM and DeepFM both read.
+
 FLOPs (forward, per example; the project's convention, scaling/models/mlp.py) are given beside
 each block; embedding gathers are excluded.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +29,8 @@ from scaling.data.spec import CTRFeatureSpec
 from scaling.models.embedding import EmbeddingTable, FieldEmbedding
 from scaling.sharding.annotate import logical_param
 
-__all__ = ["CrossNetwork", "DenseFields", "FieldVectors", "FirstOrder", "cross_network_flops", "fm_pairwise", "fm_pairwise_flops",
-           "first_order_flops"]
+__all__ = ["CrossNetwork", "DenseFields", "FieldVectors", "FirstOrder", "FMTerms", "cross_network_flops", "fm_flops",
+           "fm_pairwise", "fm_pairwise_flops", "first_order_flops"]
 
 
 class FirstOrder(nnx.Module):
@@ -52,10 +56,12 @@ def first_order_flops(spec: CTRFeatureSpec) -> float:
 
 
 class DenseFields(nnx.Module):
-    """Real-valued features as FM fields: dense [B, D] -> [B, D, d], row j = x_j u_j."""
+    """Real-valued features as FM fields: dense [B, D] -> [B, D, d], row j = x_j u_j (u_j drawn
+    N(0, init_scale^2), 1/sqrt(d) by default, as the embeddings)."""
 
-    def __init__(self, num_dense: int, dim: int, *, rngs: nnx.Rngs):
-        self.vectors = logical_param(jax.random.normal(rngs.params(), (num_dense, dim)) / np.sqrt(dim),
+    def __init__(self, num_dense: int, dim: int, *, rngs: nnx.Rngs, init_scale: float | None = None):
+        scale = init_scale if init_scale is not None else 1.0 / np.sqrt(dim)
+        self.vectors = logical_param(scale * jax.random.normal(rngs.params(), (num_dense, dim)),
                                      ("fields", "embed"), EmbeddingTable)
 
     def __call__(self, dense: jax.Array) -> jax.Array:
@@ -65,11 +71,14 @@ class DenseFields(nnx.Module):
 class FieldVectors(nnx.Module):
     """Every field as a d-vector: the F categorical embeddings, then the D dense features as
     fields: sparse int32 [B, F], dense [B, D] (history [B, S, L]: S pooled multi-hot fields after
-    the F) -> [B, F + S + D, d] (what FM, DeepFM, AutoInt+ and xDeepFM interact)."""
+    the F) -> [B, F + S + D, d] (what FM, DeepFM, AutoInt+ and xDeepFM interact). Every vector is
+    drawn N(0, init_scale^2), 1/sqrt(d) by default."""
 
-    def __init__(self, spec: CTRFeatureSpec, dim: int, *, rngs: nnx.Rngs):
-        self.embedding = FieldEmbedding(spec.cardinalities, dim, rngs=rngs, bags=spec.bag_cardinalities)
-        self.dense_fields = DenseFields(spec.num_dense, dim, rngs=rngs) if spec.num_dense > 0 else None
+    def __init__(self, spec: CTRFeatureSpec, dim: int, *, rngs: nnx.Rngs, init_scale: float | None = None):
+        self.embedding = FieldEmbedding(spec.cardinalities, dim, rngs=rngs, bags=spec.bag_cardinalities,
+                                        init_scale=init_scale)
+        self.dense_fields = (DenseFields(spec.num_dense, dim, rngs=rngs, init_scale=init_scale)
+                             if spec.num_dense > 0 else None)
 
     def __call__(self, sparse: jax.Array, dense: jax.Array, history: jax.Array | None = None) -> jax.Array:
         e = self.embedding(sparse, history)
@@ -88,6 +97,27 @@ def fm_pairwise_flops(num_vectors: int, dim: int) -> float:
     """Sum over vectors (N d), its square (d), the squares and their sum (2 N d), the difference
     and its sum (2 d), the halving (1)."""
     return float(3 * num_vectors * dim + 3 * dim + 1)
+
+
+class FMTerms(nnx.Module):
+    """A factorization machine's inputs: every field as a vector (FieldVectors) and the first-order
+    term. The FM logit is `first + fm_pairwise(e)`; DeepFM adds a DNN over the same e."""
+
+    def __init__(self, spec: CTRFeatureSpec, dim: int, *, rngs: nnx.Rngs, init_scale: float | None = None):
+        self.fields = FieldVectors(spec, dim, rngs=rngs, init_scale=init_scale)
+        self.linear = FirstOrder(spec, rngs=rngs)
+
+    def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """-> (all field vectors [B, F + S + D, d], first-order logit [B])."""
+        e = self.fields(batch["sparse"], batch["dense"], batch.get("history"))
+        dense = batch["dense"].astype(e.dtype)
+        return e, self.linear(batch["sparse"], dense, batch.get("history"))
+
+
+def fm_flops(spec: CTRFeatureSpec, dim: int) -> float:
+    """The FM logit: LR + the dense fields (D d) + the pairwise term over F + S + D vectors + the
+    final add."""
+    return first_order_flops(spec) + spec.num_dense * dim + fm_pairwise_flops(spec.num_fields + spec.num_dense, dim) + 1
 
 
 class CrossNetwork(nnx.Module):

@@ -89,13 +89,19 @@ class Linear(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-    """LayerNorm over the last axis (num_features); scale and shift carry logical axis `axis_name`."""
+    """LayerNorm over the last axis (num_features); scale and shift carry logical axis `axis_name`.
 
-    def __init__(self, num_features: int, *, axis_name: str | None = "embed", eps: float = 1e-5):
+    `rows` > 0 gives each of the input's last `rows` vectors ([..., rows, num_features]) its own
+    scale and shift [rows, num_features] (e.g. MaskNet's per-field LayerNorm of the embeddings);
+    the statistics are per vector either way.
+    """
+
+    def __init__(self, num_features: int, *, axis_name: str | None = "embed", eps: float = 1e-5, rows: int = 0):
         self.num_features = num_features
         self.eps = eps
-        self.scale = logical_param(jnp.ones((num_features,), jnp.float32), (axis_name,))
-        self.bias = logical_param(jnp.zeros((num_features,), jnp.float32), (axis_name,))
+        shape, axes = ((rows, num_features), ("fields", axis_name)) if rows else ((num_features,), (axis_name,))
+        self.scale = logical_param(jnp.ones(shape, jnp.float32), axes)
+        self.bias = logical_param(jnp.zeros(shape, jnp.float32), axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype = x.dtype

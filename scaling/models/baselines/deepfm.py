@@ -4,7 +4,8 @@
 
 e: the F field embeddings and the D dense features as fields (x_j u_j), F + D vectors of width d.
 The size ladder scales the DNN (the FM part is fixed by d), as the CTR zoo scales deep parts.
-The FM terms (`FMTerms`) are built from the shared blocks of `scaling/models/feature_interactions.py`.
+The FM terms (`FMTerms`, shared with the plain FM of `linear_fm.py`) live in
+`scaling/models/feature_interactions.py`.
 """
 
 from __future__ import annotations
@@ -20,36 +21,11 @@ from flax import nnx
 from scaling.config_schema import knob
 from scaling.data.spec import CTRFeatureSpec
 from scaling.models.base import CTRModel, CTRModelConfig
-from scaling.models.feature_interactions import (
-    FieldVectors,
-    FirstOrder,
-    first_order_flops,
-    fm_pairwise,
-    fm_pairwise_flops,
-)
+from scaling.models.feature_interactions import FMTerms, fm_flops, fm_pairwise
 from scaling.models.mlp import MLP, check_widths, mlp_flops
 from scaling.models.registry import register_model
 
-__all__ = ["DeepFMConfig", "DeepFM", "FMTerms", "fm_flops"]
-
-def fm_flops(spec: CTRFeatureSpec, dim: int) -> float:
-    """LR + the dense fields (D d) + the pairwise term over F + D vectors + the final add."""
-    return first_order_flops(spec) + spec.num_dense * dim + fm_pairwise_flops(spec.num_fields + spec.num_dense, dim) + 1
-
-
-class FMTerms(nnx.Module):
-    """The FM part's inputs: every field as a vector (FieldVectors) and the first-order term."""
-
-    def __init__(self, spec: CTRFeatureSpec, dim: int, *, rngs: nnx.Rngs):
-        self.fields = FieldVectors(spec, dim, rngs=rngs)
-        self.linear = FirstOrder(spec, rngs=rngs)
-
-    def __call__(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-        """-> (all field vectors [B, F + D, d], first-order logit [B])."""
-        e = self.fields(batch["sparse"], batch["dense"], batch.get("history"))
-        dense = batch["dense"].astype(e.dtype)
-        return e, self.linear(batch["sparse"], dense, batch.get("history"))
-
+__all__ = ["DeepFMConfig", "DeepFM"]
 
 _SIZES: dict[str, dict[str, Any]] = {
     "xs": dict(dnn=(64, 64)),
