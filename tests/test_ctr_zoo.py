@@ -56,7 +56,8 @@ def test_cross_network_layer_by_layer(rank):
     np.testing.assert_allclose(net(jnp.asarray(x0)), x, rtol=1e-5, atol=1e-6)
 
 
-def _relu_mlp(mlp, x):
+def relu_mlp(mlp, x):
+    """numpy forward of an `MLP` (ReLU hidden layers, linear output) from its own parameters."""
     for layer in mlp.layers:
         x = np.maximum(x @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...]), 0.0)
     return x @ np.asarray(mlp.out.kernel[...]) + np.asarray(mlp.out.bias[...])
@@ -69,7 +70,7 @@ def test_deepfm_is_first_order_plus_fm_plus_dnn():
     e = np.asarray(e)
     assert e.shape == (4, 5, 3)  # 3 fields + 2 dense fields
     pairwise = [sum(e[b, i] @ e[b, j] for i, j in itertools.combinations(range(5), 2)) for b in range(4)]
-    deep = _relu_mlp(model.dnn, e.reshape(4, -1))[:, 0]
+    deep = relu_mlp(model.dnn, e.reshape(4, -1))[:, 0]
     np.testing.assert_allclose(model(batch), np.asarray(first) + pairwise + deep, rtol=1e-4, atol=1e-5)
 
 
@@ -83,9 +84,9 @@ def test_dcnv2_forward(structure):
     assert x0.shape[1] == config.width(SPEC) == 11
     cross = np.asarray(model.cross(jnp.asarray(x0)))
     if structure == "parallel":
-        h = np.concatenate([cross, np.maximum(_relu_mlp(model.dnn, x0), 0.0)], axis=1)
+        h = np.concatenate([cross, np.maximum(relu_mlp(model.dnn, x0), 0.0)], axis=1)
     else:
-        h = np.maximum(_relu_mlp(model.dnn, cross), 0.0)
+        h = np.maximum(relu_mlp(model.dnn, cross), 0.0)
     logit = h @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...])
     np.testing.assert_allclose(model(batch), logit[:, 0], rtol=1e-4, atol=1e-5)
 
@@ -110,7 +111,7 @@ def test_autoint_layer_is_multi_head_softmax_attention_over_fields_plus_a_residu
     batch = random_ctr_batch(SPEC, 4)
     e = np.asarray(model.fields(batch["sparse"], batch["dense"]))
     h = np.asarray(model.layers[1](model.layers[0](jnp.asarray(e)))).reshape(4, -1)
-    logit = h @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...]) + _relu_mlp(model.dnn, e.reshape(4, -1))
+    logit = h @ np.asarray(model.head.kernel[...]) + np.asarray(model.head.bias[...]) + relu_mlp(model.dnn, e.reshape(4, -1))
     np.testing.assert_allclose(model(batch), logit[:, 0], rtol=1e-4, atol=1e-5)
 
 
@@ -134,7 +135,7 @@ def test_cin_layers_are_compressed_outer_products_and_xdeepfm_adds_three_logits(
     e = np.asarray(model.fields(batch["sparse"], batch["dense"]))
     cin_logit = np.asarray(model.cin_head(model.cin(jnp.asarray(e))))[:, 0]
     expected = (np.asarray(model.linear(batch["sparse"], batch["dense"])) + cin_logit
-                + _relu_mlp(model.dnn, e.reshape(4, -1))[:, 0])
+                + relu_mlp(model.dnn, e.reshape(4, -1))[:, 0])
     np.testing.assert_allclose(model(batch), expected, rtol=1e-4, atol=1e-5)
 
 
@@ -164,11 +165,17 @@ def test_bad_configs_name_the_key(values, key):
     assert key in str(error.value)
 
 
+def train_briefly(output_dir, name: str, size: str = "xs"):
+    """60 steps of 256 on the quickstart's synthetic CTR world, evaluated once on 2048 examples:
+    the run record (tests/test_ctr_zoo_more.py reuses this)."""
+    return train(load_run_config(os.path.join(ROOT, "sweeps", "quickstart.yaml"), [
+        f"model.name={name}", f"model.size={size}", "train.steps=60", "train.batch_size=256", "train.eval_every=0",
+        "train.checkpoint_every=0", "data.eval_examples=2048", "logging.progress=false",
+        "logging.wandb.mode=disabled", f"train.output_dir={output_dir}"]))
+
+
 @pytest.mark.parametrize("name", ["dcnv2", "deepfm", "autoint", "xdeepfm"])
 def test_trains_through_the_loop(tmp_path, name):
-    record = train(load_run_config(os.path.join(ROOT, "sweeps", "quickstart.yaml"), [
-        f"model.name={name}", "model.size=xs", "train.steps=60", "train.batch_size=256", "train.eval_every=0",
-        "train.checkpoint_every=0", "data.eval_examples=2048", "logging.progress=false",
-        "logging.wandb.mode=disabled", f"train.output_dir={tmp_path}"]))
+    record = train_briefly(tmp_path, name)
     assert record.status == "ok", record.reason
     assert record.final_eval["ne"] < 1.0  # better than predicting the base rate

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -19,6 +21,7 @@ from scaling.flops import (
     xla_flops_per_example,
 )
 from scaling.models.base import param_counts
+from scaling.models.embedding import FieldEmbedding
 from scaling.models.mlp import MLP, LayerNorm, layer_norm_flops, mlp_flops
 from scaling.models.registry import build_model, model_config_classes
 
@@ -33,9 +36,43 @@ RANKING_SPEC = RankingSpec(cardinalities=(50,) * 26 + (501,), num_dense=13, bag_
 FAMILIES = sorted(name for name, cls in model_config_classes().items() if not getattr(cls, "FITTED", False))
 
 
+# LR and FM do a few hundred FLOPs of math per example (53 for LR on SPEC), the same order as two
+# things XLA's compiled CPU count adds that are not model math: the embedding gathers' index
+# arithmetic (offsets, bounds checks, the out-of-range fill: ~215 FLOPs per example for 26 lookups
+# of width 1, ~605 at width 16, more where several fusions read the gathered rows) and the CPU
+# backend's rewrite of a 33..64-long reduction into a 64-wide window (FM's two sums over the 39
+# field vectors count 63 adds each, not 38). For every other family the two are a few percent of
+# XLA's figure at most (3% at Wukong's smallest size) and stay in it.
+# For these two alone, the analytic count is compared with XLA's count of the forward with the
+# lookups stubbed out (each FieldEmbedding's output enters the jitted function as an input) and
+# taken on the HLO as lowered, before the backend's passes: every op the model emits, once. The
+# 10% bound is unchanged. (Without the treatment: LR -80%, FM d4..d16 -60%..-47%.)
+LOOKUP_BOUND = {"lr", "fm"}
+
+
+def xla_flops_without_lookups(model: nnx.Module, spec: CTRFeatureSpec, batch_size: int) -> float:
+    """XLA's FLOPs per example of `model(batch)` with every FieldEmbedding call replaced by an input
+    of its output's shape, counted on the lowered (pre-optimization) HLO."""
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+    lookups = [node for _, node in nnx.iter_graph(model) if isinstance(node, FieldEmbedding)]
+    outputs = [jax.ShapeDtypeStruct((batch_size, spec.num_fields, node.dim), jnp.float32) for node in lookups]
+    batch = {"sparse": jax.ShapeDtypeStruct((batch_size, spec.num_sparse), jnp.int32),
+             "dense": jax.ShapeDtypeStruct((batch_size, spec.num_dense), jnp.float32)}
+
+    def forward(state, batch, outputs):
+        merged = nnx.merge(graphdef, state)
+        stand_in = {id(node): out for (_, node), out in
+                    zip((item for item in nnx.iter_graph(merged) if isinstance(item[1], FieldEmbedding)), outputs)}
+        with mock.patch.object(FieldEmbedding, "__call__", lambda self, sparse, history=None: stand_in[id(self)]):
+            return merged(batch)
+
+    return flops_from_cost(jax.jit(forward).lower(state, batch, outputs).cost_analysis()) / batch_size
+
+
 def _sizes(family: str) -> list[str]:
     sizes = list(model_config_classes()[family].SIZES)
-    return [sizes[0], sizes[len(sizes) // 2], sizes[-1]]  # smallest, middle, largest
+    return list(dict.fromkeys([sizes[0], sizes[len(sizes) // 2], sizes[-1]]))  # smallest, middle, largest (once each)
 
 
 @pytest.mark.parametrize("family, size", [(f, s) for f in FAMILIES for s in _sizes(f)])
@@ -46,13 +83,17 @@ def test_analytic_matches_xla(family, size):
     spec = {"next_item": SEQUENCE_SPEC, "ranking": RANKING_SPEC}.get(task, SPEC)
     analytic = analytic_flops_per_example(config, spec)
     # next-item models normalise the item table once per batch: a batch of 16 amortises it
-    xla = xla_flops_per_example(abstract_model(config, spec), spec, batch_size=16 if sequence else 4,
-                                max_len=getattr(config, "max_len", None))
+    model = abstract_model(config, spec)
+    if family in LOOKUP_BOUND:
+        xla = xla_flops_without_lookups(model, spec, batch_size=4)
+    else:
+        xla = xla_flops_per_example(model, spec, batch_size=16 if sequence else 4,
+                                    max_len=getattr(config, "max_len", None))
     assert analytic > 0 and xla > 0
     assert abs(analytic - xla) / xla < 0.10, (family, size, analytic, xla)
 
 
-@pytest.mark.parametrize("family", ["dlrm", "wukong", "deepfm"])
+@pytest.mark.parametrize("family", ["dlrm", "wukong", "deepfm", "finalmlp", "masknet", "wide_deep"])
 def test_click_models_reading_pooled_histories_match_xla(family):
     config = build(ModelConfig, {"name": family, "size": "xs"})
     xla = xla_flops_per_example(abstract_model(config, RANKING_SPEC), RANKING_SPEC, batch_size=4)
