@@ -1,10 +1,12 @@
 """Train throughput: examples/s and achieved GFLOP/s per model size, beside the CPU/GPU matmul roofline.
 
-    python -m benchmarks.train_throughput [--suite ctr|sequences] [--steps N] [--batch-size B] [--out FILE]
+    python -m benchmarks.train_throughput [--suite ctr|sequences|ranking] [--steps N] [--batch-size B] [--out FILE]
 
 Suites: `ctr` trains Wukong and DLRM on the quickstart world (an example is one impression);
 `sequences` trains HSTU and SASRec on the synthetic sequence view of sweeps/hstu_synthetic.yaml
-(an example is one user sequence of max_len positions, with 128 negatives shared per sequence).
+(an example is one user sequence of max_len positions, with 128 negatives shared per sequence);
+`ranking` trains OneTrans, HSTU-as-ranker and DIN on the ranking view of sweeps/onetrans_synthetic.yaml
+(an example is one impression with two 32-event behaviour sequences).
 Achieved GFLOP/s = 3 x forward FLOPs/example x examples/s (the DESIGN's train-FLOP convention).
 The roofline is a dense float32 matmul measured in the same process.
 """
@@ -29,6 +31,8 @@ SWEEPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 SUITES = {
     "ctr": ("quickstart.yaml", "wukong:xs,wukong:m,wukong:xl,dlrm:m", 512, 300, ["data.eval_examples=4096"]),
     "sequences": ("hstu_synthetic.yaml", "hstu:s,hstu:l,sasrec:s,sasrec:l", 128, 100, ["data.eval_users=256"]),
+    "ranking": ("onetrans_synthetic.yaml", "onetrans:s,onetrans:l,hstu_ranker:s,din:s", 256, 100,
+                ["data.eval_examples=2048"]),
 }
 
 
@@ -48,7 +52,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="ctr")
     parser.add_argument("--steps", type=int, default=None, help="train steps per model (default per suite)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default per suite: 512 ctr, 128 sequences")
+    parser.add_argument("--batch-size", type=int, default=None, help="default per suite: 512 ctr, 128 sequences, 256 ranking")
     parser.add_argument("--models", default="", help="family:size,... (default per suite)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
