@@ -141,7 +141,11 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class ShardingConfig:
     mesh: MeshConfig = knob(default_factory=MeshConfig)
-    layout: Literal["dp"] = knob("dp", help="named layout (logical-axis rule set)")
+    layout: str = knob("dp", help="named layout: a logical-axis rule set (dp, fsdp, fsdp_tp, ...)")
+    embedding: Literal["replicated", "row_wise", "table_wise", "gspmd"] = knob(
+        "replicated", help="how embedding tables are placed and looked up across the data/fsdp devices")
+    embedding_capacity: float = knob(
+        2.0, gt=0, help="row_wise/table_wise: ids one device may send one peer per lookup, as a multiple of the even share")
 
 
 @dataclasses.dataclass(frozen=True)
