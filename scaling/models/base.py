@@ -21,6 +21,7 @@ from flax import nnx
 
 from scaling.config import ModelConfig
 from scaling.models.embedding import EmbeddingTable
+from scaling.sharding.embedding import natural_size
 
 
 class CTRModelConfig(ModelConfig):
@@ -57,9 +58,11 @@ def _count(state: nnx.State) -> int:
 
 
 def param_counts(model: nnx.Module) -> ParamCounts:
-    """Parameters split into embedding tables and everything else (dense)."""
+    """Parameters split into embedding tables and everything else (dense). Tables count their
+    natural rows: the padding rows of a sharded layout are not parameters."""
     _, emb, dense, _ = nnx.split(model, EmbeddingTable, nnx.Param, ...)
-    return ParamCounts(dense=_count(dense), embedding=_count(emb))
+    tables = jax.tree.leaves(emb, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return ParamCounts(dense=_count(dense), embedding=sum(natural_size(t) for t in tables))
 
 
 def abstract_param_counts(config, spec) -> ParamCounts:

@@ -28,7 +28,8 @@ from flax import nnx
 
 from scaling.config_schema import knob
 from scaling.data.spec import SequenceSpec
-from scaling.models.embedding import EmbeddingTable
+from scaling.models.embedding import embedding_table
+from scaling.sharding.embedding import lookup, natural_table
 from scaling.models.hstu_attention import hstu_attention, relative_bias, time_buckets
 from scaling.models.mlp import layer_norm_flops
 from scaling.models.registry import register_model
@@ -181,7 +182,7 @@ class HSTU(SequenceModel):
         self.cfg = cfg
         d = cfg.embed_dim
         table = 0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (spec.num_items + 1, d), jnp.float32)
-        self.item_emb = logical_param(table.at[0].set(0.0), ("vocab", "embed"), EmbeddingTable)
+        self.item_emb = embedding_table(table.at[0].set(0.0))
         std = math.sqrt(2.0 / (cfg.max_len + d))  # xavier-normal
         self.pos_emb = logical_param(std * jax.random.normal(rngs.params(), (cfg.max_len, d), jnp.float32), ("seq", "embed"))
         self.input_dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
@@ -192,7 +193,7 @@ class HSTU(SequenceModel):
 
     def embed(self, items: jax.Array, positions: jax.Array) -> jax.Array:
         """The encoder input: item_emb(items) * sqrt(D) + pos_emb(positions), [..., D]."""
-        return self.item_emb[...][items] * math.sqrt(self.cfg.embed_dim) + self.pos_emb[...][positions]
+        return lookup(self.item_emb, items) * math.sqrt(self.cfg.embed_dim) + self.pos_emb[...][positions]
 
     def encode(self, items: jax.Array, timestamps: jax.Array, lengths: jax.Array,
                query_timestamps: jax.Array | None = None) -> jax.Array:
@@ -208,5 +209,6 @@ class HSTU(SequenceModel):
         return l2_normalize(x)
 
     def item_table(self) -> jax.Array:
-        """L2-normalised item embeddings [num_items + 1, D] (the research code's item_l2_norm)."""
-        return l2_normalize(self.item_emb[...])
+        """L2-normalised item embeddings [num_items + 1, D] (the research code's item_l2_norm); the
+        whole table in natural order (a full-table read, not a lookup: GSPMD shards it)."""
+        return l2_normalize(natural_table(self.item_emb))

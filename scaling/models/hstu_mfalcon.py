@@ -49,6 +49,7 @@ from flax import nnx
 
 from scaling.models.hstu import HSTU
 from scaling.models.sequence_base import l2_normalize
+from scaling.sharding.embedding import lookup
 from scaling.models.hstu_attention import candidate_attention, candidate_bias, next_timestamps
 
 
@@ -130,7 +131,7 @@ def score_candidates(model: HSTU, cache: MFalconCache, candidates: jax.Array) ->
     without an O(num_items D) pass per micro-batch.
     """
     out = candidate_outputs(model, cache, candidates)
-    return jnp.sum(out * l2_normalize(model.item_emb[...][candidates]), axis=-1)
+    return jnp.sum(out * l2_normalize(lookup(model.item_emb, candidates)), axis=-1)
 
 
 def mfalcon_scores(model: HSTU, items: jax.Array, timestamps: jax.Array, length: jax.Array,

@@ -23,8 +23,8 @@ from flax import nnx
 
 from scaling.config import ModelConfig
 from scaling.data.spec import RankingSpec
-from scaling.models.embedding import EmbeddingTable, FieldEmbedding
-from scaling.sharding.annotate import logical_param
+from scaling.models.embedding import FieldEmbedding, embedding_table
+from scaling.sharding.embedding import lookup
 
 __all__ = ["RankingInputs", "RankingModelConfig", "GAP_FLOPS"]
 
@@ -59,9 +59,9 @@ class RankingInputs(nnx.Module):
             raise TypeError(f"ranking families need a ranking data set (e.g. data.name: synthetic_ranking), got {spec}")
         self.seq_len = seq_len
         items = 0.02 * jax.random.normal(rngs.params(), (spec.num_items + 1, dim), jnp.float32)
-        self.items = logical_param(items.at[0].set(0.0), ("vocab", "embed"), EmbeddingTable)
+        self.items = embedding_table(items.at[0].set(0.0))
         actions = 0.02 * jax.random.normal(rngs.params(), (spec.num_actions, dim), jnp.float32)
-        self.actions = logical_param(actions, (None, "embed"), EmbeddingTable)
+        self.actions = embedding_table(actions, (None, "embed"))
         self.fields = FieldEmbedding(spec.cardinalities[:-1], field_dim, rngs=rngs)
 
     def history(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -70,7 +70,7 @@ class RankingInputs(nnx.Module):
         if self.seq_len and self.seq_len < items.shape[-1]:
             items, actions, times = (a[..., -self.seq_len:] for a in (items, actions, times))
         valid = items > 0
-        events = jnp.take(self.items[...], items, axis=0) + jnp.take(self.actions[...], actions, axis=0)
+        events = lookup(self.items, items) + lookup(self.actions, actions)
         events = jnp.where(valid[..., None], events, 0.0)
         age = jnp.maximum(batch["request_time"][:, None, None] - times, 0).astype(jnp.float32)
         gaps = jnp.where(valid, jnp.log1p(age) * (1.0 / _YEAR_LOG), 0.0)
@@ -78,7 +78,7 @@ class RankingInputs(nnx.Module):
 
     def candidate(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """[B, d]: the candidate's item embedding."""
-        return jnp.take(self.items[...], batch["sparse"][..., -1], axis=0)
+        return lookup(self.items, batch["sparse"][..., -1])
 
     def features(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """[..., (F-1) e + D]: the non-sequential features besides the candidate, flat (leading

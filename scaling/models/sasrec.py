@@ -46,7 +46,7 @@ from flax import nnx
 
 from scaling.config_schema import ConfigError, knob
 from scaling.data.spec import SequenceSpec
-from scaling.models.embedding import EmbeddingTable
+from scaling.models.embedding import embedding_table
 from scaling.models.mlp import LayerNorm, layer_norm_flops
 from scaling.models.registry import register_model
 from scaling.models.sequence_base import SequenceModel, SequenceModelConfig, l2_normalize
@@ -57,6 +57,7 @@ from scaling.models.transformer import (
     valid_from_lengths,
 )
 from scaling.sharding.annotate import logical_param
+from scaling.sharding.embedding import lookup, natural_table
 
 __all__ = ["SASRec", "SASRecConfig"]
 
@@ -140,7 +141,7 @@ class SASRec(SequenceModel):
         self.config, self.spec = config, spec
         d = config.embed_dim
         table = 0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (spec.num_items + 1, d), jnp.float32)
-        self.item_emb = logical_param(table.at[0].set(0.0), ("vocab", "embed"), EmbeddingTable)
+        self.item_emb = embedding_table(table.at[0].set(0.0))
         pos = jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (config.max_len, d), jnp.float32) / math.sqrt(d)
         self.pos_emb = logical_param(pos, ("seq", "embed"))
         self.input_dropout = nnx.Dropout(config.dropout, rngs=rngs)
@@ -160,7 +161,7 @@ class SASRec(SequenceModel):
         if n > self.config.max_len:
             raise ValueError(f"sequence length {n} exceeds SASRec max_len {self.config.max_len}")
         valid = valid_from_lengths(lengths, n)
-        x = jnp.take(self.item_emb[...], items, axis=0) * math.sqrt(self.config.embed_dim)
+        x = lookup(self.item_emb, items) * math.sqrt(self.config.embed_dim)
         x = x + self.pos_emb[...][:n][None]
         x = jnp.where(valid[..., None], self.input_dropout(x), 0.0)
         mask = causal_mask(valid)  # built once, shared by every block
@@ -171,12 +172,12 @@ class SASRec(SequenceModel):
 
     def item_embeddings(self, ids: jax.Array) -> jax.Array:
         """ids int [...] -> [..., D]: rows of `item_table()`, gathered before normalising."""
-        rows = jnp.take(self.item_emb[...], ids, axis=0)
+        rows = lookup(self.item_emb, ids)
         return l2_normalize(rows) if self.config.l2_normalize else rows
 
     def item_table(self) -> jax.Array:
         """The shared item embeddings [num_items + 1, D] (L2-normalised when l2_normalize)."""
-        table = self.item_emb[...]
+        table = natural_table(self.item_emb)  # a full-table read (not a lookup): GSPMD shards it
         return l2_normalize(table) if self.config.l2_normalize else table
 
     def flops_per_example(self) -> float:

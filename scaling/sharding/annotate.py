@@ -7,7 +7,8 @@ is off: variables are created unsharded and the partitioner places them from the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -22,15 +23,17 @@ def logical_param(
     value: jax.Array,
     axes: Sequence[str | None],
     variable_type: type[nnx.Variable] = nnx.Param,
+    metadata: Mapping[str, Any] | None = None,
 ) -> nnx.Variable:
-    """Wrap `value` in `variable_type` carrying logical axis names (one per dimension)."""
+    """Wrap `value` in `variable_type` carrying logical axis names (one per dimension) and any
+    further static `metadata` (e.g. an embedding table's stored layout)."""
     axes = tuple(axes)
     if len(axes) != value.ndim:
         raise ValueError(f"logical axes {axes} do not match a value of shape {value.shape}")
     unknown = [a for a in axes if a is not None and a not in LOGICAL_AXES]
     if unknown:
         raise ValueError(f"unknown logical axes {unknown}; expected names from {LOGICAL_AXES}")
-    return variable_type(value, eager_sharding=False, **{_METADATA_KEY: axes})
+    return variable_type(value, eager_sharding=False, **dict(metadata or {}), **{_METADATA_KEY: axes})
 
 
 def logical_axes(variable: nnx.Variable) -> tuple[str | None, ...] | None:

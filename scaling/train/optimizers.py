@@ -65,7 +65,9 @@ class RowwiseAdagradState(NamedTuple):
 
 
 def rowwise_adagrad(learning_rate: optax.ScalarOrSchedule, eps: float = 1e-8, initial_accumulator: float = 0.0):
-    """Row-wise Adagrad for 2-D tables [rows, dim]: acc_r += mean_j g_rj^2; w_r -= lr g_r / sqrt(acc_r + eps)."""
+    """Row-wise Adagrad for tables [rows, dim]: acc_r += mean_j g_rj^2; w_r -= lr g_r / sqrt(acc_r + eps).
+    The accumulator [rows, 1] has the stored table's leading dim (padding rows of a sharded layout
+    included: their gradient is 0, so they stay 0), so the table's PartitionSpec shards it too."""
 
     def init(params):
         return RowwiseAdagradState(

@@ -9,6 +9,10 @@ comes from the run's task (`scaling.train.tasks`): the model is merged, cast and
 Dropout: each layer's stream keeps the key it was created with; step t folds t into every key,
 so masks differ per step and per layer and a resumed run draws the same masks as an unbroken one.
 Evaluation merges the model in deterministic mode (no dropout).
+
+Sharded embeddings (`scaling.sharding.embedding`): the loss opens `collect_overflow()` around the
+model, so the ids a row_wise lookup dropped for capacity come back as the loss's aux and reach the
+step's metrics as `embedding_overflow` (int32, summed over devices and lookups; 0 otherwise).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import optax
 from flax import nnx
 
 from scaling.models.embedding import EmbeddingTable
+from scaling.sharding.embedding import OVERFLOW_METRIC, collect_overflow, overflow_total
 
 
 @jax.tree_util.register_dataclass
@@ -83,12 +88,15 @@ class StepFunctions:
         return model, batch
 
     def loss(self, dense: nnx.State, embed: nnx.State, rngs: nnx.State, step: jax.Array,
-             batch: Mapping[str, jax.Array]) -> jax.Array:
+             batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(loss, embedding ids dropped for capacity: int32 scalar)."""
         model, batch = self.model(dense, embed, rngs, batch, step)
-        return self.task.loss(model, batch)
+        with collect_overflow() as dropped:
+            loss = self.task.loss(model, batch)
+        return loss, overflow_total(dropped)
 
     def train_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
-        loss, (g_dense, g_embed) = jax.value_and_grad(self.loss, argnums=(0, 1))(
+        (loss, overflow), (g_dense, g_embed) = jax.value_and_grad(self.loss, argnums=(0, 1), has_aux=True)(
             state.dense, state.embed, state.rngs, state.step, batch)
         u_dense, opt_dense = self.dense_tx.update(g_dense, state.opt_dense, state.dense)
         u_embed, opt_embed = self.embed_tx.update(g_embed, state.opt_embed, state.embed)
@@ -103,7 +111,7 @@ class StepFunctions:
             nonfinite_step=nonfinite_step,
             rngs=state.rngs,
         )
-        metrics = {"loss": loss, "grad_norm_dense": optax.tree.norm(g_dense)}
+        metrics = {"loss": loss, "grad_norm_dense": optax.tree.norm(g_dense), OVERFLOW_METRIC: overflow}
         return new_state, metrics
 
     def eval_outputs(self, state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:

@@ -54,7 +54,7 @@ from flax import nnx
 
 from scaling.config_schema import ConfigError, knob
 from scaling.data.spec import SequenceSpec
-from scaling.models.embedding import EmbeddingTable
+from scaling.models.embedding import embedding_table
 from scaling.models.mlp import LayerNorm, Linear, layer_norm_flops, linear_flops
 from scaling.models.registry import register_model
 from scaling.models.sasrec import SASRecConfig
@@ -67,6 +67,7 @@ from scaling.models.transformer import (
     valid_from_lengths,
 )
 from scaling.sharding.annotate import logical_param
+from scaling.sharding.embedding import lookup, natural_table
 from scaling.train.sampled_softmax import ACCIDENTAL_HIT_LOGIT
 
 __all__ = ["BERT4Rec", "BERT4RecConfig"]
@@ -156,7 +157,7 @@ class BERT4Rec(SequenceModel):
         d, v = config.embed_dim, spec.num_items
         self.mask_id = v + 1
         normal = lambda shape: 0.02 * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, jnp.float32)  # BERT init
-        self.item_emb = logical_param(normal((v + 2, d)).at[0].set(0.0), ("vocab", "embed"), EmbeddingTable)
+        self.item_emb = embedding_table(normal((v + 2, d)).at[0].set(0.0))
         self.pos_emb = logical_param(normal((config.max_len, d)), ("seq", "embed"))
         self.input_ln = LayerNorm(d, eps=_LN_EPS)
         self.input_dropout = nnx.Dropout(config.dropout, rngs=rngs)
@@ -168,7 +169,7 @@ class BERT4Rec(SequenceModel):
         ])
         self.head = Linear(d, d, axes=("embed", "mlp"), rngs=rngs)
         self.head_ln = LayerNorm(d, axis_name="mlp", eps=_LN_EPS)
-        self.out_bias = logical_param(jnp.zeros((v + 1, 1), jnp.float32), ("vocab", None), EmbeddingTable)
+        self.out_bias = embedding_table(jnp.zeros((v + 1, 1), jnp.float32), ("vocab", None))
         self.cloze_rngs = rngs["cloze"].fork()  # the masks' stream: the loop folds the step into it
 
     # ---------------------------------------------------------------------------------- encoder
@@ -179,7 +180,7 @@ class BERT4Rec(SequenceModel):
         if n > self.config.max_len:
             raise ValueError(f"sequence length {n} exceeds BERT4Rec max_len {self.config.max_len}")
         valid = valid_from_lengths(lengths, n)
-        x = jnp.take(self.item_emb[...], items, axis=0) + self.pos_emb[...][:n][None]
+        x = lookup(self.item_emb, items) + self.pos_emb[...][:n][None]
         x = jnp.where(valid[..., None], self.input_dropout(self.input_ln(x)), 0.0)
         mask = padding_mask(valid)  # bidirectional: only padding is hidden
         for block in self.blocks:
@@ -197,11 +198,11 @@ class BERT4Rec(SequenceModel):
 
     def item_table(self) -> jax.Array:
         """E's item rows [V + 1, D] (0 padding, 1..V); the [mask] row is an input only."""
-        return self.item_emb[...][: self.spec.num_items + 1]
+        return natural_table(self.item_emb)[: self.spec.num_items + 1]  # full-table read: GSPMD shards it
 
     def score_all(self, g: jax.Array) -> jax.Array:
         """Transformed vectors g [K, D] -> logits [K, V + 1] of every item (plus its output bias)."""
-        return g @ self.item_table().T + self.out_bias[...][:, 0]
+        return g @ self.item_table().T + natural_table(self.out_bias)[:, 0]
 
     # ------------------------------------------------------------------------------------ Cloze
     def cloze(self, items: jax.Array, lengths: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -241,8 +242,8 @@ class BERT4Rec(SequenceModel):
         negatives = batch["negatives"]  # [B, N, M] or [B, 1, M] (one draw per row)
         rows, cols = slots // n, (slots % n) * (negatives.shape[1] != 1)
         ids = jnp.concatenate([targets, negatives[rows, cols]], axis=-1)
-        logits = jnp.einsum("kd,kmd->km", g, jnp.take(self.item_emb[...], ids, axis=0))
-        return logits + jnp.take(self.out_bias[...][:, 0], ids), ids, slot_valid
+        logits = jnp.einsum("kd,kmd->km", g, lookup(self.item_emb, ids))
+        return logits + lookup(self.out_bias, ids)[..., 0], ids, slot_valid
 
     def training_forward(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """The counted forward: one Cloze draw, the encoder over all L positions, and the logits of

@@ -27,10 +27,10 @@ from flax import nnx
 
 from scaling.config_schema import knob
 from scaling.data.spec import SequenceSpec
-from scaling.models.embedding import EmbeddingTable
+from scaling.models.embedding import embedding_table
 from scaling.models.registry import register_model
 from scaling.models.sequence_base import SequenceModel, SequenceModelConfig
-from scaling.sharding.annotate import logical_param
+from scaling.sharding.embedding import lookup, natural_table
 from scaling.train.pairwise_losses import bpr_loss
 from scaling.train.sampled_softmax import sampled_scores
 
@@ -74,25 +74,25 @@ class BPRMF(SequenceModel):
         # one row when the user count is unknown (FLOP counts from a data config alone)
         users = s * jax.random.normal(rngs.params(), (max(spec.num_users, 1), d), jnp.float32)
         items = s * jax.random.normal(rngs.params(), (spec.num_items + 1, d), jnp.float32)
-        self.user_emb = logical_param(users, ("vocab", "embed"), EmbeddingTable)
-        self.item_emb = logical_param(items.at[0].set(0.0), ("vocab", "embed"), EmbeddingTable)
-        self.item_b = logical_param(jnp.zeros((spec.num_items + 1, 1), jnp.float32), ("vocab", None), EmbeddingTable)
+        self.user_emb = embedding_table(users)
+        self.item_emb = embedding_table(items.at[0].set(0.0))
+        self.item_b = embedding_table(jnp.zeros((spec.num_items + 1, 1), jnp.float32), ("vocab", None))
 
     def _augment(self, users: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(queries [B, D'], item table [V + 1, D']): a trailing 1 / bias column adds b_i to the dot."""
-        p, q = jnp.take(self.user_emb[...], users, axis=0), self.item_emb[...]
+        p, q = lookup(self.user_emb, users), natural_table(self.item_emb)  # the items: a full-table read
         if self.config.item_bias:
             p = jnp.concatenate([p, jnp.ones_like(p[:, :1])], axis=-1)
-            q = jnp.concatenate([q, self.item_b[...]], axis=-1)
+            q = jnp.concatenate([q, natural_table(self.item_b)], axis=-1)
         return p, q
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """The user's factors at every position [B, L, D] (MF ignores order)."""
-        p = jnp.take(self.user_emb[...], batch["users"], axis=0)
+        p = lookup(self.user_emb, batch["users"])
         return jnp.broadcast_to(p[:, None, :], (*batch["items"].shape, p.shape[-1]))
 
     def item_table(self) -> jax.Array:
-        return self.item_emb[...]
+        return natural_table(self.item_emb)
 
     def training_forward(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """Scores [B, L, 1 + M] of each position's target and negatives (bias included)."""

@@ -60,12 +60,12 @@ from flax import nnx
 
 from scaling.config_schema import knob
 from scaling.data.spec import SequenceSpec, TrainingEvents
-from scaling.models.embedding import EmbeddingTable
+from scaling.models.embedding import embedding_table
 from scaling.models.mlp import MLP, check_widths, mlp_flops
 from scaling.models.registry import register_model
 from scaling.models.sequence_base import SequenceModel, SequenceModelConfig, l2_normalize
 from scaling.models.transformer import valid_from_lengths
-from scaling.sharding.annotate import logical_param
+from scaling.sharding.embedding import lookup, natural_table
 from scaling.train.sampled_softmax import ACCIDENTAL_HIT_LOGIT
 
 __all__ = ["IVFIndex", "TwoTower", "TwoTowerConfig", "exact_top_k", "recall_at_k"]
@@ -164,10 +164,10 @@ class TwoTower(SequenceModel):
         d = config.embed_dim
         # unit-norm rows in expectation: the towers' He init keeps that scale through the MLP
         items = jax.random.normal(rngs.params(), (spec.num_items + 1, d), jnp.float32) / np.sqrt(d)
-        self.item_emb = logical_param(items.at[0].set(0.0), ("vocab", "embed"), EmbeddingTable)
+        self.item_emb = embedding_table(items.at[0].set(0.0))
         if config.user_embedding:  # one row when the user count is unknown (FLOPs from a data config)
             users = jax.random.normal(rngs.params(), (max(spec.num_users, 1), d), jnp.float32) / np.sqrt(d)
-            self.user_emb = logical_param(users, ("vocab", "embed"), EmbeddingTable)
+            self.user_emb = embedding_table(users)
         else:
             self.user_emb = None
         self.user_tower = MLP(config.user_inputs * d, config.hidden, d, norm=config.tower_norm, rngs=rngs)
@@ -177,11 +177,11 @@ class TwoTower(SequenceModel):
     def user_features(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """The user tower's input [B, N, k D]: [causal mean of E[x_0..x_t] ; E[x_t] (; U[u])]."""
         items = batch["items"]
-        e = jnp.take(self.item_emb[...], items, axis=0)
+        e = lookup(self.item_emb, items)
         mean = jnp.einsum("ts,bsd->btd", jnp.asarray(_causal_mean_weights(items.shape[1]), e.dtype), e)
         parts = [mean, e]
         if self.user_emb is not None:
-            u = jnp.take(self.user_emb[...], batch["users"], axis=0)
+            u = lookup(self.user_emb, batch["users"])
             parts.append(jnp.broadcast_to(u[:, None, :], e.shape))
         return jnp.concatenate(parts, axis=-1)
 
@@ -194,12 +194,12 @@ class TwoTower(SequenceModel):
 
     def item_embeddings(self, ids: jax.Array) -> jax.Array:
         """ids int [...] -> unit item-tower outputs [..., D]."""
-        return l2_normalize(self.item_tower(jnp.take(self.item_emb[...], ids, axis=0)))
+        return l2_normalize(self.item_tower(lookup(self.item_emb, ids)))
 
     def export_item_embeddings(self) -> jax.Array:
         """The item tower over the whole catalogue [V + 1, D] (row 0, padding, is 0): what exact
         top-K (`catalogue_scores`) and `IVFIndex` search."""
-        return l2_normalize(self.item_tower(self.item_emb[...])).at[0].set(0.0)
+        return l2_normalize(self.item_tower(natural_table(self.item_emb))).at[0].set(0.0)  # full-table read
 
     def item_table(self) -> jax.Array:
         return self.export_item_embeddings()
