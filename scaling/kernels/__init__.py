@@ -1,0 +1,12 @@
+"""Pallas kernels, each beside its pure-jnp reference and a dispatcher (`dispatch.py`).
+
+    hstu_attention.py      HSTU pointwise attention (jagged lengths, causal, fused relative bias,
+                           M-FALCON candidates): public entry points, custom_vjp, reference
+    hstu_attention_fwd.py  its forward kernel and the block-range/mask helpers the kernels share
+    hstu_attention_bwd.py  its backward kernels: dK/dV, dQ, and the head-summed bias gradient
+    hstu_bias.py           the in-kernel relative bias and the bias tables' gradient reduction
+    fm_block.py            Wukong's FM block X (X^T Y) -> flatten -> LayerNorm, forward and backward
+
+Every kernel is a `pl.pallas_call` with the Triton block structure (power-of-2 tiles >= 16, 2-D
+dots, no scratch memory, no atomics) and runs on CPU with `interpret=True`.
+"""

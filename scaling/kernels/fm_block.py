@@ -1,0 +1,206 @@
+"""Wukong's FM block as one Pallas kernel: X (X^T Y), flatten, LayerNorm, per tile of examples.
+
+    out = fm_block(x, y, scale, bias, eps=1e-5, impl="auto")      # [B, n * k]
+
+equals `LayerNorm(n * k)(fm_low_rank(x, y.astype(x.dtype)).reshape(B, -1))` of scaling/models/
+wukong.py and mlp.py for x [B, n, d], y [n, k], scale/bias [n * k]. A LayerNorm over the flattened
+n * k is a LayerNorm over the whole [n, k] tile, so the kernel never flattens: scale and bias are
+reshaped to [n, k] outside and the [B, n, k] output is reshaped for free afterwards. The fusion
+saves the [B, d, k] and [B, n, k] round trips to memory (the block is memory-bound: ~20 FLOP/byte).
+
+Grid (B / BT,): a program holds Y, scale and bias and walks its BT examples with 2-D dots (Triton
+has no batched 3-D dot): P = X^T Y [d, k] (fp32 accumulation, cast to the input dtype as the
+reference's einsum rounds it), Z = X P [n, k] in fp32, statistics and the affine in fp32 over the
+true n * k entries (n, d, k are zero-padded to powers of two >= 16 for tl.dot; the padding is
+masked out of the statistics and sliced off).
+
+Backward (custom_vjp, a second kernel on the same grid, recomputing Z from X and Y):
+
+    dZ^ = g * scale,  dZ = rstd (dZ^ - mean(dZ^) - Z^ mean(dZ^ Z^)),
+    dX = dZ P^T + Y dP^T with dP = X^T dZ,  dY = sum_b X dP,  dscale = sum_b g Z^,  dbias = sum_b g
+
+dX is written per example; dY, dscale and dbias are accumulated per program in registers and
+written as per-program partials [B / BT, n, k] that XLA sums (no atomics).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from scaling.kernels.dispatch import dispatch
+
+__all__ = ["fm_block", "reference_fm_block", "pallas_fm_block"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    n: int  # true sizes (the arrays are padded)
+    k: int
+    eps: float
+    block_b: int
+    interpret: bool
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def reference_fm_block(x, y, scale, bias, *, eps: float = 1e-5) -> jax.Array:
+    """The model's jnp computation: fm_low_rank, flatten, LayerNorm (fp32 statistics, the affine
+    in the input dtype), [B, n * k]."""
+    p = jnp.einsum("bnd,nk->bdk", x, y.astype(x.dtype))
+    fm = jnp.einsum("bnd,bdk->bnk", x, p).reshape(x.shape[0], -1)
+    x32 = fm.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    out = (centred * lax.rsqrt(var + eps)).astype(x.dtype)
+    return out * scale.astype(x.dtype) + bias.astype(x.dtype)
+
+
+def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _normalized(x, y, cfg: _Config):
+    """(P in the input dtype, Z^ fp32, rstd, mask) of one example x [n, d] (padded shapes)."""
+    p = _dot(x, y, (0, 0)).astype(x.dtype)  # X^T Y [d, k]
+    z = _dot(x, p, (1, 0))  # [n, k]
+    shape = z.shape
+    mask = (lax.broadcasted_iota(jnp.int32, shape, 0) < cfg.n) & (lax.broadcasted_iota(jnp.int32, shape, 1) < cfg.k)
+    count = cfg.n * cfg.k
+    mean = jnp.sum(z) / count  # padded entries of z are exact zeros
+    centred = jnp.where(mask, z - mean, 0.0)
+    rstd = lax.rsqrt(jnp.sum(centred * centred) / count + cfg.eps)
+    return p, centred * rstd, rstd, mask
+
+
+def _forward_kernel(x_ref, y_ref, scale_ref, bias_ref, o_ref, *, cfg: _Config):
+    y = y_ref[...].astype(x_ref.dtype)
+    scale, bias = scale_ref[...], bias_ref[...]
+
+    def example(e, carry):
+        _, zhat, _, _ = _normalized(x_ref[e], y, cfg)
+        o_ref[e] = (zhat * scale + bias).astype(o_ref.dtype)
+        return carry
+
+    lax.fori_loop(0, cfg.block_b, example, 0)
+
+
+def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref, dbias_ref, *, cfg: _Config):
+    y = y_ref[...].astype(x_ref.dtype)
+    scale = scale_ref[...]
+    count = cfg.n * cfg.k
+
+    def example(e, carry):
+        dy, dscale, dbias = carry
+        x = x_ref[e]
+        p, zhat, rstd, mask = _normalized(x, y, cfg)
+        g = g_ref[e].astype(jnp.float32)
+        dzhat = g * scale
+        dz = jnp.where(mask, rstd * (dzhat - jnp.sum(dzhat) / count - zhat * (jnp.sum(dzhat * zhat) / count)), 0.0)
+        dz = dz.astype(x.dtype)
+        dp = _dot(x, dz, (0, 0)).astype(x.dtype)  # X^T dZ [d, k]
+        dx = _dot(dz, p, (1, 1)) + _dot(y, dp, (1, 1))  # dZ P^T + Y dP^T [n, d]
+        dx_ref[e] = dx.astype(dx_ref.dtype)
+        return dy + _dot(x, dp, (1, 0)), dscale + g * zhat, dbias + g
+
+    zeros = jnp.zeros(dy_ref.shape, jnp.float32)
+    dy, dscale, dbias = lax.fori_loop(0, cfg.block_b, example, (zeros, zeros, zeros))
+    dy_ref[...] = dy
+    dscale_ref[...] = dscale
+    dbias_ref[...] = dbias
+
+
+def _specs(cfg: _Config, x_shape, tile_shape):
+    whole = pl.BlockSpec(tile_shape, lambda i: (0, 0))
+    return pl.BlockSpec((cfg.block_b, *x_shape[1:]), lambda i: (i, 0, 0)), whole
+
+
+def _call_forward(x, y, scale, bias, cfg: _Config):
+    b, n, d = x.shape
+    k = y.shape[1]
+    x_spec, whole = _specs(cfg, x.shape, (n, k))
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, cfg=cfg),
+        out_shape=jax.ShapeDtypeStruct((b, n, k), x.dtype),
+        grid=(b // cfg.block_b,),
+        in_specs=[x_spec, whole, whole, whole],
+        out_specs=pl.BlockSpec((cfg.block_b, n, k), lambda i: (i, 0, 0)),
+        compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        cost_estimate=pl.CostEstimate(flops=b * (4 * n * d * k + 8 * n * k), transcendentals=b,
+                                      bytes_accessed=x.dtype.itemsize * (x.size + b * n * k) + 12 * n * k),
+        interpret=cfg.interpret,
+        name="wukong_fm_block_fwd",
+    )(x, y, scale, bias)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _fm(x, y, scale, bias, cfg: _Config):
+    return _call_forward(x, y, scale, bias, cfg)
+
+
+def _fm_fwd(x, y, scale, bias, cfg):
+    return _call_forward(x, y, scale, bias, cfg), (x, y, scale)
+
+
+def _fm_bwd(cfg: _Config, residuals, g):
+    x, y, scale = residuals
+    b, n, d = x.shape
+    k = y.shape[1]
+    programs = b // cfg.block_b
+    x_spec, whole = _specs(cfg, x.shape, (n, k))
+    tile = pl.BlockSpec((cfg.block_b, n, k), lambda i: (i, 0, 0))
+    partial = pl.BlockSpec((None, n, k), lambda i: (i, 0, 0))
+    part_shape = jax.ShapeDtypeStruct((programs, n, k), jnp.float32)
+    dx, dy, dscale, dbias = pl.pallas_call(
+        functools.partial(_backward_kernel, cfg=cfg),
+        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), part_shape, part_shape, part_shape),
+        grid=(programs,),
+        in_specs=[x_spec, whole, whole, tile],
+        out_specs=(x_spec, partial, partial, partial),
+        compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        cost_estimate=pl.CostEstimate(flops=b * (12 * n * d * k + 20 * n * k), transcendentals=b,
+                                      bytes_accessed=x.dtype.itemsize * (2 * x.size + b * n * k) + 16 * programs * n * k),
+        interpret=cfg.interpret,
+        name="wukong_fm_block_bwd",
+    )(x, y, scale, g)
+    return dx, dy.sum(0).astype(y.dtype), dscale.sum(0).astype(scale.dtype), dbias.sum(0).astype(scale.dtype)
+
+
+_fm.defvjp(_fm_fwd, _fm_bwd)
+
+
+def _pad(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    if a.shape == shape:
+        return a
+    return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
+
+
+def pallas_fm_block(x, y, scale, bias, *, eps: float = 1e-5, block_b: int = 32, interpret: bool = False) -> jax.Array:
+    """The kernel path of `fm_block`: pads n, d, k to powers of two >= 16 and B to the tile."""
+    b, n, d = x.shape
+    k = y.shape[1]
+    if y.shape[0] != n or scale.shape != (n * k,) or bias.shape != (n * k,):
+        raise ValueError(f"x [B, n, d], y [n, k], scale/bias [n * k] must agree: {x.shape}, {y.shape}, {scale.shape}")
+    n_p, d_p, k_p = (max(16, pl.next_power_of_2(s)) for s in (n, d, k))
+    block_b = max(1, min(block_b, b))
+    b_p = -(-b // block_b) * block_b
+    cfg = _Config(n=n, k=k, eps=float(eps), block_b=block_b, interpret=interpret, num_warps=4 if n_p * k_p <= 4096 else 8)
+    scale32, bias32 = (_pad(t.astype(jnp.float32).reshape(n, k), (n_p, k_p)) for t in (scale, bias))
+    out = _fm(_pad(x, (b_p, n_p, d_p)), _pad(y, (n_p, k_p)), scale32, bias32, cfg)
+    return out[:b, :n, :k].reshape(b, n * k)
+
+
+def fm_block(x, y, scale, bias, *, eps: float = 1e-5, impl: str = "auto", block_b: int = 32) -> jax.Array:
+    """LayerNorm(flatten(X (X^T Y))) [B, n * k] by `impl` (auto | pallas | xla, dispatch.py)."""
+    kernel = functools.partial(pallas_fm_block, eps=eps, block_b=block_b)
+    reference = functools.partial(reference_fm_block, eps=eps)
+    return dispatch(impl, kernel, reference, x, y, scale, bias)

@@ -1,0 +1,229 @@
+"""HSTU pointwise attention as a Pallas kernel: entry points, custom_vjp wiring and the jnp reference.
+
+    out = hstu_mha(q, k, v, lengths, norm=N, pos_w=..., ts_w=..., timestamps=..., impl="auto")
+
+computes scaling/models/hstu_attention.py's `hstu_attention(q, k, v, relative_bias(pos_w, ts_w,
+timestamps, query_timestamps), lengths, norm)`: silu(q_i . k_j + rab[i, j]) / norm for j <= i (the
+diagonal included), rows and keys past a sequence's length zero, SiLU in fp32 and divided by the
+fixed `norm` (the padded length in the research code, never the row's valid count). Options:
+
+  num_candidates int [B]  the last num_candidates[b] of sequence b's `lengths[b]` tokens are
+                          candidates: each sees the history and itself, never another candidate,
+                          and sits at the history's end for the position bias (GR's num_targets;
+                          M-FALCON's placement)
+  candidates_only         only candidate rows are computed (others are zero): M-FALCON's cached
+                          scoring, see `candidate_mha`
+  impl                    auto | pallas | xla (scaling/kernels/dispatch.py)
+
+The kernel path (`pallas_mha`) pads N to a multiple of the blocks and the head dims to powers of
+two >= 16 (Triton's tl.dot minimum), runs the forward kernel (hstu_attention_fwd.py) under a
+custom_vjp whose backward runs the dK/dV, dQ and dbias kernels (hstu_attention_bwd.py) and reduces
+the bias tables' gradients in XLA (hstu_bias.py). Residuals are the inputs only (no statistics).
+Gradients flow to q, k, v, pos_w and ts_w; lengths, candidates and timestamps are integers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from scaling.kernels.dispatch import dispatch
+from scaling.kernels.hstu_attention_bwd import mha_backward
+from scaling.kernels.hstu_attention_fwd import MhaConfig, mha_forward
+from scaling.kernels.hstu_bias import edges_table, table_grads
+from scaling.models.hstu_attention import (candidate_attention, hstu_attention, next_timestamps, relative_bias,
+                                           time_buckets)
+
+__all__ = ["Blocks", "hstu_mha", "candidate_mha", "reference_mha", "pallas_mha"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocks:
+    """Tile sizes (powers of two >= 16; capped at the padded length) and Triton launch knobs.
+    Defaults are H100 starting points for head dims 64-128 (untuned; benchmarks/kernels.py)."""
+
+    block_q: int = 64
+    block_k: int = 64
+    bwd_block_q: int = 64
+    bwd_block_k: int = 64
+    num_warps: int | None = None  # 4 for head dims <= 64, else 8
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
+            size = getattr(self, name)
+            if size < 16 or size & (size - 1):
+                raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The reference (also the `xla` implementation)
+
+
+def reference_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_timestamps=None,
+                  num_candidates=None, buckets=None, *, norm: float, candidates_only: bool = False) -> jax.Array:
+    """Pure jnp. Without candidates (and with a pos_w of 2N - 1) exactly the model's reference
+    (`hstu_attention` + `relative_bias`); otherwise the same math with clamped positions and the
+    candidate mask. buckets [B, N, N]: precomputed `time_buckets` (the encoder shares them)."""
+    n = q.shape[1]
+    simple = num_candidates is None and not candidates_only
+    if simple and (pos_w is None or pos_w.shape[0] == 2 * n - 1):
+        rab = None if pos_w is None else relative_bias(pos_w, ts_w, timestamps, query_timestamps, buckets=buckets)
+        return hstu_attention(q, k, v, rab, lengths, norm)
+    lengths = jnp.clip(lengths, 0, n)
+    n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates, 0, lengths)
+    idx = jnp.arange(n)
+    s = jnp.einsum("bnhd,bmhd->bhnm", q, k, preferred_element_type=jnp.float32)
+    if pos_w is not None:
+        p = (pos_w.shape[0] + 1) // 2
+        pid = jnp.minimum(idx[None, :], n_hist[:, None])
+        rel = jnp.clip(p - 1 + pid[:, None, :] - pid[:, :, None], 0, 2 * p - 2)
+        if buckets is None:
+            buckets = time_buckets(timestamps, ts_w.shape[0] - 1, query_timestamps)
+        s = s + (pos_w[rel] + ts_w[buckets])[:, None].astype(jnp.float32)
+    rows, cols = idx[None, :, None], idx[None, None, :]
+    nh, length = n_hist[:, None, None], lengths[:, None, None]
+    mask = (((cols <= rows) & (cols < nh)) | (cols == rows)) & (rows < length) & (cols < length)
+    if candidates_only:
+        mask = mask & (rows >= nh)
+    weights = jnp.where(mask[:, None], jax.nn.silu(s) / norm, 0.0)
+    out = jnp.einsum("bhnm,bmhd->bnhd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.astype(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(9,))
+def _mha(q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts, cfg: MhaConfig):
+    edges = edges_table() if cfg.has_bias else None
+    return mha_forward(q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg)
+
+
+def _mha_fwd(q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts, cfg):
+    return _mha(q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts, cfg), (q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts)
+
+
+def _mha_bwd(cfg: MhaConfig, residuals, do):
+    q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts = residuals
+    edges = edges_table() if cfg.has_bias else None
+    dq, dk, dv, drab = mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg)
+    d_pos = d_ts = None
+    if cfg.has_bias:
+        n = cfg.seq_len or q.shape[1]
+        d_pos, d_ts = table_grads(drab[:, :n, :n], n_hist, ts[:, :n], qts[:, :n], num_pos=cfg.num_pos,
+                                  num_buckets=cfg.num_buckets, candidates=cfg.candidates)
+        d_pos, d_ts = d_pos.astype(pos_w.dtype), d_ts.astype(ts_w.dtype)
+    return dq, dk, dv, d_pos, d_ts, None, None, None, None
+
+
+_mha.defvjp(_mha_fwd, _mha_bwd)
+
+
+def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
+def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_timestamps=None,
+               num_candidates=None, buckets=None, *, norm: float, candidates_only: bool = False,
+               blocks: Blocks | None = None, interpret: bool = False) -> jax.Array:
+    """The kernel path of `hstu_mha` (same arguments; `buckets` is ignored: the kernel computes
+    them from the timestamps)."""
+    del buckets
+    blocks = blocks or Blocks()
+    bsz, n, heads, dqk = q.shape
+    dv = v.shape[-1]
+    if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"q, k [B, N, h, d] and v [B, N, h, dv] must agree, got {q.shape}, {k.shape}, {v.shape}")
+    has_bias = pos_w is not None
+    if has_bias and (ts_w is None or timestamps is None or pos_w.shape[0] % 2 == 0):
+        raise ValueError("the relative bias needs pos_w [2P - 1], ts_w and timestamps")
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, n)
+    n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates.astype(jnp.int32), 0, lengths)
+    cap = max(16, pl.next_power_of_2(n))
+    sizes = [min(s, cap) for s in (blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.bwd_block_k)]
+    npad = -(-n // max(sizes)) * max(sizes)
+    dqk_p, dv_p = (max(16, pl.next_power_of_2(d)) for d in (dqk, dv))
+    q, k = (_pad_to(_pad_to(x, 1, npad), 3, dqk_p) for x in (q, k))
+    v = _pad_to(_pad_to(v, 1, npad), 3, dv_p)
+    ts = qts = None
+    if has_bias:
+        qts = next_timestamps(timestamps) if query_timestamps is None else query_timestamps
+        ts, qts = (_pad_to(x.astype(jnp.int32), 1, npad) for x in (timestamps, qts))
+        pos_w, ts_w = pos_w.astype(jnp.float32), ts_w.astype(jnp.float32)
+    cfg = MhaConfig(
+        norm=float(norm), block_q=sizes[0], block_k=sizes[1], bwd_block_q=sizes[2], bwd_block_k=sizes[3],
+        num_pos=(pos_w.shape[0] + 1) // 2 if has_bias else 0, num_buckets=ts_w.shape[0] - 1 if has_bias else 0,
+        candidates=num_candidates is not None or candidates_only, candidates_only=candidates_only,
+        interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages, seq_len=n)
+    out = _mha(q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts, cfg)
+    return out[:, :n, :, :dv]
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatchers
+
+
+def hstu_mha(q, k, v, lengths, *, norm: float, pos_w=None, ts_w=None, timestamps=None, query_timestamps=None,
+             num_candidates=None, candidates_only: bool = False, buckets=None, impl: str = "auto",
+             blocks: Blocks | None = None) -> jax.Array:
+    """HSTU attention [B, N, h, dv] by `impl` (module docstring); jit- and grad-compatible."""
+    static = dict(norm=norm, candidates_only=candidates_only)
+    kernel = functools.partial(pallas_mha, blocks=blocks, **static)
+    reference = functools.partial(reference_mha, **static)
+    return dispatch(impl, kernel, reference, q, k, v, lengths, pos_w, ts_w, timestamps, query_timestamps,
+                    num_candidates, buckets)
+
+
+def _candidate_layout(hist: jax.Array, cand: jax.Array, n_hist: jax.Array) -> jax.Array:
+    """[B, H, ...] history and [B, M, ...] candidates -> [B, H + M, ...] with sequence b's first
+    n_hist[b] history rows, then its M candidates, then (masked) filler."""
+    width, m = hist.shape[1], cand.shape[1]
+    both = jnp.concatenate([hist, cand], axis=1)
+    r = jnp.arange(width + m)[None, :]
+    src = jnp.clip(jnp.where(r < n_hist[:, None], r, width + r - n_hist[:, None]), 0, width + m - 1)
+    return jnp.take_along_axis(both, src.reshape(src.shape + (1,) * (both.ndim - 2)), axis=1)
+
+
+def candidate_mha(q, k, v, k_hist, v_hist, lengths, *, norm: float, rab_hist, rab_self, pos_w=None, ts_w=None,
+                  timestamps=None, request_time=None, impl: str = "auto", blocks: Blocks | None = None) -> jax.Array:
+    """M-FALCON's candidate attention (`candidate_attention` in scaling/models/hstu_attention.py):
+    q, k [B, M, h, dqk], v [B, M, h, dv] for M candidates, each seeing the cached k_hist/v_hist
+    [B, H, h, d] (valid below lengths[b]) and itself -> [B, M, h, dv].
+
+    The reference reads the precomputed biases rab_hist [B, H], rab_self [B]; the kernel computes
+    them from pos_w [2 max_len - 1], ts_w, the history's timestamps [B, H] and request_time [B]
+    (pass pos_w=None without a relative bias): it lays out [history; candidates] per sequence and
+    runs the attention kernel on candidate rows only, so its cost is O(M n) per head, not O(n^2).
+    """
+    m = q.shape[1]
+
+    def reference(q, k, v, k_hist, v_hist, lengths, rab_hist, rab_self, pos_w, ts_w, timestamps, request_time):
+        return candidate_attention(q, k, v, k_hist, v_hist, rab_hist, rab_self, lengths, norm)
+
+    def kernel(q, k, v, k_hist, v_hist, lengths, rab_hist, rab_self, pos_w, ts_w, timestamps, request_time, *,
+               interpret):
+        n_hist = lengths.astype(jnp.int32)
+        q_all = _candidate_layout(jnp.zeros(k_hist.shape, q.dtype), q, n_hist)
+        k_all, v_all = _candidate_layout(k_hist, k, n_hist), _candidate_layout(v_hist, v, n_hist)
+        ts = qts = None
+        if pos_w is not None:
+            now = jnp.broadcast_to(request_time[:, None].astype(jnp.int32), (q.shape[0], m))
+            ts = _candidate_layout(timestamps.astype(jnp.int32), now, n_hist)
+            qts = jnp.broadcast_to(request_time[:, None].astype(jnp.int32), ts.shape)
+        out = pallas_mha(q_all, k_all, v_all, n_hist + m, pos_w, ts_w, ts, qts, jnp.full_like(n_hist, m), norm=norm,
+                         candidates_only=True, blocks=blocks, interpret=interpret)
+        rows = n_hist[:, None] + jnp.arange(m)[None, :]
+        return jnp.take_along_axis(out, rows[:, :, None, None], axis=1)
+
+    return dispatch(impl, kernel, reference, q, k, v, k_hist, v_hist, lengths, rab_hist, rab_self, pos_w, ts_w,
+                    timestamps, request_time)

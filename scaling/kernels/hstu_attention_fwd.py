@@ -1,0 +1,207 @@
+"""HSTU attention forward kernel, and the static config, block ranges and masks its kernels share.
+
+Layout: dense padded q, k [B, N, h, dqk], v [B, N, h, dv] (N a multiple of every block size,
+head dims powers of two >= 16: `hstu_attention.py` pads), per sequence its length L (rows >= L are
+padding) and history length n_hist = L - candidates. Grid (N / BM, B, h): one program per query
+block, head and sequence; it holds its q tile and the whole sequence's K, V (a pointer on GPU) and
+walks the key blocks it needs:
+
+    history keys [0, min(ceil(n_hist / BN), causal end))   then
+    the blocks holding its own rows' keys (the diagonal)   [max(that, q_lo // BN), ceil(min(q_hi, L) / BN))
+
+so blocks above the diagonal, past the length, and between candidates are never loaded. Without
+candidates the two ranges are the usual causal range [0, ceil(min(q_hi, L) / BN)). A query block
+past the length (or, with `candidates_only`, before the first candidate) loops over nothing and
+stores zeros, as the reference's padded rows are.
+
+The mask inside a tile: key j is seen by query i iff i, j < L and (j <= i and j < n_hist, or
+j == i); with `candidates_only` also i >= n_hist. So a candidate sees the history and itself, never
+another candidate, and the history never sees a candidate (GR's `num_targets` semantics).
+
+Per tile: s = q k^T (fp32 accumulation) + rab (hstu_bias.tile_bias), p = silu(s) / norm in fp32
+(divided, as the reference divides), acc += p.astype(v.dtype) @ v in fp32; stored as v.dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from scaling.kernels.hstu_bias import tile_bias
+
+
+@dataclasses.dataclass(frozen=True)
+class MhaConfig:
+    """Static kernel parameters (hashable: a custom_vjp nondiff argument)."""
+
+    norm: float
+    block_q: int = 64
+    block_k: int = 64
+    bwd_block_q: int = 64
+    bwd_block_k: int = 64
+    num_pos: int = 0  # P: pos_w has 2P - 1 entries (0: no relative bias)
+    num_buckets: int = 0  # ts_w has num_buckets + 1 entries
+    candidates: bool = False  # some sequences end in candidates (positions clamped to n_hist)
+    candidates_only: bool = False  # only candidate rows are queries (M-FALCON)
+    interpret: bool = False
+    num_warps: int | None = None
+    num_stages: int = 2
+    seq_len: int = 0  # the unpadded N (the bias tables' gradient reduction skips the padding)
+
+    @property
+    def has_bias(self) -> bool:
+        return self.num_pos > 0
+
+    def compiler_params(self, head_dim: int) -> pltr.CompilerParams:
+        warps = self.num_warps or (4 if head_dim <= 64 else 8)
+        return pltr.CompilerParams(num_warps=warps, num_stages=self.num_stages)
+
+
+def cdiv(a, b: int):
+    """Ceiling division of a non-negative traced int by a static one (lax.div: Triton-safe)."""
+    return lax.div(a + (b - 1), b)
+
+
+def dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
+    """2-D a @ b (or a @ b^T) accumulated in fp32; full fp32 precision for fp32 operands (Triton
+    would otherwise use TF32), the native tensor-core path for bf16."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def key_block_ranges(q_lo, length, n_hist, q_first, block_q: int, block_k: int):
+    """Key blocks for query rows [q_lo, q_lo + block_q): [0, a) then [c, d) (module docstring)."""
+    q_end = jnp.minimum(q_lo + block_q, length)
+    active = (q_lo < length) & (q_lo + block_q > q_first)
+    d = cdiv(q_end, block_k)
+    a = jnp.minimum(cdiv(n_hist, block_k), d)
+    c = jnp.maximum(a, lax.div(q_lo, block_k))
+    zero = jnp.zeros_like(a)
+    return jnp.where(active, a, zero), c, jnp.where(active, d, zero)
+
+
+def query_block_range(k_lo, length, n_hist, q_first, block_q: int, block_k: int):
+    """Query blocks that see key rows [k_lo, k_lo + block_k): [lo, hi) (empty past the length).
+
+    A history key is seen by every later row; a candidate key only by its own row."""
+    lo = jnp.maximum(lax.div(k_lo, block_q), lax.div(q_first, block_q))
+    hi = jnp.where(k_lo < n_hist, cdiv(length, block_q), cdiv(jnp.minimum(k_lo + block_k, length), block_q))
+    return lo, jnp.where(k_lo < length, hi, lo)
+
+
+def tile_mask(rows, cols, length, n_hist, q_first):
+    """Which (query row, key col) pairs attend; rows/cols int32, broadcastable to the tile."""
+    seen = ((cols <= rows) & (cols < n_hist)) | (cols == rows)
+    return seen & (rows < length) & (cols < length) & (rows >= q_first)
+
+
+def seq_scalars(len_ref, hist_ref, b, cfg: MhaConfig):
+    """(length, n_hist, first query row) of sequence b, int32 scalars."""
+    length, n_hist = len_ref[b], hist_ref[b]
+    return length, n_hist, (n_hist if cfg.candidates_only else jnp.zeros_like(n_hist))
+
+
+def scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg: MhaConfig, *, key_major: bool):
+    """fp32 scores of a tile: q k^T + rab, [BM, BN] (or k q^T, [BN, BM], when key_major)."""
+    if key_major:
+        s = dot(k, q, trans_b=True)
+        rows, cols = rows[None, :], cols[:, None]
+    else:
+        s = dot(q, k, trans_b=True)
+        rows, cols = rows[:, None], cols[None, :]
+    if cfg.has_bias:
+        q_time, k_time = (q_time[None, :], k_time[:, None]) if key_major else (q_time[:, None], k_time[None, :])
+        pos_ref, tsw_ref, edges_ref = bias_refs
+        s = s + tile_bias(pos_ref, tsw_ref, edges_ref, jnp.minimum(rows, n_hist), jnp.minimum(cols, n_hist),
+                          q_time, k_time, num_pos=cfg.num_pos, num_buckets=cfg.num_buckets)
+    return s, rows, cols
+
+
+def split_refs(refs, cfg: MhaConfig, n_tensors: int):
+    """(len, hist, tensors..., ts, qts, (pos, tsw, edges), rest) from a kernel's positional refs."""
+    len_ref, hist_ref, *refs = refs
+    tensors, refs = refs[:n_tensors], refs[n_tensors:]
+    if cfg.has_bias:
+        ts_ref, qts_ref, pos_ref, tsw_ref, edges_ref, *rest = refs
+        return len_ref, hist_ref, tensors, ts_ref, qts_ref, (pos_ref, tsw_ref, edges_ref), rest
+    return len_ref, hist_ref, tensors, None, None, None, list(refs)
+
+
+def _forward_kernel(*refs, cfg: MhaConfig):
+    len_ref, hist_ref, (q_ref, k_ref, v_ref), ts_ref, qts_ref, bias_refs, (o_ref,) = split_refs(refs, cfg, 3)
+    bq, bk = cfg.block_q, cfg.block_k
+    qb, b = pl.program_id(0), pl.program_id(1)
+    length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
+    q_lo = qb * bq
+    rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
+    q = q_ref[...]
+    q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)] if cfg.has_bias else None
+
+    def body(kb, acc):
+        k_lo = pl.multiple_of(kb * bk, bk)
+        k, v = k_ref[pl.ds(k_lo, bk), :], v_ref[pl.ds(k_lo, bk), :]
+        cols = k_lo + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        k_time = ts_ref[pl.ds(k_lo, bk)] if cfg.has_bias else None
+        s, r2, c2 = scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=False)
+        p = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), s * jax.nn.sigmoid(s) / cfg.norm, 0.0)
+        return acc + dot(p.astype(v.dtype), v)
+
+    a, c, d = key_block_ranges(q_lo, length, n_hist, q_first, bq, bk)
+    acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
+    acc = lax.fori_loop(0, a, body, acc)
+    acc = lax.fori_loop(c, d, body, acc)
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def pair_count(n: int) -> int:
+    """Query-key pairs a causal kernel computes per (sequence, head) at padded length n."""
+    return n * (n + 1) // 2
+
+
+def bias_specs(cfg: MhaConfig, n: int, seq_index, pos_w, ts_w, edges):
+    """BlockSpecs of (timestamps, query timestamps, pos_w, ts_w, edges): whole rows / whole tables."""
+    if not cfg.has_bias:
+        return []
+    row = pl.BlockSpec((None, n), seq_index)
+    return [row, row, *(pl.BlockSpec(t.shape, lambda *_: (0,)) for t in (pos_w, ts_w, edges))]
+
+
+def mha_forward(q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg: MhaConfig) -> jax.Array:
+    """The forward pallas_call on padded inputs (see `hstu_attention.py`); -> [B, N, h, dv]."""
+    bsz, n, heads, dqk = q.shape
+    dv = v.shape[-1]
+    bq = cfg.block_q
+    scalar = pl.BlockSpec(lengths.shape, lambda *_: (0,))
+    in_specs = [
+        scalar, scalar,
+        pl.BlockSpec((None, bq, None, dqk), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, n, None, dqk), lambda i, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, n, None, dv), lambda i, b, h: (b, 0, h, 0)),
+        *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges),
+    ]
+    bias_args = (ts, qts, pos_w, ts_w, edges) if cfg.has_bias else ()
+    pairs = bsz * heads * pair_count(n)
+    itemsize = q.dtype.itemsize
+    cost = pl.CostEstimate(
+        flops=2 * pairs * (dqk + dv) + 6 * pairs,
+        transcendentals=pairs * (2 if cfg.has_bias else 1),  # the sigmoid's exp (+ the bucket's log)
+        bytes_accessed=itemsize * (q.size + k.size + v.size + q.size // dqk * dv) + 8 * bsz * n,
+    )
+    return pl.pallas_call(
+        functools.partial(_forward_kernel, cfg=cfg),
+        out_shape=jax.ShapeDtypeStruct((bsz, n, heads, dv), v.dtype),
+        grid=(n // bq, bsz, heads),
+        in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, bq, None, dv), lambda i, b, h: (b, i, h, 0)),
+        compiler_params=cfg.compiler_params(max(dqk, dv)),
+        cost_estimate=cost,
+        interpret=cfg.interpret,
+        name="hstu_attention_fwd",
+    )(lengths, n_hist, q, k, v, *bias_args)

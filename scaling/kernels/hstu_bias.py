@@ -1,0 +1,91 @@
+"""HSTU's relative bias inside the attention kernels, and its two tables' gradients.
+
+Forward (inside every kernel, per [rows, cols] tile, nothing O(N^2) in memory):
+
+    rab[i, j] = pos_w[P - 1 + pid(j) - pid(i)] + ts_w[bucket(query_ts[i] - ts[j])]
+
+with pid(i) = min(i, n_hist) (candidates share the position right after the history, as M-FALCON
+places them; without candidates pid(i) = i) and the bucket looked up exactly as the reference does
+(scaling/models/hstu_attention.py): the float32 log formula, then two edge checks in the research
+code's integer edge table, so the kernel's bucket equals `time_buckets` bit for bit whatever the
+backend's `log` rounds to. The three small tables (pos_w [2P - 1], ts_w [num_buckets + 1], the 72
+edges) are whole-array kernel inputs read with gathers (pointer arithmetic on Triton; L1/L2 hits).
+
+Backward: the tables' gradients are sums of the score gradient dS over (batch, head, i, j) grouped
+by table entry. Gathering inside the kernel is cheap, but grouping is not: without atomics (which
+the Triton interpreter cannot even emulate for duplicate indices, and which are nondeterministic on
+GPU) a per-bucket accumulation inside a tile costs one masked reduction of the tile per table entry
+(72 buckets + 2B - 1 diagonals, ~200 passes over a tile that the attention math passes over ~20
+times). So the reduction is split: the `dbias` kernel (hstu_attention_bwd.py) sums dS over the heads
+in registers and writes one float32 partial per (batch, i, j) tile element, zero where masked, and
+XLA groups them here (`table_grads`): the position gradient as diagonal sums (a pad-and-reshape skew,
+no scatter) and the time gradient as a segment sum over buckets recomputed from the timestamps.
+The price is one float32 [B, N, N] buffer in the backward, the size of the [B, N, N] bias/bucket
+tensors the jnp reference path materializes anyway and 1/heads of its [B, h, N, N] scores.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from scaling.models.hstu_attention import BUCKET_DIVISOR, BUCKET_EDGES, time_buckets
+
+NUM_EDGES = len(BUCKET_EDGES)
+
+
+def edges_table() -> jax.Array:
+    """The research code's bucket edges as an int32 kernel input [72]."""
+    return jnp.asarray(BUCKET_EDGES, jnp.int32)
+
+
+def tile_bias(pos_ref, tsw_ref, edges_ref, q_pid, k_pid, q_time, k_time, *, num_pos: int,
+              num_buckets: int) -> jax.Array:
+    """The bias of one tile, float32, inside a kernel.
+
+    q_pid, q_time: the query rows' positions and query times; k_pid, k_time: the key columns';
+    all int32 and already broadcastable to the tile's 2-D shape ([BM, 1] with [1, BN] for a
+    [BM, BN] tile, or the transpose for a key-major tile). num_pos: P (pos_w has 2P - 1 entries).
+    """
+    rel = jnp.clip((num_pos - 1) + k_pid - q_pid, 0, 2 * num_pos - 2)
+    pos = pos_ref[rel]
+    delta = jnp.abs(q_time - k_time)
+    approx = jnp.floor(jnp.log(jnp.maximum(delta, 1).astype(jnp.float32)) / BUCKET_DIVISOR)
+    approx = jnp.clip(approx, 0, NUM_EDGES - 2).astype(jnp.int32)
+    lower, upper = edges_ref[approx], edges_ref[approx + 1]
+    bucket = approx + (delta >= upper).astype(jnp.int32) - (delta < lower).astype(jnp.int32)
+    bucket = jnp.clip(bucket, 0, num_buckets)
+    return pos + tsw_ref[bucket]
+
+
+def diagonal_sums(m: jax.Array) -> jax.Array:
+    """[n, n] -> [2n - 1] with out[n - 1 + j - i] = sum of m[i, j] (no scatter).
+
+    Flipping the rows turns diagonals into anti-diagonals (index i' + j); padding each row with n
+    zeros and re-reading the flat buffer with row length 2n - 1 moves row i' right by i', so the
+    anti-diagonals become columns.
+    """
+    n = m.shape[0]
+    padded = jnp.concatenate([m[::-1], jnp.zeros_like(m)], axis=1).reshape(-1)
+    return padded[: n * (2 * n - 1)].reshape(n, 2 * n - 1).sum(0)
+
+
+def table_grads(drab: jax.Array, n_hist: jax.Array, timestamps: jax.Array, query_timestamps: jax.Array, *,
+                num_pos: int, num_buckets: int, candidates: bool) -> tuple[jax.Array, jax.Array]:
+    """(d pos_w [2P - 1], d ts_w [num_buckets + 1]) from the head-summed score gradient.
+
+    drab float32 [B, N, N] (zero where the attention mask is off), n_hist int [B] (the history
+    length: positions are clamped to it), timestamps/query_timestamps int [B, N].
+    """
+    b, n, _ = drab.shape
+    buckets = time_buckets(timestamps, num_buckets, query_timestamps)
+    d_ts = jax.ops.segment_sum(drab.reshape(-1), buckets.reshape(-1), num_segments=num_buckets + 1)
+    if not candidates and num_pos >= n:
+        # pid(i) = i for every unmasked entry: the position gradient is a diagonal sum.
+        diag = diagonal_sums(drab.sum(0))
+        d_pos = jnp.zeros((2 * num_pos - 1,), jnp.float32).at[num_pos - n: num_pos + n - 1].set(diag)
+    else:
+        pid = jnp.minimum(jnp.arange(n)[None, :], n_hist[:, None])
+        rel = jnp.clip(num_pos - 1 + pid[:, None, :] - pid[:, :, None], 0, 2 * num_pos - 2)
+        d_pos = jax.ops.segment_sum(drab.reshape(-1), rel.reshape(-1), num_segments=2 * num_pos - 1)
+    return d_pos, d_ts
