@@ -189,7 +189,14 @@ class TableLayout:
     @property
     def spec(self) -> P:
         """PartitionSpec of the stored array and of optimizer state with the same leading dim."""
-        return P() if self.strategy == "replicated" else P(BATCH_AXES)
+        return strategy_partition_spec(self.strategy)
+
+
+def strategy_partition_spec(strategy: str) -> P:
+    """The stored tables' PartitionSpec under a strategy (the same for every table, so a caller
+    with only the strategy name can place them): replicated P(), otherwise rows over the batch
+    axes, P(("data", "fsdp")) (a prefix: trailing dims, [rows, D] or [rows, 1], replicated)."""
+    return P() if strategy == "replicated" else P(BATCH_AXES)
 
 
 @dataclasses.dataclass(frozen=True)
