@@ -28,9 +28,11 @@ from flax import nnx
 
 from scaling.config_schema import knob
 from scaling.data.spec import SequenceSpec
+from scaling.kernels.dispatch import IMPL_HELP, KernelImpl
+from scaling.kernels.hstu_attention import hstu_mha
 from scaling.models.embedding import embedding_table
 from scaling.sharding.embedding import lookup, natural_table
-from scaling.models.hstu_attention import hstu_attention, relative_bias, time_buckets
+from scaling.models.hstu_attention import time_buckets
 from scaling.models.mlp import layer_norm_flops
 from scaling.models.registry import register_model
 from scaling.models.sequence_base import SequenceModel, SequenceModelConfig, l2_normalize
@@ -75,6 +77,7 @@ class HSTUConfig(SequenceModelConfig):
     temperature: float = knob(0.05, gt=0.0, help="softmax temperature of the cosine logits")
     relative_bias: bool = knob(True, help="learned position + time bias in attention (false: the newer STU's none)")
     attention_alpha: float = knob(1.0, gt=0.0, help="score scale silu(alpha q.k + rab); the newer STU uses 1/sqrt(qk_dim)")
+    attention_impl: KernelImpl = knob("auto", help=f"HSTU attention (scaling/kernels/hstu_attention.py). {IMPL_HELP}")
 
     def encoder_flops(self, n: int | None = None, *, causal: bool = False) -> float:
         """Forward FLOPs of the encoder over one padded sequence of length n (default max_len).
@@ -162,9 +165,9 @@ class HSTUBlock(nnx.Module):
         the time buckets [B, N, N] if already computed (the encoder computes them once)."""
         n = x.shape[1]
         u, v, q, k = self.project(x)
-        rab = (relative_bias(self.position_weights(n), self.ts_w[...], timestamps, query_timestamps, buckets=buckets)
-               if self.cfg.relative_bias else None)
-        attn = hstu_attention(q, k, v, rab, lengths, norm=norm or self.cfg.attn_norm or n)
+        bias = (dict(pos_w=self.position_weights(n), ts_w=self.ts_w[...], timestamps=timestamps,
+                     query_timestamps=query_timestamps, buckets=buckets) if self.cfg.relative_bias else {})
+        attn = hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n, impl=self.cfg.attention_impl, **bias)
         return self.output(x, u, attn), k, v
 
     def __call__(self, x: jax.Array, timestamps: jax.Array, lengths: jax.Array,

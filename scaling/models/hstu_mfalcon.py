@@ -47,10 +47,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling.kernels.hstu_attention import candidate_mha
 from scaling.models.hstu import HSTU
 from scaling.models.sequence_base import l2_normalize
 from scaling.sharding.embedding import lookup
-from scaling.models.hstu_attention import candidate_attention, candidate_bias, next_timestamps
+from scaling.models.hstu_attention import candidate_bias, next_timestamps
 
 
 class MFalconCache(NamedTuple):
@@ -58,7 +59,8 @@ class MFalconCache(NamedTuple):
 
     keys[l] [U, H, h, dqk], values[l] [U, H, h, dv]: the history's K and V at layer l (rows j >= n
     are padding, masked); rab_hist[l] [U, H], rab_self[l] [U]: a candidate's bias to the history and
-    to itself; lengths [U]: n, the history length and the candidates' position.
+    to itself; lengths [U]: n, the history length and the candidates' position; timestamps [U, H]
+    and request_time [U]: what the attention kernel computes those biases from (`attention_impl`).
     """
 
     keys: tuple[jax.Array, ...]
@@ -66,6 +68,8 @@ class MFalconCache(NamedTuple):
     rab_hist: tuple[jax.Array, ...]
     rab_self: tuple[jax.Array, ...]
     lengths: jax.Array
+    timestamps: jax.Array
+    request_time: jax.Array
 
 
 def attention_divisor(model: HSTU) -> float:
@@ -108,7 +112,8 @@ def history_cache(model: HSTU, items: jax.Array, timestamps: jax.Array, lengths:
         values.append(v)
         rab_hist.append(hist)
         rab_self.append(own)
-    return MFalconCache(tuple(keys), tuple(values), tuple(rab_hist), tuple(rab_self), lengths)
+    return MFalconCache(tuple(keys), tuple(values), tuple(rab_hist), tuple(rab_self), lengths, timestamps,
+                        request_time)
 
 
 def candidate_outputs(model: HSTU, cache: MFalconCache, candidates: jax.Array) -> jax.Array:
@@ -118,8 +123,11 @@ def candidate_outputs(model: HSTU, cache: MFalconCache, candidates: jax.Array) -
     norm = attention_divisor(model)
     for layer, block in enumerate(model.blocks):
         u, v, q, k = block.project(x)
-        attn = candidate_attention(q, k, v, cache.keys[layer], cache.values[layer], cache.rab_hist[layer],
-                                   cache.rab_self[layer], cache.lengths, norm)
+        tables = (dict(pos_w=block.pos_w[...], ts_w=block.ts_w[...], timestamps=cache.timestamps,
+                       request_time=cache.request_time) if model.cfg.relative_bias else {})
+        attn = candidate_mha(q, k, v, cache.keys[layer], cache.values[layer], cache.lengths, norm=norm,
+                             rab_hist=cache.rab_hist[layer], rab_self=cache.rab_self[layer],
+                             impl=model.cfg.attention_impl, **tables)
         x = block.output(x, u, attn)
     return l2_normalize(x)
 

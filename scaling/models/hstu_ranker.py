@@ -29,6 +29,7 @@ from flax import nnx
 
 from scaling.config_schema import knob
 from scaling.data.spec import RankingSpec
+from scaling.kernels.dispatch import IMPL_HELP, KernelImpl
 from scaling.models.base import CTRModel
 from scaling.models.hstu import HSTUBlock, HSTUConfig
 from scaling.models.hstu_attention import next_timestamps, time_buckets
@@ -68,6 +69,7 @@ class HSTURankerConfig(RankingModelConfig):
     dropout: float = knob(0.0, ge=0.0, lt=1.0, help="output-projection dropout")
     seq_len: int = knob(0, ge=0, help="most recent events read per sequence (0: all the data gives)")
     head_mlp: tuple[int, ...] = knob((64,), help="hidden widths of the head over the candidate token")
+    attention_impl: KernelImpl = knob("auto", help=f"HSTU attention. {IMPL_HELP}")
 
     def check(self) -> None:
         check_widths("head_mlp", self.head_mlp)
@@ -80,7 +82,7 @@ class HSTURankerConfig(RankingModelConfig):
         """The HSTU layers' config (attention divided by the padded length, as in 3/7)."""
         return HSTUConfig(embed_dim=self.embed_dim, num_layers=self.num_layers, num_heads=self.num_heads,
                           qk_dim=self.qk_dim, v_dim=self.v_dim, max_len=self.tokens(spec),
-                          num_buckets=self.num_buckets, dropout=self.dropout)
+                          num_buckets=self.num_buckets, dropout=self.dropout, attention_impl=self.attention_impl)
 
     def flops_per_example(self, spec: RankingSpec) -> float:
         """Events (add, padding select), the candidate's placement, the HSTU layers (3/7's count),

@@ -29,6 +29,8 @@ from flax import nnx
 
 from scaling.config_schema import ConfigError, knob
 from scaling.data.spec import CTRFeatureSpec
+from scaling.kernels.dispatch import IMPL_HELP, KernelImpl
+from scaling.kernels.fm_block import fm_block
 from scaling.models.base import CTRModel, CTRModelConfig
 from scaling.models.embedding import FieldEmbedding
 from scaling.models.mlp import MLP, LayerNorm, check_widths, layer_norm_flops, mlp_flops
@@ -83,6 +85,7 @@ class WukongConfig(CTRModelConfig):
     num_dense_embeddings: int = knob(1, ge=1, help="d-dim embeddings the dense MLP produces")
     top_mlp: tuple[int, ...] = knob(_DEFAULT["top_mlp"], help="hidden widths of the top MLP (then 1 logit)")
     fmb_out_init_scale: float = knob(0.0, ge=0.0, help="init scale of the FMB MLP's last layer (0 = zero init)")
+    fm_impl: KernelImpl = knob("auto", help=f"FMB's X (X^T Y) + LayerNorm (scaling/kernels/fm_block.py). {IMPL_HELP}")
 
     def check(self) -> None:
         if self.num_fm + self.num_lcb < 1:
@@ -165,9 +168,10 @@ class FactorizationMachineBlock(nnx.Module):
         mlp_depth: int,
         *,
         out_init_scale: float = 0.0,
+        impl: str = "auto",
         rngs: nnx.Rngs,
     ):
-        self.num_fm, self.embed_dim = num_fm, embed_dim
+        self.num_fm, self.embed_dim, self.impl = num_fm, embed_dim, impl
         y = jax.random.normal(rngs.params(), (num_inputs, rank), jnp.float32) / np.sqrt(num_inputs)
         self.y = logical_param(y, ("fields", "rank"))
         self.norm = LayerNorm(num_inputs * rank, axis_name="embed")
@@ -182,8 +186,10 @@ class FactorizationMachineBlock(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b = x.shape[0]
-        fm = fm_low_rank(x, self.y[...].astype(x.dtype))
-        h = self.mlp(self.norm(fm.reshape(b, -1)))
+        # = self.norm(fm_low_rank(x, y).reshape(b, -1)), fused (impl "xla" computes exactly that)
+        normed = fm_block(x, self.y[...], self.norm.scale[...], self.norm.bias[...], eps=self.norm.eps,
+                          impl=self.impl)
+        h = self.mlp(normed)
         return h.reshape(b, self.num_fm, self.embed_dim)
 
 
@@ -211,6 +217,7 @@ class WukongLayer(nnx.Module):
                 c.fmb_mlp_width,
                 c.fmb_mlp_depth,
                 out_init_scale=c.fmb_out_init_scale,
+                impl=c.fm_impl,
                 rngs=rngs,
             )
             if c.num_fm > 0

@@ -1,0 +1,314 @@
+"""Pallas kernels (scaling/kernels/) against their jnp references, in interpret mode on CPU.
+
+Tolerances: fp32, forward and every gradient within rtol 1e-5 of the reference (atol 1e-5 of the
+tensor's largest entry: the kernels sum in a different order). bf16: both the kernel and the bf16
+XLA reference are measured against an fp32 reference on the same bf16-rounded inputs, and the
+kernel's max error must be at most 2x the XLA reference's own plus 1e-3 of the scale (the kernel
+accumulates in fp32 where XLA's bf16 einsums round intermediates, so it is usually the smaller).
+Lengths cover 0, 1, exactly a block (16), a non-multiple of the block and the full padded width;
+candidates cover none, a lone candidate and several.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from scaling.kernels.dispatch import selected_impl
+from scaling.kernels.fm_block import fm_block
+from scaling.kernels.hstu_attention import Blocks, candidate_mha, hstu_mha
+from scaling.models.hstu_attention import candidate_attention, candidate_bias
+
+N, HEADS, DIM, NUM_BUCKETS = 40, 2, 8, 32
+LENGTHS = (0, 1, 16, 37, 40)
+SMALL = Blocks(16, 16, 16, 16)
+MIXED = Blocks(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=32)  # BM != BN in every kernel
+
+
+def _hstu_inputs(dtype=jnp.float32, seed=0):
+    rng = np.random.default_rng(seed)
+    b = len(LENGTHS)
+    q, k, v = (jnp.asarray(rng.normal(size=(b, N, HEADS, DIM)), dtype) for _ in range(3))
+    gaps = rng.integers(0, 40_000, size=(b, N))  # spans buckets 0..35: several are clamped to 32
+    ts = jnp.asarray(1_600_000_000 + np.cumsum(gaps, axis=1), jnp.int32)
+    pos_w = jnp.asarray(rng.normal(size=2 * N - 1), jnp.float32)
+    ts_w = jnp.asarray(rng.normal(size=NUM_BUCKETS + 1), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(b, N, HEADS, DIM)), dtype)
+    return (q, k, v, pos_w, ts_w), ts, cot
+
+
+def _vjp(impl, blocks, lengths, ts, cot, candidates=None, bias=True):
+    """jit(inputs -> (out, grads of <out, cot> w.r.t. q, k, v, pos_w, ts_w))."""
+
+    def run(q, k, v, pos_w, ts_w):
+        def f(q, k, v, pos_w, ts_w):
+            extra = dict(pos_w=pos_w, ts_w=ts_w, timestamps=ts) if bias else {}
+            return hstu_mha(q, k, v, lengths, norm=float(N), num_candidates=candidates, impl=impl,
+                            blocks=blocks, **extra)
+
+        out, pullback = jax.vjp(f, q, k, v, pos_w, ts_w)
+        return out, pullback(cot)
+
+    return jax.jit(run)
+
+
+def _close(actual, expected, rtol=1e-5, name=""):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=rtol * max(np.abs(expected).max(), 1e-6),
+                               err_msg=name)
+
+
+@pytest.mark.parametrize("candidates, blocks", [(None, SMALL), ((0, 1, 3, 5, 2), MIXED)])
+def test_hstu_kernel_matches_reference_fp32(candidates, blocks):
+    args, ts, cot = _hstu_inputs()
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    cands = None if candidates is None else jnp.asarray(candidates, jnp.int32)
+    out, grads = _vjp("pallas", blocks, lengths, ts, cot, cands)(*args)
+    ref_out, ref_grads = _vjp("xla", blocks, lengths, ts, cot, cands)(*args)
+    _close(out, ref_out)
+    for name, g, r in zip(("q", "k", "v", "pos_w", "ts_w"), grads, ref_grads):
+        assert np.abs(np.asarray(r)).max() > 0, name  # every input really receives a gradient
+        _close(g, r, name=name)
+    # rows past a length are zero, as the reference's
+    valid = np.arange(N)[None, :] < np.asarray(LENGTHS)[:, None]
+    assert np.all(np.asarray(out)[~valid] == 0)
+
+
+def test_hstu_kernel_without_bias():
+    args, ts, cot = _hstu_inputs(seed=1)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    out, grads = _vjp("pallas", SMALL, lengths, ts, cot, bias=False)(*args)
+    ref_out, ref_grads = _vjp("xla", SMALL, lengths, ts, cot, bias=False)(*args)
+    _close(out, ref_out)
+    for g, r in zip(grads[:3], ref_grads[:3]):
+        _close(g, r)
+
+
+def _err(x, ref):
+    return float(np.abs(np.asarray(x, np.float64) - np.asarray(ref, np.float64)).max())
+
+
+def test_hstu_kernel_bf16_within_the_xla_reference_error():
+    args, ts, cot = _hstu_inputs(jnp.bfloat16, seed=2)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    cands = jnp.asarray((0, 0, 2, 1, 0), jnp.int32)
+    up = [a.astype(jnp.float32) for a in args]
+    exact = _vjp("xla", SMALL, lengths, ts, cot.astype(jnp.float32), cands)(*up)
+    kernel = _vjp("pallas", SMALL, lengths, ts, cot, cands)(*args)
+    xla = _vjp("xla", SMALL, lengths, ts, cot, cands)(*args)
+    assert kernel[0].dtype == jnp.bfloat16 and kernel[1][0].dtype == jnp.bfloat16
+    pairs = [(kernel[0], xla[0], exact[0])] + list(zip(kernel[1], xla[1], exact[1]))
+    for name, (got, base, ref) in zip(("out", "q", "k", "v", "pos_w", "ts_w"), pairs):
+        scale = float(np.abs(np.asarray(ref, np.float64)).max())
+        assert _err(got, ref) <= 2 * _err(base, ref) + 1e-3 * scale, name
+
+
+def test_candidates_see_the_history_and_themselves_as_mfalcon_does():
+    """The kernel's candidate rows equal M-FALCON's reference `candidate_attention`."""
+    rng = np.random.default_rng(3)
+    b, hist, m, max_len = 3, 24, 5, 32
+    n = np.array([24, 1, 16])
+    kh, vh = (jnp.asarray(rng.normal(size=(b, hist, HEADS, DIM)), jnp.float32) for _ in range(2))
+    q, k, v = (jnp.asarray(rng.normal(size=(b, m, HEADS, DIM)), jnp.float32) for _ in range(3))
+    ts = jnp.asarray(1_000 + np.cumsum(rng.integers(0, 5000, size=(b, hist)), axis=1), jnp.int32)
+    now = ts[:, -1] + 7
+    pos_w = jnp.asarray(rng.normal(size=2 * max_len - 1), jnp.float32)
+    ts_w = jnp.asarray(rng.normal(size=NUM_BUCKETS + 1), jnp.float32)
+    lengths = jnp.asarray(n, jnp.int32)
+    rab_hist, rab_self = candidate_bias(pos_w, ts_w, ts, lengths, now)
+    expected = candidate_attention(q, k, v, kh, vh, rab_hist, rab_self, lengths, 32.0)
+    call = functools.partial(candidate_mha, norm=32.0, rab_hist=rab_hist, rab_self=rab_self, pos_w=pos_w,
+                             ts_w=ts_w, timestamps=ts, request_time=now, blocks=SMALL)
+    _close(jax.jit(functools.partial(call, impl="pallas"))(q, k, v, kh, vh, lengths), expected)
+    assert np.array_equal(call(q, k, v, kh, vh, lengths, impl="xla"), expected)
+
+
+def test_dispatch_picks_xla_off_gpu_under_jit_and_grad():
+    assert selected_impl("auto", "cpu") == "xla" and selected_impl("auto", "tpu") == "xla"
+    assert selected_impl("auto", "cuda") == "pallas" and selected_impl("xla", "cuda") == "xla"
+    assert selected_impl("auto") == ("pallas" if jax.default_backend() == "gpu" else "xla")
+    with pytest.raises(ValueError):
+        selected_impl("triton")
+    args, ts, cot = _hstu_inputs(seed=4)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    if jax.default_backend() != "cpu":
+        pytest.skip("checks the CPU lowering")
+    lowered = _vjp("auto", SMALL, lengths, ts, cot).lower(*args).as_text()
+    assert "triton" not in lowered and "pallas" not in lowered
+    auto, xla = _vjp("auto", SMALL, lengths, ts, cot)(*args), _vjp("xla", SMALL, lengths, ts, cot)(*args)
+    for a, b in zip(jax.tree.leaves(auto), jax.tree.leaves(xla)):
+        np.testing.assert_array_equal(a, b)
+
+
+def _cuda_lowering(fn, *shapes):
+    """StableHLO text of fn lowered for an abstract H100 (no GPU needed), or skip."""
+    try:
+        dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+        mesh = jax.sharding.AbstractMesh((), (), abstract_device=dev)
+        with jax.sharding.use_abstract_mesh(mesh):
+            return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    except (AttributeError, TypeError) as err:  # an older/newer JAX without cross-platform lowering
+        pytest.skip(f"cannot cross-lower for CUDA on this JAX: {err}")
+
+
+def test_kernels_lower_to_triton_for_a_gpu():
+    """`auto` lowers to Triton custom calls for CUDA: the Pallas -> Triton-IR step runs here, on
+    CPU (Triton -> PTX, e.g. register limits, needs a GPU). Non-power-of-two head dims are padded."""
+    s = jax.ShapeDtypeStruct
+    b, n, h, d = 2, 200, 2, 50
+    qkv = [s((b, n, h, d), jnp.bfloat16)] * 3
+    ints, tables = [s((b,), jnp.int32), s((b, n), jnp.int32)], [s((2 * n - 1,), jnp.float32), s((129,), jnp.float32)]
+
+    def loss(q, k, v, pos_w, ts_w, lengths, ts):
+        out = hstu_mha(q, k, v, lengths, norm=float(n), pos_w=pos_w, ts_w=ts_w, timestamps=ts, impl="auto")
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    text = _cuda_lowering(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), *qkv, *tables, *ints)
+    for kernel in ("hstu_attention_fwd", "hstu_attention_dkdv", "hstu_attention_dq", "hstu_attention_dbias"):
+        assert kernel in text, kernel
+    assert text.count("__gpu$xla.gpu.triton") == 4
+
+    def fm_loss(x, y, scale, bias):
+        return jnp.sum(fm_block(x, y, scale, bias, impl="auto").astype(jnp.float32) ** 2)
+
+    fm_shapes = [s((64, 27, 16), jnp.bfloat16), s((27, 12), jnp.float32), s((324,), jnp.float32),
+                 s((324,), jnp.float32)]
+    text = _cuda_lowering(jax.value_and_grad(fm_loss, argnums=(0, 1, 2, 3)), *fm_shapes)
+    assert "wukong_fm_block_fwd" in text and "wukong_fm_block_bwd" in text
+
+
+def _fm_inputs(b, n, d, k, dtype, seed=5):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(b, n, d)), dtype)
+    y = jnp.asarray(rng.normal(size=(n, k)) / np.sqrt(n), jnp.float32)
+    scale = jnp.asarray(1 + 0.3 * rng.normal(size=n * k), jnp.float32)
+    bias = jnp.asarray(0.3 * rng.normal(size=n * k), jnp.float32)
+    return (x, y, scale, bias), jnp.asarray(rng.normal(size=(b, n * k)), dtype)
+
+
+def _fm_vjp(impl, cot):
+    def run(*args):
+        out, pullback = jax.vjp(functools.partial(fm_block, eps=1e-5, impl=impl, block_b=4), *args)
+        return out, pullback(cot)
+
+    return jax.jit(run)
+
+
+def test_fm_block_matches_reference_fp32():
+    args, cot = _fm_inputs(10, 7, 5, 3, jnp.float32)  # 10 examples: a partial last tile of 4
+    out, grads = _fm_vjp("pallas", cot)(*args)
+    ref_out, ref_grads = _fm_vjp("xla", cot)(*args)
+    _close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        _close(g, r)
+
+
+def test_fm_block_bf16_within_the_xla_reference_error():
+    args, cot = _fm_inputs(8, 26, 16, 8, jnp.bfloat16, seed=6)
+    up = [a.astype(jnp.float32) for a in args]
+    exact = _fm_vjp("xla", cot.astype(jnp.float32))(*up)
+    kernel, xla = _fm_vjp("pallas", cot)(*args), _fm_vjp("xla", cot)(*args)
+    pairs = [(kernel[0], xla[0], exact[0])] + list(zip(kernel[1], xla[1], exact[1]))
+    for name, (got, base, ref) in zip(("out", "x", "y", "scale", "bias"), pairs):
+        scale = float(np.abs(np.asarray(ref, np.float64)).max())
+        assert _err(got, ref) <= 2 * _err(base, ref) + 1e-3 * scale, name
+
+
+# ------------------------------------------------------------------------------------------------
+# The models with the kernels switched on (the `attention_impl` / `fm_impl` knobs)
+
+
+def test_impl_knobs_are_typed_config_fields():
+    from scaling.config import ModelConfig
+    from scaling.config_schema import ConfigError, build
+
+    hstu = dict(name="hstu", embed_dim=8, num_heads=1, qk_dim=8, v_dim=8, max_len=8)
+    assert build(ModelConfig, hstu).attention_impl == "auto"
+    assert build(ModelConfig, {**hstu, "attention_impl": "pallas"}).attention_impl == "pallas"
+    assert build(ModelConfig, {"name": "hstu_ranker", "attention_impl": "xla"}).attention_impl == "xla"
+    assert build(ModelConfig, {"name": "wukong", "fm_impl": "pallas"}).fm_impl == "pallas"
+    with pytest.raises(ConfigError, match="attention_impl"):
+        build(ModelConfig, {**hstu, "attention_impl": "triton"})
+
+
+def _hstu_model(impl: str):
+    from flax import nnx
+
+    from scaling.data.spec import SequenceSpec
+    from scaling.models.hstu import HSTU, HSTUConfig
+
+    cfg = HSTUConfig(embed_dim=16, num_layers=2, num_heads=2, qk_dim=8, v_dim=8, max_len=20, num_buckets=32,
+                     dropout=0.0, attention_impl=impl)
+    model = HSTU(cfg, SequenceSpec(num_items=30, num_negatives=0), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(8)
+    for block in model.blocks:  # scores of order 1 and biases that matter
+        block.w_uvqk[...] = 10.0 * block.w_uvqk[...]
+        block.pos_w[...] = jnp.asarray(rng.standard_normal(block.pos_w.shape), jnp.float32)
+        block.ts_w[...] = jnp.asarray(rng.standard_normal(block.ts_w.shape), jnp.float32)
+    return model
+
+
+def test_hstu_model_forward_and_gradients_with_pallas_equal_xla():
+    from flax import nnx
+
+    rng = np.random.default_rng(9)
+    lengths = jnp.asarray([20, 7, 1], jnp.int32)
+    items = jnp.asarray(rng.integers(1, 31, size=(3, 20)) * (np.arange(20)[None] < np.asarray(lengths)[:, None]),
+                        jnp.int32)
+    ts = jnp.asarray(1_600_000_000 + np.cumsum(rng.integers(0, 100_000, size=(3, 20)), axis=1), jnp.int32)
+
+    @nnx.jit
+    def loss_and_grads(model):
+        def loss(model):
+            return jnp.sum(jnp.sin(3.0 * model.encode(items, ts, lengths)))
+
+        return nnx.value_and_grad(loss)(model)
+
+    (value, grads), (ref_value, ref_grads) = loss_and_grads(_hstu_model("pallas")), loss_and_grads(_hstu_model("xla"))
+    _close(value, ref_value)
+    flat, ref_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(ref_grads))
+    for path in [p for p in ref_flat if "blocks" in p]:  # every block parameter incl. both bias tables
+        _close(flat[path][...], ref_flat[path][...], rtol=2e-5, name=str(path))
+
+
+def test_mfalcon_scores_with_pallas_equal_xla():
+    from flax import nnx
+
+    from scaling.models.hstu_mfalcon import mfalcon_scores
+
+    rng = np.random.default_rng(10)
+    lengths = jnp.asarray([19, 5], jnp.int32)
+    items = jnp.asarray(rng.integers(1, 31, size=(2, 19)), jnp.int32)
+    ts = jnp.asarray(1_600_000_000 + np.cumsum(rng.integers(0, 100_000, size=(2, 19)), axis=1), jnp.int32)
+    request = ts[:, -1] + 50
+    candidates = jnp.asarray(rng.integers(1, 31, size=(2, 6)), jnp.int32)
+    score = nnx.jit(mfalcon_scores, static_argnames="micro_batch")
+    models = [_hstu_model(impl) for impl in ("pallas", "xla")]
+    for model in models:
+        model.eval()
+    got, expected = (score(m, items, ts, lengths, request, candidates, micro_batch=4) for m in models)
+    _close(got, expected)
+
+
+def test_wukong_forward_with_the_fm_kernel_equals_xla():
+    from flax import nnx
+
+    from scaling.config import ModelConfig
+    from scaling.config_schema import build
+    from scaling.data.spec import CTRFeatureSpec
+    from scaling.models.registry import build_model
+
+    spec = CTRFeatureSpec(cardinalities=(5, 7, 3, 11), num_dense=3)
+    base = dict(name="wukong", embed_dim=4, num_layers=2, num_fm=2, num_lcb=3, fm_rank=3, fmb_mlp_width=8,
+                fmb_mlp_depth=1, dense_mlp=(6,), top_mlp=(8,), fmb_out_init_scale=1.0)
+    rng = np.random.default_rng(11)
+    batch = {"sparse": jnp.asarray(rng.integers(0, 3, size=(6, 4)), jnp.int32),
+             "dense": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)}
+    forward = nnx.jit(lambda model, batch: model(batch))
+    got, expected = (forward(build_model(build(ModelConfig, {**base, "fm_impl": impl}), spec, rngs=nnx.Rngs(0)), batch)
+                     for impl in ("pallas", "xla"))
+    _close(got, expected)
