@@ -337,10 +337,10 @@ def natural_size(table) -> int:
 # Lookups
 
 
-def _unwrap(table, layout: TableLayout | None) -> tuple[jax.Array, TableLayout]:
+def _unwrap(table, layout: TableLayout | None) -> tuple[jax.Array, TableLayout | None]:
+    """(the stored array, its layout: given, from the variable's metadata, or None: natural)."""
     layout = layout or table_layout(table)
-    array = table[...] if hasattr(table, "get_metadata") else table
-    return array, layout or TableLayout("replicated", int(array.shape[0]))
+    return (table[...] if hasattr(table, "get_metadata") else table), layout
 
 
 def _active(layout: TableLayout) -> EmbeddingPlacement | None:
@@ -378,10 +378,10 @@ def lookup(table, ids: jax.Array, *, valid: jax.Array | None = None, layout: Tab
     natural). valid bool [...]: False positions give 0 and, row_wise, are not sent.
     """
     array, layout = _unwrap(table, layout)
-    placement = _active(layout)
-    if placement is None:
-        out = jnp.take(array, stored_positions(ids, layout), axis=0)
-    else:
+    placement = None if layout is None else _active(layout)
+    if placement is None:  # a table without a layout is natural and replicated: a plain take
+        out = jnp.take(array, ids if layout is None else stored_positions(ids, layout), axis=0)
+    else:  # (imported here: the exchange module builds on this one's layouts)
         from scaling.sharding.embedding_exchange import row_wise_lookup
 
         if layout.strategy == "table_wise":
@@ -402,7 +402,7 @@ def lookup(table, ids: jax.Array, *, valid: jax.Array | None = None, layout: Tab
 def lookup_fields(table, sparse: jax.Array, *, layout: TableLayout | None = None) -> jax.Array:
     """A field table's single-hot fields: sparse int [..., F] (per-field ids) -> [..., F, D]."""
     array, layout = _unwrap(table, layout)
-    if not layout.blocks:
+    if layout is None or not layout.blocks:
         raise ValueError("lookup_fields needs a field table (a layout with blocks)")
     f = sparse.shape[-1]
     if f != layout.singles:
@@ -424,6 +424,8 @@ def lookup_bags(table, history: jax.Array, *, layout: TableLayout | None = None)
     """A field table's multi-hot bags, mean-pooled: history int [..., B, L] (per-bag ids, 0 =
     padding) -> [..., B, D] (an empty bag gives 0)."""
     array, layout = _unwrap(table, layout)
+    if layout is None or not layout.blocks:
+        raise ValueError("lookup_bags needs a field table (a layout with blocks)")
     bags = len(layout.blocks) - layout.singles
     if history.shape[-2] != bags:
         raise ValueError(f"{history.shape[-2]} bags per example for a table of {bags} bag fields")
@@ -445,4 +447,4 @@ def natural_table(table, *, layout: TableLayout | None = None) -> jax.Array:
     """The whole table in natural order [V, D], for output-side use (scores against every item).
     Replicated: the array itself; otherwise a static un-permutation that GSPMD shards."""
     array, layout = _unwrap(table, layout)
-    return to_natural(array, layout)
+    return array if layout is None else to_natural(array, layout)
