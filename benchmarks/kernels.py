@@ -1,0 +1,185 @@
+"""Kernel benchmark: the Pallas HSTU attention and Wukong FM block against their XLA references.
+
+    python -m benchmarks.kernels [--out FILE] [--smoke] [--lengths 512,1024,2048,4096,8192]
+                                 [--dims 64,128] [--tokens 32768] [--heads 4] [--iters 20]
+
+HSTU attention, bf16, the model's configuration (relative position + time-bucket bias, divide by
+N, causal): for each sequence length L and head dim d, B = tokens / L full-length sequences (a
+fixed number of tokens, so the per-token work grows with L), the forward and the forward +
+backward (gradients for q, k, v and both bias tables) of `impl=pallas` and `impl=xla`. Time is
+wall clock per call after a warm-up (jit, block_until_ready), median of `--iters` calls.
+
+FLOPs, the same "model FLOPs" for both implementations (so TFLOP/s compare useful work):
+  forward          = 2 matmuls (Q K^T and P V) x 2 d multiply-add FLOPs per attended pair
+                     x B h L (L + 1) / 2 pairs: the causal triangle with its diagonal, what a
+                     kernel that skips masked blocks computes. The XLA reference computes the
+                     full L x L square (twice that) and the kernel's diagonal blocks are half
+                     masked; neither is credited. Pointwise work (SiLU, bias, mask) not counted.
+  forward+backward = 3.5 x forward: the backward counts 5 matmul passes (recomputed S, dV, dP,
+                     dQ, dK) = 2.5 x forward, FlashAttention-2's convention. The kernel actually
+                     runs 9 passes in its backward (dK/dV: 4, dQ: 3, head-summed dbias: 2).
+The roofline is a bf16 8192^3 matmul measured in the same run (`matmul_bf16_tflops`).
+
+FM block (X (X^T Y), flatten, LayerNorm), bf16: forward and forward + backward for a few
+(batch, n, d, k); FLOPs 4 n d k per example forward (two matmuls), 3x that forward + backward.
+
+--smoke runs tiny sizes (CPU: the kernels in interpret mode) to check that the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scaling.kernels.fm_block import fm_block
+from scaling.kernels.hstu_attention import Blocks, hstu_mha
+
+NUM_BUCKETS = 128
+
+
+def timed(fn, args, iters: int) -> float:
+    """Median wall seconds of fn(*args) over iters calls, after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_tflops(n: int, iters: int) -> float:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * n**3 / timed(f, (a,), iters) / 1e12
+
+
+def hstu_inputs(batch: int, length: int, heads: int, dim: int):
+    rng = np.random.default_rng(0)
+    q, k, v, cot = (jnp.asarray(rng.normal(size=(batch, length, heads, dim)) * 0.5, jnp.bfloat16) for _ in range(4))
+    ts = jnp.asarray(1_600_000_000 + np.cumsum(rng.integers(0, 3600, size=(batch, length)), axis=1), jnp.int32)
+    pos_w = jnp.asarray(rng.normal(size=2 * length - 1) * 0.02, jnp.float32)
+    ts_w = jnp.asarray(rng.normal(size=NUM_BUCKETS + 1) * 0.02, jnp.float32)
+    lengths = jnp.full((batch,), length, jnp.int32)
+    return (q, k, v, pos_w, ts_w), (lengths, ts, cot)
+
+
+def hstu_functions(impl: str, blocks: Blocks | None, length: int, lengths, ts, cot):
+    def forward(q, k, v, pos_w, ts_w):
+        return hstu_mha(q, k, v, lengths, norm=float(length), pos_w=pos_w, ts_w=ts_w, timestamps=ts, impl=impl,
+                        blocks=blocks)
+
+    def forward_backward(*args):
+        out, pullback = jax.vjp(forward, *args)
+        return out, pullback(cot)
+
+    return jax.jit(forward), jax.jit(forward_backward)
+
+
+def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: Blocks | None) -> list[dict]:
+    rows = []
+    for dim in dims:
+        for length in lengths_list:
+            batch = max(1, tokens // length)
+            args, (lengths, ts, cot) = hstu_inputs(batch, length, heads, dim)
+            fwd_flops = 4 * dim * batch * heads * length * (length + 1) / 2
+            for impl in ("pallas", "xla"):
+                row = {"op": "hstu_attention", "impl": impl, "L": length, "d": dim, "heads": heads, "batch": batch,
+                       "dtype": "bfloat16", "fwd_gflop": fwd_flops / 1e9, "fwd_bwd_gflop": 3.5 * fwd_flops / 1e9}
+                fwd, both = hstu_functions(impl, blocks if impl == "pallas" else None, length, lengths, ts, cot)
+                try:
+                    row["fwd_ms"] = 1e3 * timed(fwd, args, iters)
+                    row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+                    row["fwd_bwd_ms"] = 1e3 * timed(both, args, iters)
+                    row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] / 1e9
+                except Exception as err:  # noqa: BLE001 - e.g. the reference's [B, h, L, L] scores out of memory
+                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def bench_fm(shapes, iters: int, block_b: int) -> list[dict]:
+    rows = []
+    for batch, n, d, k in shapes:
+        rng = np.random.default_rng(1)
+        x = jnp.asarray(rng.normal(size=(batch, n, d)), jnp.bfloat16)
+        y = jnp.asarray(rng.normal(size=(n, k)) / np.sqrt(n), jnp.float32)
+        scale, bias = jnp.ones((n * k,), jnp.float32), jnp.zeros((n * k,), jnp.float32)
+        cot = jnp.asarray(rng.normal(size=(batch, n * k)), jnp.bfloat16)
+        flops = 4 * n * d * k * batch
+        for impl in ("pallas", "xla"):
+            def forward(x, y, scale, bias, impl=impl):
+                return fm_block(x, y, scale, bias, impl=impl, block_b=block_b)
+
+            def forward_backward(*args, forward=forward):
+                out, pullback = jax.vjp(forward, *args)
+                return out, pullback(cot)
+
+            row = {"op": "fm_block", "impl": impl, "batch": batch, "n": n, "d": d, "k": k, "dtype": "bfloat16"}
+            try:
+                row["fwd_ms"] = 1e3 * timed(jax.jit(forward), (x, y, scale, bias), iters)
+                row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
+                row["fwd_bwd_ms"] = 1e3 * timed(jax.jit(forward_backward), (x, y, scale, bias), iters)
+                row["fwd_bwd_tflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e9
+                # bytes the fused forward must move: X in, the [B, n k] output out
+                row["fwd_gbytes_per_s"] = 2 * (x.size + batch * n * k) / row["fwd_ms"] / 1e6
+            except Exception as err:  # noqa: BLE001
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
+    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / L)")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--block-q", type=int, default=64)
+    parser.add_argument("--block-k", type=int, default=64)
+    parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes (CPU: interpret mode)")
+    parser.add_argument("--out", default="", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    blocks = Blocks(args.block_q, args.block_k, args.block_q, args.block_k)
+    if args.smoke:
+        lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 1, Blocks(16, 16, 16, 16)
+        fm_shapes, matmul_n, block_b = [(16, 8, 16, 4)], 256, 4
+    else:
+        lengths, dims, tokens, heads, iters = ([int(x) for x in args.lengths.split(",")],
+                                               [int(x) for x in args.dims.split(",")], args.tokens, args.heads,
+                                               args.iters)
+        fm_shapes, matmul_n, block_b = [(16384, 32, 16, 16), (16384, 64, 128, 32), (4096, 128, 128, 64)], 8192, 32
+    result = {
+        "benchmark": "kernels",
+        "device": jax.devices()[0].device_kind,
+        "backend": jax.default_backend(),
+        "interpret": jax.default_backend() != "gpu",
+        "jax": jax.__version__,
+        "smoke": args.smoke,
+        "tokens": tokens,
+        "blocks": [blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.bwd_block_k],
+        "matmul_bf16_tflops": matmul_tflops(matmul_n, max(iters, 3)),
+        "flops_convention": "causal model FLOPs: fwd = 4 d B h L(L+1)/2, fwd+bwd = 3.5 x fwd (module docstring)",
+        "hstu": bench_hstu(lengths, dims, tokens, heads, iters, blocks),
+        "fm_block": bench_fm(fm_shapes, iters, block_b),
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,141 @@
+"""Training-step benchmark: step time, examples/s and MFU of HSTU, Wukong and OneTrans in bf16,
+with the Pallas kernels (`impl=pallas`) against the XLA references (`impl=xla`).
+
+    python -m benchmarks.train_step [--out FILE] [--smoke] [--steps 20] [--cases hstu,wukong,onetrans]
+
+Each case is a sweep config (sweeps/*.yaml) with large-size overrides, `train.compute_dtype=
+bfloat16` and the kernel knob (HSTU: model.attention_impl; Wukong: model.fm_impl; OneTrans has no
+Pallas kernel, so it runs once, as the XLA baseline). The step is the training code's own: the
+model, task, optimizers and `StepFunctions.train_step` are built as scaling/train/loop.py builds
+them (one device, state donated), and timed on one real batch repeated `--steps` times after a
+compile + warm-up step (wall clock, block_until_ready at the end).
+
+    examples/s = batch x steps / seconds
+    MFU        = 3 x forward FLOPs/example (the family's analytic `flops_per_example`, the figure run
+                 records carry; HSTU's counts the full N x N attention) x examples/s
+                 / the bf16 matmul TFLOP/s measured in the same process
+
+--smoke runs tiny sizes for 2 steps (CPU: the kernels in interpret mode) to check the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.kernels import matmul_tflops
+from scaling.config import load_run_config
+from scaling.models.registry import build_model
+from scaling.train.loop import dataset_of
+from scaling.train.optimizers import dense_optimizer, embedding_optimizer
+from scaling.train.step import StepFunctions, split_model
+from scaling.train.tasks import make_task
+
+SWEEPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps")
+
+# name -> (sweep config, kernel knob or None, large overrides, smoke overrides)
+CASES: dict[str, tuple[str, str | None, list[str], list[str]]] = {
+    "hstu": ("hstu_synthetic.yaml", "model.attention_impl", [
+        "model.size=custom", "model.embed_dim=512", "model.num_layers=8", "model.num_heads=8", "model.qk_dim=64",
+        "model.v_dim=64", "model.max_len=1024", "model.dropout=0.0", "data.max_length=1024", "data.mean_length=600",
+        "data.num_users=2048", "data.num_items=20000", "train.batch_size=32",
+    ], [
+        "model.size=xs", "model.max_len=32", "model.dropout=0.0", "data.num_users=64", "data.num_items=200",
+        "data.num_negatives=8", "train.batch_size=4",
+    ]),
+    "wukong": ("quickstart.yaml", "model.fm_impl", [
+        "model.size=xl", "train.batch_size=16384", "data.eval_examples=4096",
+    ], [
+        "model.size=xxs", "train.batch_size=16", "data.eval_examples=256",
+    ]),
+    "onetrans": ("onetrans_synthetic.yaml", None, [
+        "model.size=xl", "train.batch_size=2048", "data.eval_examples=2048",
+    ], [
+        "model.size=xs", "train.batch_size=8", "data.eval_examples=256",
+    ]),
+}
+
+
+def step_time(config, steps: int) -> dict:
+    """Build the run's step exactly as the training loop does and time it on one batch."""
+    dataset = dataset_of(config.data)
+    spec = dataset.spec
+    model = build_model(config.model, spec, rngs=nnx.Rngs(config.seed))
+    flops = float(config.model.flops_per_example(spec))
+    graphdef, embed, dense, rngs = split_model(model)
+    del model
+    task = make_task(config, dataset, None)
+    tr, opt = config.train, config.optimizer
+    fns = StepFunctions(
+        graphdef=graphdef,
+        dense_tx=dense_optimizer(opt.dense, opt.schedule, tr.steps),
+        embed_tx=embedding_optimizer(opt.embedding, opt.dense, opt.schedule, tr.steps),
+        compute_dtype=jnp.bfloat16 if tr.compute_dtype == "bfloat16" else jnp.float32,
+        task=task,
+    )
+    state = jax.jit(fns.init_state)(dense, embed, rngs)
+    batch = {k: jnp.asarray(v) for k, v in next(iter(task.train_iterator(tr.batch_size, config.seed))).items()}
+    step = jax.jit(fns.train_step, donate_argnums=0)
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    return {"batch_size": tr.batch_size, "gflops_per_example": flops / 1e9, "compile_and_first_step_s": compile_s,
+            "step_ms": 1e3 * seconds, "examples_per_s": tr.batch_size / seconds,
+            "train_tflops": 3 * flops * tr.batch_size / seconds / 1e12, "loss": float(metrics["loss"])}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per case (after one warm-up)")
+    parser.add_argument("--impls", default="pallas,xla")
+    parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes, 2 steps (CPU: interpret mode)")
+    parser.add_argument("--out", default="", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    steps = 2 if args.smoke else args.steps
+    peak = matmul_tflops(256 if args.smoke else 8192, 3 if args.smoke else 10)
+    rows = []
+    for name in args.cases.split(","):
+        path, knob, large, smoke = CASES[name]
+        for impl in (args.impls.split(",") if knob else ["xla"]):
+            overrides = [*(smoke if args.smoke else large), "train.compute_dtype=bfloat16", "train.eval_every=0",
+                         f"train.steps={steps + 1}", "logging.progress=false", "logging.wandb.mode=disabled"]
+            if knob:
+                overrides.append(f"{knob}={impl}")
+            row = {"model": name, "impl": impl, "overrides": overrides}
+            try:
+                row.update(step_time(load_run_config(os.path.join(SWEEPS, path), overrides), steps))
+                row["mfu"] = row["train_tflops"] / peak
+            except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large size
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    result = {"benchmark": "train_step", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+              "interpret": jax.default_backend() != "gpu", "jax": jax.__version__, "smoke": args.smoke,
+              "matmul_bf16_tflops": peak, "rows": rows}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
