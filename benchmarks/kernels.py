@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     blocks = Blocks(args.block_q, args.block_k, args.block_q, args.block_k)
     if args.smoke:
-        lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 1, Blocks(16, 16, 16, 16)
+        lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 3, Blocks(16, 16, 16, 16)
         fm_shapes, matmul_n, block_b = [(16, 8, 16, 4)], 256, 4
     else:
         lengths, dims, tokens, heads, iters = ([int(x) for x in args.lengths.split(",")],
