@@ -15,7 +15,7 @@ compile + warm-up step (wall clock, block_until_ready at the end).
                  records carry; HSTU's counts the full N x N attention) x examples/s
                  / the bf16 matmul TFLOP/s measured in the same process
 
---smoke runs tiny sizes for 2 steps (CPU: the kernels in interpret mode) to check the script works.
+--smoke runs tiny sizes for 5 timed steps (CPU: the kernels in interpret mode) to check the script works.
 """
 
 from __future__ import annotations
@@ -105,10 +105,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case (after one warm-up)")
     parser.add_argument("--impls", default="pallas,xla")
-    parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes, 2 steps (CPU: interpret mode)")
+    parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes, 5 steps (CPU: interpret mode)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
-    steps = 2 if args.smoke else args.steps
+    steps = 5 if args.smoke else args.steps
     peak = matmul_tflops(256 if args.smoke else 8192, 3 if args.smoke else 10)
     rows = []
     for name in args.cases.split(","):
