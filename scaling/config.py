@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from scaling.config_schema import Choice, ConfigError, build, knob, to_dict
+from scaling.config_schema import Choice, ConfigError, _did_you_mean, build, knob, to_dict
 
 __all__ = [
     "ConfigError",
@@ -146,6 +146,17 @@ class ShardingConfig:
         "replicated", help="how embedding tables are placed and looked up across the data/fsdp devices")
     embedding_capacity: float = knob(
         2.0, gt=0, help="row_wise/table_wise: ids one device may send one peer per lookup, as a multiple of the even share")
+    rules: tuple[str, ...] = knob((), help="extra logical-axis rules over the layout's, e.g. [mlp=tensor+fsdp, rank=]")
+
+    def check(self) -> None:
+        from scaling.sharding.rules import available_layouts, parse_rule
+
+        names = available_layouts()
+        if self.layout not in names:
+            raise ConfigError("layout", f"unknown layout {self.layout!r}{_did_you_mean(self.layout, names)}; "
+                                        f"expected one of {', '.join(names)}")
+        for i, text in enumerate(self.rules):
+            parse_rule(text, f"rules[{i}]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,11 +262,16 @@ def load_run_config(path: str | None, overrides: Sequence[str] = (), data: Mappi
 
 # Keys that do not change what is computed; they stay out of the run id.
 _NON_SEMANTIC = {("logging",), ("train", "output_dir"), ("name",), ("train", "log_every")}
+# Keys added after run directories existed: hashed only when set off their default, so a run made
+# before they existed keeps its id (a relaunched sweep finds its finished trials).
+_HASHED_WHEN_SET = {("sharding", "embedding"): "replicated", ("sharding", "embedding_capacity"): 2.0,
+                    ("sharding", "rules"): []}
 
 
 def _semantic(d: Any, prefix: tuple[str, ...] = ()) -> Any:
     if isinstance(d, dict):
-        return {k: _semantic(v, prefix + (k,)) for k, v in d.items() if prefix + (k,) not in _NON_SEMANTIC}
+        return {k: _semantic(v, prefix + (k,)) for k, v in d.items() if prefix + (k,) not in _NON_SEMANTIC
+                and _HASHED_WHEN_SET.get(prefix + (k,), object()) != v}
     return d
 
 

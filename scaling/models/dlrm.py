@@ -27,6 +27,7 @@ from scaling.models.base import CTRModel, CTRModelConfig
 from scaling.models.embedding import FieldEmbedding
 from scaling.models.mlp import MLP, check_widths, mlp_flops
 from scaling.models.registry import register_model
+from scaling.sharding.rules import constrain
 
 __all__ = ["DLRMConfig", "DLRM", "dot_interaction"]
 
@@ -104,12 +105,14 @@ class DLRM(CTRModel):
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         e = self.embedding(batch["sparse"], batch.get("history"))
+        e = constrain(e, ("batch",))  # block boundaries: batch split, the rest whole
         if self.bottom is None:
             features = dot_interaction(e)
         else:
             z = self.bottom(batch["dense"].astype(e.dtype))
             inter = dot_interaction(jnp.concatenate([z[:, None, :], e], axis=1))
             features = jnp.concatenate([z, inter], axis=1)
+        features = constrain(features, ("batch",))
         return self.top(features)[:, 0].astype(jnp.float32)
 
     def flops_per_example(self) -> float:

@@ -37,6 +37,7 @@ from scaling.models.mlp import layer_norm_flops
 from scaling.models.registry import register_model
 from scaling.models.sequence_base import SequenceModel, SequenceModelConfig, l2_normalize
 from scaling.sharding.annotate import logical_param
+from scaling.sharding.rules import constrain
 
 
 # The ladder scales depth, width, heads and history length together (the paper's Fig. 7 grows
@@ -206,9 +207,10 @@ class HSTU(SequenceModel):
         valid = (jnp.arange(n)[None, :] < lengths[:, None])[..., None]
         x = self.embed(items, jnp.arange(n)[None])
         x = jnp.where(valid, self.input_dropout(x), 0.0)
+        x = constrain(x, ("batch",))  # block boundaries: batch split, the rest whole
         buckets = time_buckets(timestamps, self.cfg.num_buckets, query_timestamps) if self.cfg.relative_bias else None
         for block in self.blocks:
-            x = block(x, timestamps, lengths, query_timestamps, buckets=buckets)
+            x = constrain(block(x, timestamps, lengths, query_timestamps, buckets=buckets), ("batch",))
         return l2_normalize(x)
 
     def item_table(self) -> jax.Array:

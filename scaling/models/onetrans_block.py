@@ -54,6 +54,7 @@ from scaling.models.transformer import (
     xavier_normal,
 )
 from scaling.sharding.annotate import logical_param
+from scaling.sharding.rules import constrain
 
 __all__ = [
     "MixedProjection",
@@ -244,6 +245,7 @@ class OneTransStack(nnx.Module):
     def __call__(self, s: jax.Array, ns: jax.Array, s_valid: jax.Array) -> jax.Array:
         """s [B, L, d] (right-aligned), ns [B, N, d], s_valid [B, L] -> final NS-tokens [B, N, d]."""
         for block, keep in zip(self.blocks, self.keep):
+            s, ns = constrain(s, ("batch",)), constrain(ns, ("batch",))  # block boundaries: batch split
             s, ns, s_valid = block(s, ns, s_valid, min(keep, s.shape[1]))
         return self.final_norm(ns)
 

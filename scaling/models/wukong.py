@@ -36,6 +36,7 @@ from scaling.models.embedding import FieldEmbedding
 from scaling.models.mlp import MLP, LayerNorm, check_widths, layer_norm_flops, mlp_flops
 from scaling.models.registry import register_model
 from scaling.sharding.annotate import logical_param
+from scaling.sharding.rules import constrain
 
 __all__ = [
     "WukongConfig",
@@ -270,9 +271,9 @@ class Wukong(CTRModel):
         return jnp.concatenate([x, dense], axis=1)
 
     def __call__(self, batch: Mapping[str, jax.Array]) -> jax.Array:
-        x = self.embed(batch)
+        x = constrain(self.embed(batch), ("batch",))  # block boundaries: batch split, the rest whole
         for layer in self.layers:
-            x = layer(x)
+            x = constrain(layer(x), ("batch",))
         logits = self.top(x.reshape(x.shape[0], -1))[:, 0]
         return logits.astype(jnp.float32)
 

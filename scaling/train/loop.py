@@ -24,7 +24,6 @@ import traceback
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -33,11 +32,9 @@ from scaling.config_schema import ConfigError, to_dict
 from scaling.flops import xla_flops_per_example
 from scaling.models.base import param_counts
 from scaling.models.registry import build_model, is_fitted
-from scaling.sharding.mesh import batch_divisor, batch_sharding, make_mesh, replicated
 from scaling.train.checkpoint import Checkpointer
 from scaling.train.fit_run import fit_run
 from scaling.train.loggers import MetricsFile, ProgressBar, WandbMirror
-from scaling.train.optimizers import dense_optimizer, embedding_optimizer
 from scaling.train.run_record import (
     RunRecord,
     classify_failure,
@@ -47,8 +44,15 @@ from scaling.train.run_record import (
     peak_memory_bytes,
     read_record,
 )
-from scaling.train.step import StepFunctions, split_model
-from scaling.train.tasks import make_task
+from scaling.train.setup import prepare
+
+
+def _layout_line(summary: dict[str, Any]) -> str:
+    """One line on where the parameters live, e.g. `layout fsdp, mesh data=1 fsdp=8 tensor=1, ...`."""
+    mesh = " ".join(f"{k}={v}" for k, v in summary["mesh"].items())
+    return (f"layout {summary['layout']} (embedding {summary['embedding']}), mesh {mesh}: parameters "
+            f"{summary['param_bytes_per_device'] / 2**20:.2f} of {summary['param_bytes'] / 2**20:.2f} MiB per device, "
+            f"{100 * summary['replicated_param_share']:.1f}% replicated")
 
 
 class Interrupted(Exception):
@@ -100,10 +104,6 @@ def _stop_requests():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-
-
-def _device_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -179,6 +179,7 @@ class _Run:
             wall_time_s=self.prior_wall + time.time() - self.t0,
             examples_per_s=rate,
             memory={**peak_memory_bytes(), **getattr(self, "step_memory", {})},
+            sharding=getattr(self, "sharding", {}),
             device=device_info(),
             versions=library_versions(),
             resumed_from=list(progress.get("resumed_from", [])),
@@ -206,64 +207,45 @@ class _Run:
         self.partial: dict[str, Any] = {}
         if is_fitted(cfg.model):  # a classical baseline with its own solver: fit, evaluate, record
             return fit_run(cfg, self.run_dir, dataset_of(cfg.data))
-        mesh = make_mesh(cfg.sharding.mesh)
-        divisor = batch_divisor(mesh)
-        if cfg.train.batch_size % divisor or cfg.train.eval_batch_size % divisor:
-            raise ValueError(f"train.batch_size and train.eval_batch_size must be multiples of {divisor} (devices holding the batch)")
-
         dataset = dataset_of(cfg.data)
         spec = dataset.spec
         reference = dataset.reference_metrics()
-        with jax.set_mesh(mesh):
-            model = build_model(cfg.model, spec, rngs=nnx.Rngs(cfg.seed))
-            counts = param_counts(model)
-            analytic = cfg.model.flops_per_example(spec)
-            emb_bytes = cfg.model.embedding_bytes_per_example(spec)
-            xla = xla_flops_per_example(model, spec, max_len=getattr(cfg.model, "max_len", None))
-            graphdef, embed, dense, rngs = split_model(model)
-            del model
-            task = make_task(cfg, dataset, _reference_logloss(cfg.train.reference_run))
-            self.selection = task.selection
-            dtype = jnp.bfloat16 if cfg.train.compute_dtype == "bfloat16" else jnp.float32
-            fns = StepFunctions(
-                graphdef=graphdef,
-                dense_tx=dense_optimizer(cfg.optimizer.dense, cfg.optimizer.schedule, cfg.train.steps),
-                embed_tx=embedding_optimizer(cfg.optimizer.embedding, cfg.optimizer.dense, cfg.optimizer.schedule,
-                                             cfg.train.steps),
-                compute_dtype=dtype,
-                task=task,
-            )
-            state_sharding = replicated(mesh)  # the `dp` layout: params replicated, batch split
-            data_sharding = batch_sharding(mesh)
-            state = jax.jit(fns.init_state, out_shardings=state_sharding)(dense, embed, rngs)
-            self.partial = dict(counts=counts, flops=(analytic, xla), emb_bytes=emb_bytes, reference=reference)
+        # Counted on an abstract model built outside the mesh: natural table sizes, and XLA's FLOPs
+        # of the whole program (under the mesh the layout's constraints would partition it).
+        model = nnx.eval_shape(lambda: build_model(cfg.model, spec, rngs=nnx.Rngs(cfg.seed)))
+        counts = param_counts(model)
+        analytic = cfg.model.flops_per_example(spec)
+        emb_bytes = cfg.model.embedding_bytes_per_example(spec)
+        xla = xla_flops_per_example(model, spec, max_len=getattr(cfg.model, "max_len", None))
+        del model
+        setup = prepare(cfg, dataset, _reference_logloss(cfg.train.reference_run))
+        partitioner, task, abstract = setup.partitioner, setup.task, setup.abstract
+        self.selection = task.selection
+        self.sharding = partitioner.summary(abstract)
+        self.partial = dict(counts=counts, flops=(analytic, xla), emb_bytes=emb_bytes, reference=reference)
 
+        with partitioner.activate():
             checkpointer = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
             start_step, progress, data_state = 0, {"evals": [], "wall_time_s": 0.0}, None
             latest = checkpointer.latest_step()
-            if latest is not None:
-                state, data_state, progress = checkpointer.restore(latest, state)
+            if latest is not None:  # restored straight into this run's layout (orbax reshards)
+                state, data_state, progress = checkpointer.restore(latest, partitioner.sharded_abstract(abstract))
                 start_step = latest
                 progress["resumed_from"] = [*progress.get("resumed_from", []), latest]
                 self.prior_wall = float(progress.get("wall_time_s", 0.0))
+            else:
+                state = partitioner.init(setup.init_state, abstract)
 
             iterator = task.train_iterator(cfg.train.batch_size, cfg.seed)
             if data_state is not None:
                 iterator.set_state(data_state)
 
-            abstract_batch = task.abstract_batch(cfg.train.batch_size, data_sharding)
-            step_fn = (
-                jax.jit(fns.train_step, in_shardings=(state_sharding, data_sharding),
-                        out_shardings=(state_sharding, replicated(mesh)), donate_argnums=0)
-                .lower(state, abstract_batch)
-                .compile()
-            )
+            step_fn = setup.compile_train_step()
             self.step_memory = compiled_memory(step_fn)
-            eval_step = jax.jit(fns.eval_outputs, in_shardings=(state_sharding, data_sharding),
-                                out_shardings=replicated(mesh))
+            eval_step = partitioner.jit_eval_step(setup.fns.eval_outputs, abstract)
 
             def evaluator(state):
-                return task.evaluate(lambda chunk: eval_step(state, _device_batch(chunk, data_sharding)))
+                return task.evaluate(lambda chunk: eval_step(state, partitioner.shard_batch(chunk)))
 
             metrics_file = MetricsFile(self.run_dir, start_step if latest is not None else None)
             wandb = WandbMirror(cfg.logging, cfg, self.rid, self.run_dir, {
@@ -271,6 +253,7 @@ class _Run:
                 "gflops_per_example": analytic / 1e9, "size": getattr(cfg.model, "size", "custom"),
             })
             bar = ProgressBar(cfg.logging.progress, cfg.train.steps, start_step, f"{cfg.model.name}:{getattr(cfg.model, 'size', '')}")
+            bar.note(_layout_line(self.sharding))
             if self.step_memory:
                 mb = {k: v / 2**20 for k, v in self.step_memory.items()}
                 bar.note(f"compiled train step: arguments {mb['step_argument_bytes']:.1f} MiB, "
@@ -278,7 +261,7 @@ class _Run:
             rate = 0.0
             try:
                 with _stop_requests() as stop:
-                    state, rate = self._loop(state, step_fn, evaluator, iterator, data_sharding,
+                    state, rate = self._loop(state, step_fn, evaluator, iterator, partitioner.shard_batch,
                                              checkpointer, metrics_file, wandb, bar, progress, start_step, stop)
             finally:
                 bar.close()
@@ -290,7 +273,7 @@ class _Run:
             checkpointer.close()
             return record
 
-    def _loop(self, state, step_fn, evaluator, iterator, data_sharding, checkpointer, metrics_file,
+    def _loop(self, state, step_fn, evaluator, iterator, shard_batch, checkpointer, metrics_file,
               wandb, bar, progress, start_step, stop):
         cfg = self.config.train
         window: list[dict[str, jax.Array]] = []
@@ -311,7 +294,7 @@ class _Run:
             wandb.log(row, at_step)
 
         while step < cfg.steps:
-            batch = _device_batch(next(iterator), data_sharding)
+            batch = shard_batch(next(iterator))
             state, step_metrics = step_fn(state, batch)
             window.append(step_metrics)
             step += 1

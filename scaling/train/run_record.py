@@ -3,7 +3,7 @@
 Fields follow DESIGN.md: family, size, every hyperparameter, seed, dense/embedding parameter
 counts, forward FLOPs/example (analytic and XLA), embedding bytes/example, examples seen, train
 FLOPs (3 x forward x examples), final and best eval metrics (float64), wall time, examples/s,
-peak memory, device kind/count, status and reason, versions.
+peak memory, device kind/count, status and reason, versions, and the sharding layout.
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ class RunRecord:
     device: dict[str, Any]
     versions: dict[str, str]
     resumed_from: list[int] = dataclasses.field(default_factory=list)  # steps at which the run was resumed
+    # Where the state lived (scaling.sharding.partitioner.Partitioner.summary): layout, mesh, embedding
+    # placement, parameter bytes in all and per device, the replicated share, fallbacks.
+    sharding: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Fitted baselines only (scaling/train/fit_run.py): fit_time_s, eval_time_s, fit_peak_host_bytes,
     # scoring_flops (one user against the catalogue), parameters, and the solver's own details.
     fit: dict[str, float] = dataclasses.field(default_factory=dict)

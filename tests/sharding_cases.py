@@ -1,0 +1,149 @@
+"""The multi-device sharding cases, run in one subprocess that sees 8 host CPU devices
+(tests/test_sharding.py starts it; XLA_FLAGS must be set before JAX starts). Prints one JSON line:
+
+    {"losses": {family: {"1": [20 losses on one device], layout: [20 losses on 8 devices]}},
+     "golden": {"family/layout": {param path: {"shape": [...], "spec": [...]}}},
+     "restore": {"placed": bool, "same_values": bool, "split_leaves": int},
+     "shares": {"wukong_s/fsdp": {replicated_param_share, dense_replicated_share, ...}}}
+
+Every family trains the same 20 batches from the same init on one device (a 1-device mesh) and on
+8 devices under each layout, so the losses must agree up to float reassociation.
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.sharding_cases [family ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 20
+
+# Tiny members of each family on its synthetic world; batch 16 splits over 8 devices.
+_COMMON = ["train.batch_size=16", "train.eval_batch_size=16", "train.steps=100", "logging.progress=false"]
+FAMILIES = {
+    "wukong": ("quickstart.yaml", ["model.size=xxs"]),
+    "dlrm": ("quickstart.yaml", ["model.name=dlrm", "model.size=xxs"]),
+    "hstu": ("hstu_synthetic.yaml", ["model.size=xs", "model.num_heads=2", "model.qk_dim=12", "model.v_dim=12", "data.num_users=300", "data.num_items=200", "data.num_negatives=16"]),
+    "onetrans": ("onetrans_synthetic.yaml", ["model.size=xs", "data.num_users=300", "data.num_items=200", "data.seq_len=8",
+                                             "data.interest_window=8", "data.eval_examples=256"]),
+}
+# Each layout on the 8-device mesh that exercises it (every mesh axis it splits over is > 1), and
+# fsdp with row-wise sharded embedding tables (capacity ample: no id may be dropped in 20 steps).
+_FSDP_MESH = ["sharding.mesh.data=2", "sharding.mesh.fsdp=4"]
+LAYOUTS = {
+    "dp": ["sharding.layout=dp", "sharding.mesh.data=8"],
+    "fsdp": ["sharding.layout=fsdp", *_FSDP_MESH],
+    "fsdp_tp": ["sharding.layout=fsdp_tp", "sharding.mesh.data=2", "sharding.mesh.fsdp=2", "sharding.mesh.tensor=2"],
+    "fsdp_row_wise": ["sharding.layout=fsdp", *_FSDP_MESH, "sharding.embedding=row_wise", "sharding.embedding_capacity=8"],
+}
+
+
+def config(family: str, extra: list[str]):
+    from scaling.config import load_run_config
+
+    path, overrides = FAMILIES[family]
+    return load_run_config(os.path.join(ROOT, "sweeps", path), [*overrides, *_COMMON, *extra])
+
+
+def family_losses(family: str) -> tuple[dict[str, list[float]], dict[str, list]]:
+    """{'1' or layout: STEPS losses} and {layout: placements}. One init (on one device) and one set
+    of batches serve every run; each run copies the initial state into its own layout."""
+    import jax
+
+    from scaling.train.loop import dataset_of
+    from scaling.train.setup import prepare
+
+    reference = config(family, [])
+    dataset = dataset_of(reference.data)
+    setups = {layout: prepare(config(family, overrides), dataset) for layout, overrides in LAYOUTS.items()}
+    first = setups["1"] = prepare(reference, dataset, devices=jax.devices()[:1])
+    batches = first.task.train_iterator(reference.train.batch_size, reference.seed)
+    batches = [next(batches) for _ in range(STEPS)]
+    with first.partitioner.activate():
+        initial = first.partitioner.init(first.init_state, first.abstract)
+    losses, placements = {}, {}
+    for name, setup in setups.items():
+        p = setup.partitioner
+        fresh = jax.tree.map(lambda x: x.copy(), initial)  # device_put may reuse device 0's buffer: donated
+        with p.activate():
+            if p.embedding == "replicated":  # the same initial state, copied into this layout
+                state = jax.device_put(fresh, p.state_shardings(setup.abstract))
+            else:  # stored tables differ per placement: init draws the same natural values
+                state = p.init(setup.init_state, setup.abstract)
+            step = setup.compile_train_step()
+            out, dropped = [], 0
+            for batch in batches:
+                state, metrics = step(state, p.shard_batch(batch))
+                out.append(metrics["loss"])
+                dropped += int(metrics["embedding_overflow"])
+        assert dropped == 0, f"{family} {name}: {dropped} embedding ids dropped for capacity"
+        losses[name] = [float(x) for x in jax.device_get(out)]
+        placements[name] = p.placements(setup.abstract)
+    return losses, placements
+
+
+def golden(placements) -> dict:
+    from scaling.sharding.rules import spec_to_json
+
+    return {p.path: {"shape": list(p.shape), "spec": spec_to_json(p.spec)} for p in placements}
+
+
+def restore_across_layouts() -> dict:
+    """A checkpoint written under `dp` restored into the `fsdp` layout through the partitioner's
+    sharded abstract state: every leaf lands in its fsdp sharding, with the saved values."""
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from scaling.train.checkpoint import Checkpointer
+    from scaling.train.loop import dataset_of
+    from scaling.train.setup import prepare
+
+    dp, fsdp = (config("wukong", LAYOUTS[layout]) for layout in ("dp", "fsdp"))
+    saved_setup, target_setup = prepare(dp, dataset_of(dp.data)), prepare(fsdp, dataset_of(fsdp.data))
+    with tempfile.TemporaryDirectory() as directory:
+        with saved_setup.partitioner.activate():
+            saved = saved_setup.partitioner.init(saved_setup.init_state, saved_setup.abstract)
+            writer = Checkpointer(directory, 1)
+            writer.save(0, saved, {}, {})
+            writer.close()
+        p = target_setup.partitioner
+        with p.activate():
+            restored, _, _ = Checkpointer(directory, 1).restore(0, p.sharded_abstract(target_setup.abstract))
+    want = jax.tree.leaves(p.state_shardings(target_setup.abstract))
+    got = jax.tree.leaves(restored)
+    placed = all(a.sharding.is_equivalent_to(w, a.ndim) for a, w in zip(got, want, strict=True))
+    same = all(np.array_equal(jax.random.key_data(a) if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else a,
+                              jax.random.key_data(b) if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key) else b)
+               for a, b in zip(got, jax.tree.leaves(saved), strict=True))
+    split = sum(any(e is not None for e in w.spec) for w in want)
+    return {"placed": placed, "same_values": same, "split_leaves": split}
+
+
+def main(families: list[str]) -> None:
+    import jax
+
+    assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    out = {"losses": {}, "golden": {}, "shares": {}}
+    for family in families:
+        out["losses"][family], placements = family_losses(family)
+        for layout in LAYOUTS:
+            out["golden"][f"{family}/{layout}"] = golden(placements[layout])
+
+    out["restore"] = restore_across_layouts()
+    # FSDP on a model big enough to matter: parameter placement only (no compile).
+    from scaling.train.loop import dataset_of
+    from scaling.train.setup import prepare
+
+    cfg = config("wukong", ["model.size=s", "sharding.layout=fsdp"])
+    setup = prepare(cfg, dataset_of(cfg.data))
+    out["shares"]["wukong_s/fsdp"] = setup.partitioner.summary(setup.abstract)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(FAMILIES))
