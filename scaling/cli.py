@@ -8,6 +8,8 @@
     scaling plot runs/quickstart                                 plots/scaling.png and .svg
     scaling compare runs/quickstart  (or --wandb ENTITY/PROJECT --group quickstart)
     scaling flops sweeps/quickstart.yaml --set model.size=l      FLOPs and parameters of one config
+    scaling shard-plan sweeps/quickstart.yaml --devices 8 --set sharding.layout=fsdp
+                                                                 each parameter's placement, memory per device
 
 Bad input (unknown key, wrong type, out-of-range value, missing file) prints one line naming the
 key or file and exits with status 2.
@@ -138,6 +140,18 @@ def _parser() -> argparse.ArgumentParser:
                        description="Count a model's FLOPs and parameters without training.")
     _config_args(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("shard-plan", help="where each parameter lives under a layout, and memory per device",
+                       description="Place a run's parameters and optimizer states by its sharding config and "
+                                   "AOT-compile its train step, without training: per parameter the shape, logical "
+                                   "axes, PartitionSpec and bytes per device; the replicated share; the compiled "
+                                   "step's memory per device (XLA memory_analysis).")
+    _config_args(p)
+    p.add_argument("--devices", type=int, metavar="N",
+                   help="simulate N host CPU devices (default: the devices JAX sees)")
+    p.add_argument("--model", metavar="FAMILY:SIZE",
+                   help="a sweep's trial of that family and size (default: the sweep's base config)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return parser
 
 
@@ -192,6 +206,27 @@ def cmd_flops(args) -> int:
     for key, value in report.to_json().items():
         table.add_row(key, f"{value:,.6g}" if isinstance(value, float) else f"{value:,}" if isinstance(value, int) else str(value))
     Console().print(table)
+    return 0
+
+
+def cmd_shard_plan(args) -> int:
+    from scaling.sharding import plan
+
+    if args.devices is not None:
+        if args.devices < 1:
+            raise ConfigError("--devices", f"must be >= 1, got {args.devices}")
+        if not plan.force_host_devices(args.devices):  # JAX already started: re-run in a fresh interpreter
+            import subprocess
+
+            return subprocess.call([sys.executable, "-m", "scaling.cli", *args.argv], env={**os.environ, **plan.forced_env(args.devices)})
+    config = plan.pick_config(args.config, args.overrides, args.model)
+    result = plan.shard_plan(config)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=1))
+        return 0
+    from scaling.train.report import wide_console
+
+    plan.print_plan(result, wide_console())
     return 0
 
 
@@ -411,9 +446,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(slurm) != len(extra) or (slurm and args.command != "sweep"):
         parser.parse_args(argv)  # reports the unrecognized arguments and exits 2
     args.slurm = slurm
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         commands = {"train": cmd_train, "flops": cmd_flops, "sweep": cmd_sweep, "status": cmd_status, "fit": cmd_fit,
-                    "plot": cmd_plot, "compare": cmd_compare}
+                    "plot": cmd_plot, "compare": cmd_compare, "shard-plan": cmd_shard_plan}
         return commands[args.command](args)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
