@@ -4,6 +4,7 @@
     {"losses": {family: {"1": [20 losses on one device], layout: [20 losses on 8 devices]}},
      "golden": {"family/layout": {param path: {"shape": [...], "spec": [...]}}},
      "restore": {"placed": bool, "same_values": bool, "split_leaves": int},
+     "loop": {"status", "logloss", "sharding": the run record's summary, "devices"},
      "shares": {"wukong_s/fsdp": {replicated_param_share, dense_replicated_share, ...}}}
 
 Every family trains the same 20 batches from the same init on one device (a 1-device mesh) and on
@@ -124,6 +125,22 @@ def restore_across_layouts() -> dict:
     return {"placed": placed, "same_values": same, "split_leaves": split}
 
 
+def loop_run() -> dict:
+    """The training loop end to end under fsdp with row-wise tables: init, steps, evaluation,
+    checkpoint and the run record's sharding summary."""
+    import tempfile
+
+    from scaling.train.loop import train
+
+    with tempfile.TemporaryDirectory() as directory:
+        cfg = config("wukong", [*LAYOUTS["fsdp_row_wise"], "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3",
+                                "train.eval_batch_size=64", "data.eval_examples=256", "logging.wandb.mode=disabled",
+                                f"train.output_dir={directory}"])
+        record = train(cfg)
+    return {"status": record.status, "reason": record.reason, "logloss": record.final_eval.get("logloss"),
+            "sharding": record.sharding, "devices": record.device["device_count"]}
+
+
 def main(families: list[str]) -> None:
     import jax
 
@@ -135,6 +152,7 @@ def main(families: list[str]) -> None:
             out["golden"][f"{family}/{layout}"] = golden(placements[layout])
 
     out["restore"] = restore_across_layouts()
+    out["loop"] = loop_run()
     # FSDP on a model big enough to matter: parameter placement only (no compile).
     from scaling.train.loop import dataset_of
     from scaling.train.setup import prepare

@@ -167,6 +167,16 @@ def test_checkpoint_restores_into_another_layout(cases):
     assert restore["placed"] and restore["same_values"] and restore["split_leaves"] > 10
 
 
+def test_training_loop_runs_and_records_its_layout(cases):
+    loop = cases["loop"]
+    assert loop["status"] == "ok", loop["reason"]
+    assert loop["devices"] == 8 and np.isfinite(loop["logloss"])
+    sharding = loop["sharding"]
+    assert sharding["layout"] == "fsdp" and sharding["embedding"] == "row_wise"
+    assert sharding["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert sharding["param_bytes_per_device"] < sharding["param_bytes"] / 4 and sharding["replicated_param_share"] < 0.05
+
+
 # -- the command -------------------------------------------------------------------------------
 def test_shard_plan_command(tmp_path):
     out = run_cli("shard-plan", QUICK, "--devices", "8", "--set", "sharding.layout=fsdp", "--model", "wukong:xxxs", "--json")
