@@ -5,7 +5,7 @@
      "golden": {"family/layout": {param path: {"shape": [...], "spec": [...]}}},
      "restore": {"placed": bool, "same_values": bool, "split_leaves": int},
      "loop": {"status", "logloss", "sharding": the run record's summary, "devices"},
-     "shares": {"wukong_s/fsdp": {replicated_param_share, dense_replicated_share, ...}}}
+     "shares": {"wukong_s/fsdp" or "hstu_s/fsdp": {replicated_param_share, dense_replicated_share, ...}}}
 
 Every family trains the same 20 batches from the same init on one device (a 1-device mesh) and on
 8 devices under each layout, so the losses must agree up to float reassociation.
@@ -160,6 +160,12 @@ def main(families: list[str]) -> None:
     cfg = config("wukong", ["model.size=s", "sharding.layout=fsdp"])
     setup = prepare(cfg, dataset_of(cfg.data))
     out["shares"]["wukong_s/fsdp"] = setup.partitioner.summary(setup.abstract)
+    from scaling.config import load_run_config
+
+    cfg = load_run_config(os.path.join(ROOT, "sweeps", "hstu_synthetic.yaml"),
+                          ["model.size=s", "sharding.layout=fsdp", "data.num_users=300", "data.num_items=200"])
+    setup = prepare(cfg, dataset_of(cfg.data))
+    out["shares"]["hstu_s/fsdp"] = setup.partitioner.summary(setup.abstract)
     print(json.dumps(out))
 
 

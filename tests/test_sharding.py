@@ -155,11 +155,13 @@ def test_row_wise_tables_are_split_and_fsdp_dense_parameters_too(cases, family):
     assert sum(any(e is not None for e in v["spec"]) for v in kernels) >= len(kernels) / 2
 
 
-def test_fsdp_leaves_under_two_percent_of_dense_bytes_replicated(cases):
-    share = cases["shares"]["wukong_s/fsdp"]
+@pytest.mark.parametrize("model", ["wukong_s", "hstu_s"])
+def test_fsdp_leaves_under_two_percent_of_dense_bytes_replicated(cases, model):
+    share = cases["shares"][f"{model}/fsdp"]
     assert share["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}  # the default mesh: fsdp splits over data
-    assert share["dense_replicated_share"] < 0.02
-    assert share["param_bytes_per_device"] < share["param_bytes"] / 4
+    assert share["dense_replicated_share"] < 0.02, share  # HSTU: its padded relative-bias tables are split too
+    if model == "wukong_s":  # (HSTU's item table, replicated by default, is most of its bytes)
+        assert share["param_bytes_per_device"] < share["param_bytes"] / 4
 
 
 def test_checkpoint_restores_into_another_layout(cases):

@@ -21,6 +21,7 @@ from flax import nnx
 
 from scaling.config import ModelConfig
 from scaling.models.embedding import EmbeddingTable
+from scaling.sharding.annotate import natural_count
 from scaling.sharding.embedding import natural_size
 
 
@@ -54,7 +55,9 @@ class ParamCounts:
 
 
 def _count(state: nnx.State) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(state)))
+    """Parameters of a state, storage padding (`annotate.padded_vector`) excluded."""
+    leaves = jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return int(sum(natural_count(x) if isinstance(x, nnx.Variable) else x.size for x in leaves))
 
 
 def param_counts(model: nnx.Module) -> ParamCounts:

@@ -36,7 +36,7 @@ from scaling.models.hstu_attention import time_buckets
 from scaling.models.mlp import layer_norm_flops
 from scaling.models.registry import register_model
 from scaling.models.sequence_base import SequenceModel, SequenceModelConfig, l2_normalize
-from scaling.sharding.annotate import logical_param
+from scaling.sharding.annotate import logical_param, natural, padded_vector
 from scaling.sharding.rules import constrain
 
 
@@ -130,8 +130,12 @@ class HSTUBlock(nnx.Module):
         self.w_o = logical_param(_xavier_uniform(rngs.params(), h * cfg.v_dim, d), ("mlp", "embed"))
         self.b_o = logical_param(jnp.zeros((d,), jnp.float32), ("embed",))
         n = cfg.max_len
-        self.pos_w = logical_param(0.02 * jax.random.normal(rngs.params(), (2 * n - 1,), jnp.float32), (None,))
-        self.ts_w = logical_param(0.02 * jax.random.normal(rngs.params(), (cfg.num_buckets + 1,), jnp.float32), (None,))
+        # The relative-bias tables [2n - 1] (offsets) and [num_buckets + 1] (time gaps), stored
+        # zero-padded to a multiple of 128 entries so that fsdp can split them (an odd length divides
+        # no device count); the model reads their natural lengths (`bias_tables`), so the padding
+        # never takes part and training is exactly that of the unpadded tables.
+        self.pos_w = padded_vector(0.02 * jax.random.normal(rngs.params(), (2 * n - 1,), jnp.float32), "seq")
+        self.ts_w = padded_vector(0.02 * jax.random.normal(rngs.params(), (cfg.num_buckets + 1,), jnp.float32), "table")
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
@@ -145,10 +149,14 @@ class HSTUBlock(nnx.Module):
         return (u, v.reshape(*lead, h, cfg.v_dim), q.reshape(*lead, h, cfg.qk_dim),
                 k.reshape(*lead, h, cfg.qk_dim))
 
+    def bias_tables(self) -> tuple[jax.Array, jax.Array]:
+        """(pos_w [2 max_len - 1], ts_w [num_buckets + 1]) without their storage padding."""
+        return natural(self.pos_w), natural(self.ts_w)
+
     def position_weights(self, n: int) -> jax.Array:
         """pos_w for a padded length n <= max_len, [2n - 1]: a shorter batch uses the central entries
         (offsets -(n-1)..n-1), so offset j - i reads the same weight whatever the padding."""
-        pos_w = self.pos_w[...]
+        pos_w = natural(self.pos_w)
         if n < self.cfg.max_len:
             pos_w = pos_w[self.cfg.max_len - n : self.cfg.max_len + n - 1]
         return pos_w
@@ -166,7 +174,7 @@ class HSTUBlock(nnx.Module):
         the time buckets [B, N, N] if already computed (the encoder computes them once)."""
         n = x.shape[1]
         u, v, q, k = self.project(x)
-        bias = (dict(pos_w=self.position_weights(n), ts_w=self.ts_w[...], timestamps=timestamps,
+        bias = (dict(pos_w=self.position_weights(n), ts_w=natural(self.ts_w), timestamps=timestamps,
                      query_timestamps=query_timestamps, buckets=buckets) if self.cfg.relative_bias else {})
         attn = hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n, impl=self.cfg.attention_impl, **bias)
         return self.output(x, u, attn), k, v

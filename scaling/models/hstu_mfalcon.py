@@ -104,7 +104,7 @@ def history_cache(model: HSTU, items: jax.Array, timestamps: jax.Array, lengths:
     norm = attention_divisor(model)
     keys, values, rab_hist, rab_self = [], [], [], []
     for block in model.blocks:
-        hist, own = candidate_bias(block.pos_w[...], block.ts_w[...], timestamps, lengths, request_time)
+        hist, own = candidate_bias(*block.bias_tables(), timestamps, lengths, request_time)
         if not cfg.relative_bias:
             hist, own = jnp.zeros_like(hist), jnp.zeros_like(own)
         x, k, v = block.forward_with_kv(x, timestamps, lengths, query, norm=norm)
@@ -123,7 +123,8 @@ def candidate_outputs(model: HSTU, cache: MFalconCache, candidates: jax.Array) -
     norm = attention_divisor(model)
     for layer, block in enumerate(model.blocks):
         u, v, q, k = block.project(x)
-        tables = (dict(pos_w=block.pos_w[...], ts_w=block.ts_w[...], timestamps=cache.timestamps,
+        pos_w, ts_w = block.bias_tables()
+        tables = (dict(pos_w=pos_w, ts_w=ts_w, timestamps=cache.timestamps,
                        request_time=cache.request_time) if model.cfg.relative_bias else {})
         attn = candidate_mha(q, k, v, cache.keys[layer], cache.values[layer], cache.lengths, norm=norm,
                              rab_hist=cache.rab_hist[layer], rab_self=cache.rab_self[layer],
