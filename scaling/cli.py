@@ -170,17 +170,24 @@ def cmd_train(args) -> int:
     args.overrides = overrides
     config = _load(args)
 
+    from scaling.sharding.distributed import initialize_from_environment, is_primary
+
+    initialize_from_environment()  # SCALING_* or an srun step of several tasks: join them (before JAX starts)
     from scaling.train.loop import Interrupted, dataset_of, run_directory, train
     from scaling.train.report import print_record
 
     dataset_of(config.data)  # a missing or malformed data file stops here, before any run directory exists
-    print(f"run directory: {run_directory(config)}", file=sys.stderr)
+    primary = is_primary()  # process 0 of a multi-process run speaks for it
+    if primary:
+        print(f"run directory: {run_directory(config)}", file=sys.stderr)
     try:
         record = train(config, restart=args.restart)
     except Interrupted as stop:
-        print(f"interrupted: {stop}. Run the same command again to resume.", file=sys.stderr)
+        if primary:
+            print(f"interrupted: {stop}. Run the same command again to resume.", file=sys.stderr)
         return EXIT_INTERRUPTED
-    print_record(record)
+    if primary:
+        print_record(record)
     return 0 if record.status == "ok" else 1
 
 

@@ -121,6 +121,20 @@ def test_nan_loss_stops_with_diverged(tiny_overrides):
     assert "step" in record.reason and record.steps < 30
 
 
+def test_embedding_overflow_is_logged_recorded_and_warned(tiny_overrides, capsys):
+    """row_wise lookups with a tenth of the even share as capacity drop ids even on one device:
+    every log row carries the count, the record the total, and the terminal a warning."""
+    config = _config(tiny_overrides, "model.name=dlrm", "model.size=xxs", "train.steps=10", "train.eval_every=0",
+                     "sharding.embedding=row_wise", "sharding.embedding_capacity=0.1")
+    record = train(config)
+    assert record.status == "ok", record.reason
+    counts = [r["train/embedding_overflow"] for r in _metrics(run_directory(config)) if r["split"] == "train"]
+    assert len(counts) == 2 and all(c > 0 for c in counts)
+    assert record.embedding_overflow == sum(counts)
+    assert json.load(open(os.path.join(run_directory(config), "result.json")))["embedding_overflow"] == sum(counts)
+    assert "embedding lookups in the last 5 steps got zero vectors" in capsys.readouterr().err
+
+
 def test_wandb_offline_writes_run(tiny_overrides):
     config = _config(tiny_overrides, "model.size=xs", "logging.wandb.mode=offline", "train.steps=10",
                      "logging.wandb.tags=[test]", "name=wbgroup")

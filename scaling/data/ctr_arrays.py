@@ -14,7 +14,9 @@ batch j is a pure function of (seed, j): the grain iterator's state is one integ
 (`{'next_index': j}`) and resuming is exact. The permutations are numpy's (one int32 per row,
 two epochs cached): grain's lazy `MapDataset.shuffle` costs ~12 us per example in Python, a
 bottleneck at the tens of thousands of examples per second a GPU step takes. The train arrays are
-memmaps: a batch reads its B rows only, gathered in ascending row order so reads stay sequential.
+memmaps: a batch reads its B rows only, gathered in ascending row order so reads stay sequential;
+a process of a multi-host run reads only its share of them (`rows`), so the processes read
+disjoint rows of every batch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import threading
 import numpy as np
 
 from scaling.data.kaggle_ctr import SPLITS
-from scaling.data.pipeline import batch_iterator
+from scaling.data.pipeline import batch_iterator, batch_rows
 from scaling.data.spec import CTRFeatureSpec
 from scaling.train.metrics import base_rate_entropy
 
@@ -89,20 +91,24 @@ class EncodedCTR:
             rows[mask] = self._permutation(seed, int(e))[position[mask]]
         return rows
 
-    def batch(self, j: int, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-        """Train batch j: {'sparse' int32 [B, F], 'dense' float32 [B, D], 'label' float32 [B]}."""
-        rows = np.sort(self.train_rows(j, batch_size, seed))  # sequential reads; the order in a batch is immaterial
-        return {k: np.ascontiguousarray(v[rows]) for k, v in self.train.items()}
+    def batch(self, j: int, batch_size: int, seed: int = 0, rows=None) -> dict[str, np.ndarray]:
+        """Train batch j: {'sparse' int32 [B, F], 'dense' float32 [B, D], 'label' float32 [B]}; with
+        `rows`, only those positions of it (one process's share: only its rows are read)."""
+        train_rows = np.sort(self.train_rows(j, batch_size, seed))  # sequential reads; the order in a batch is immaterial
+        if rows is not None:
+            train_rows = train_rows[batch_rows(batch_size, rows)]
+        return {k: np.ascontiguousarray(v[train_rows]) for k, v in self.train.items()}
 
     def train_iterator(self, batch_size: int, seed: int = 0, *, prefetch: int = 2, num_threads: int = 1,
-                       start_batch: int = 0):
-        """Infinite, checkpointable grain iterator of `batch(j, batch_size, seed)`, j = start_batch, ...
+                       start_batch: int = 0, rows=None):
+        """Infinite, checkpointable grain iterator of `batch(j, batch_size, seed, rows)`, j = start_batch, ...
 
         `get_state()` / `set_state()` save and restore the position ({'next_index': j - start_batch}).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return batch_iterator(functools.partial(self.batch, batch_size=int(batch_size), seed=int(seed)),
+        rows = None if rows is None else batch_rows(batch_size, rows)
+        return batch_iterator(functools.partial(self.batch, batch_size=int(batch_size), seed=int(seed), rows=rows),
                               start=start_batch, prefetch=prefetch, num_threads=num_threads)
 
     # -- evaluation ------------------------------------------------------------------------------

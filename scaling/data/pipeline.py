@@ -11,6 +11,12 @@ The iterator is `grain.MapDataset.range(start, stop).map(make_batch).to_iter_dat
 random-access map over batch indices, read ahead by a thread pool. Because a batch is a function
 of its index alone, the iterator state is just the next index, restoring it is exact, and batches
 do not depend on prefetch depth, thread count or timing.
+
+Several processes (multi-host training) each read their own rows of every global batch: a data
+set's `train_iterator(..., rows=...)` makes batch j hold rows `rows` of global batch j only (the
+rows the process's devices hold, `Partitioner.local_rows`). Every process walks the same batch
+indices, so the global batch the devices assemble is the single-process batch j, row for row,
+and the iterator state (the next batch index) means the same on every process.
 """
 
 from __future__ import annotations
@@ -21,9 +27,22 @@ from typing import Any
 
 import grain
 
-__all__ = ["batch_iterator", "batch_dataset", "INFINITE"]
+import numpy as np
+
+__all__ = ["batch_iterator", "batch_dataset", "batch_rows", "INFINITE"]
 
 INFINITE = sys.maxsize  # the length grain reports for an unbounded MapDataset
+
+
+def batch_rows(batch_size: int, rows=None) -> np.ndarray:
+    """int64 positions within a global batch of `batch_size` that a reader builds: all of them
+    (rows None) or the given ones (e.g. one process's share), checked to lie in the batch."""
+    if rows is None:
+        return np.arange(batch_size, dtype=np.int64)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= batch_size)):
+        raise ValueError(f"rows must be a 1-D array of positions in a batch of {batch_size}")
+    return rows
 
 
 class _BatchAt:

@@ -35,7 +35,7 @@ import math
 import numpy as np
 
 from scaling.data.leave_one_out import LeaveOneOut, Stage
-from scaling.data.pipeline import batch_iterator
+from scaling.data.pipeline import batch_iterator, batch_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,19 +68,37 @@ class SequenceBatches:
     def _epoch_order(self, epoch: int) -> np.ndarray:
         return np.random.default_rng((self.seed, epoch)).permutation(self.train_users)
 
-    def train_batch(self, j: int, batch_size: int) -> dict[str, np.ndarray]:
+    def train_batch(self, j: int, batch_size: int, rows=None) -> dict[str, np.ndarray]:
+        """Train batch j of `batch_size` users; with `rows`, only those positions of it (one
+        process's share of the global batch: only its users' timelines are read). Negatives are
+        drawn for the whole batch and cut to `rows`, so the shares add up to the whole batch."""
         per_epoch = self.batches_per_epoch(batch_size)
         order = self._epoch_order(j // per_epoch)
         start = (j % per_epoch) * batch_size
         users = np.take(order, np.arange(start, start + batch_size), mode="wrap")
-        log, L = self.split.log, self.max_len
+        mine = users if rows is None else users[batch_rows(batch_size, rows)]
+        out = self._timelines(mine)
+        if self.num_negatives:
+            rng = np.random.default_rng((self.seed, 1, j))
+            shape = (batch_size, 1 if self.shared_negatives else self.max_len, self.num_negatives)
+            if self.negatives == "uniform":
+                negatives = rng.integers(1, self.split.log.num_items + 1, size=shape, dtype=np.int32)
+            else:  # the pool is the whole batch's targets, whichever share this is
+                targets = out["targets"] if rows is None else self._timelines(users)["targets"]
+                negatives = rng.choice(targets[targets > 0], size=shape).astype(np.int32)
+            out["negatives"] = negatives if rows is None else negatives[batch_rows(batch_size, rows)]
+        return out
+
+    def _timelines(self, users: np.ndarray) -> dict[str, np.ndarray]:
+        """The train rows (items, timestamps, targets, next_timestamps, lengths, actions, users) of `users`."""
+        log, L, B = self.split.log, self.max_len, len(users)
         out = {
-            "items": np.zeros((batch_size, L), np.int32),
-            "timestamps": np.zeros((batch_size, L), np.int32),
-            "targets": np.zeros((batch_size, L), np.int32),
-            "next_timestamps": np.zeros((batch_size, L), np.int32),
-            "lengths": np.zeros(batch_size, np.int32),
-            "actions": np.zeros((batch_size, L), np.int32),
+            "items": np.zeros((B, L), np.int32),
+            "timestamps": np.zeros((B, L), np.int32),
+            "targets": np.zeros((B, L), np.int32),
+            "next_timestamps": np.zeros((B, L), np.int32),
+            "lengths": np.zeros(B, np.int32),
+            "actions": np.zeros((B, L), np.int32),
             "users": users.astype(np.int32),
         }
         actions = log.actions
@@ -97,19 +115,13 @@ class SequenceBatches:
             out["lengths"][b] = n
             if actions is not None:
                 out["actions"][b, :n] = actions[lo:hi]
-        if self.num_negatives:
-            rng = np.random.default_rng((self.seed, 1, j))
-            shape = (batch_size, 1 if self.shared_negatives else L, self.num_negatives)
-            if self.negatives == "uniform":
-                out["negatives"] = rng.integers(1, log.num_items + 1, size=shape, dtype=np.int32)
-            else:
-                pool = out["targets"][out["targets"] > 0]
-                out["negatives"] = rng.choice(pool, size=shape).astype(np.int32)
         return out
 
-    def train_iterator(self, batch_size: int, *, start: int = 0, prefetch: int = 2):
-        """Infinite, prefetched, checkpointable iterator over train batches `start`, `start + 1`, ..."""
-        return batch_iterator(lambda j: self.train_batch(j, batch_size), start=start, prefetch=prefetch)
+    def train_iterator(self, batch_size: int, *, start: int = 0, prefetch: int = 2, rows=None):
+        """Infinite, prefetched, checkpointable iterator over train batches `start`, `start + 1`, ...
+        (rows: only those positions of each)."""
+        rows = None if rows is None else batch_rows(batch_size, rows)
+        return batch_iterator(lambda j: self.train_batch(j, batch_size, rows), start=start, prefetch=prefetch)
 
     def eval_batch(self, users: np.ndarray, stage: Stage) -> tuple[dict[str, np.ndarray], list[np.ndarray]]:
         """(batch, seen): the history before each user's `stage` target, truncated to max_len, the

@@ -124,9 +124,11 @@ class SequenceDataset:
                                negatives=self.config.negatives, shared_negatives=self.config.shared_negatives,
                                targets=targets)
 
-    def train_iterator(self, batch_size: int, max_len: int, seed: int = 0, *, targets: str = "next", prefetch: int = 2):
-        """Infinite, checkpointable grain iterator of train batches (`SequenceBatches.train_batch`)."""
-        return self.batches(max_len, seed, targets).train_iterator(batch_size, prefetch=prefetch)
+    def train_iterator(self, batch_size: int, max_len: int, seed: int = 0, *, targets: str = "next", prefetch: int = 2,
+                       rows=None):
+        """Infinite, checkpointable grain iterator of train batches (`SequenceBatches.train_batch`;
+        rows: only those positions of each batch)."""
+        return self.batches(max_len, seed, targets).train_iterator(batch_size, prefetch=prefetch, rows=rows)
 
     def evaluate(self, score: Scorer, stage: Stage, max_len: int, batch_size: int) -> dict[str, float]:
         """Full-catalogue ranking metrics of `score` on the eval users' `stage` targets."""

@@ -50,7 +50,7 @@ import numpy as np
 
 from scaling.config import DataConfig
 from scaling.config_schema import ConfigError, knob
-from scaling.data.pipeline import batch_iterator
+from scaling.data.pipeline import batch_iterator, batch_rows
 from scaling.data.registry import register_data
 from scaling.data.spec import CTRFeatureSpec
 from scaling.train.metrics import split_halves
@@ -331,23 +331,25 @@ class SyntheticCTR:
             out["prob"] = prob
         return out
 
-    def batch(self, j: int, batch_size: int) -> dict[str, np.ndarray]:
-        """Train batch j: train examples [j * batch_size, (j + 1) * batch_size)."""
+    def batch(self, j: int, batch_size: int, rows=None) -> dict[str, np.ndarray]:
+        """Train batch j: train examples [j * batch_size, (j + 1) * batch_size), or only those at
+        positions `rows` of it (one process's share of the global batch)."""
         if j < 0 or batch_size < 1:
             raise ValueError(f"need j >= 0 and batch_size >= 1, got j={j}, batch_size={batch_size}")
-        return self.examples(np.arange(j * batch_size, (j + 1) * batch_size, dtype=np.int64))
+        return self.examples(j * batch_size + batch_rows(batch_size, rows))
 
     # -- what the training loop uses ----------------------------------------------------------------
-    def train_iterator(self, batch_size: int, *, prefetch: int = 2, num_threads: int = 1, start_batch: int = 0):
+    def train_iterator(self, batch_size: int, *, prefetch: int = 2, num_threads: int = 1, start_batch: int = 0,
+                       rows=None):
         """Infinite grain iterator of train batches {'sparse' int32 [B,F], 'dense' float32 [B,D], 'label' float32 [B]}.
 
-        Batch j is train examples [jB, (j+1)B). `get_state()` / `set_state()` save and restore
-        the position exactly ({'next_index': batches returned since start_batch}).
+        Batch j is train examples [jB, (j+1)B) (rows: only those positions of it). `get_state()` /
+        `set_state()` save and restore the position exactly ({'next_index': batches returned since start_batch}).
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         return batch_iterator(
-            functools.partial(self.batch, batch_size=int(batch_size)),
+            functools.partial(self.batch, batch_size=int(batch_size), rows=None if rows is None else batch_rows(batch_size, rows)),
             start=start_batch,
             prefetch=prefetch,
             num_threads=num_threads,

@@ -51,7 +51,7 @@ import numpy as np
 
 from scaling.config import DataConfig
 from scaling.config_schema import ConfigError, knob
-from scaling.data.pipeline import batch_iterator
+from scaling.data.pipeline import batch_iterator, batch_rows
 from scaling.data.registry import register_data
 from scaling.data.spec import RankingSpec
 from scaling.data.synthetic_ctr import SyntheticCTRConfig, Teacher, click_reference_metrics, expected_click
@@ -279,18 +279,22 @@ class SyntheticRanking:
             out.update(prob=prob, interest=raw[:, 0], feature_term=raw[:, 1])
         return out
 
-    def batch(self, j: int, batch_size: int) -> dict[str, np.ndarray]:
-        """Train batch j: train examples [j * batch_size, (j + 1) * batch_size)."""
+    def batch(self, j: int, batch_size: int, rows=None) -> dict[str, np.ndarray]:
+        """Train batch j: train examples [j * batch_size, (j + 1) * batch_size), or only those at
+        positions `rows` of it (one process's share of the global batch)."""
         if j < 0 or batch_size < 1:
             raise ValueError(f"need j >= 0 and batch_size >= 1, got j={j}, batch_size={batch_size}")
-        return self.examples(np.arange(j * batch_size, (j + 1) * batch_size, dtype=np.int64))
+        return self.examples(j * batch_size + batch_rows(batch_size, rows))
 
     # -- what the training loop uses -----------------------------------------------------------------
-    def train_iterator(self, batch_size: int, *, prefetch: int = 2, num_threads: int = 1, start_batch: int = 0):
-        """Infinite, checkpointable grain iterator of train batches (BATCH_KEYS + 'label'; see RankingSpec)."""
+    def train_iterator(self, batch_size: int, *, prefetch: int = 2, num_threads: int = 1, start_batch: int = 0,
+                       rows=None):
+        """Infinite, checkpointable grain iterator of train batches (BATCH_KEYS + 'label'; see RankingSpec);
+        rows: only those positions of each batch."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return batch_iterator(functools.partial(self.batch, batch_size=int(batch_size)), start=start_batch,
+        rows = None if rows is None else batch_rows(batch_size, rows)
+        return batch_iterator(functools.partial(self.batch, batch_size=int(batch_size), rows=rows), start=start_batch,
                               prefetch=prefetch, num_threads=num_threads)
 
     @functools.cached_property

@@ -19,15 +19,18 @@ carries (scaling.sharding.annotate):
     (counts, scalars, the learning-rate peak) is replicated;
   - the step counter, the dropout keys: replicated.
 
-Batches are split over the batch axes (data x fsdp). Inputs are assembled from each process's
-local rows with `jax.make_array_from_process_local_data`, so the same code serves one process or
-many (global batch = local batch x processes); nothing here asks how many processes there are.
+Batches are split over the batch axes (data x fsdp). Inputs are assembled with
+`jax.make_array_from_process_local_data` from the rows each process's devices hold
+(`local_rows`, read off the batch sharding): a training process loads only those rows
+(`shard_local_batch`), an evaluation chunk held whole by every process is cut to them
+(`shard_batch`). One code path serves one process or many.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -205,9 +208,52 @@ class Partitioner:
         return jax.jit(eval_fn, in_shardings=(self.state_shardings(abstract_state), self.batch_sharding),
                        out_shardings=self.replicated)
 
+    def local_rows(self, global_batch: int) -> np.ndarray:
+        """The rows of a global batch of `global_batch` that this process's devices hold (int64,
+        ascending): what its data loader must read. They come from the batch sharding itself, so
+        the assembled global array is the global batch whatever the mesh's device order; with the
+        default mesh (jax.devices() order, processes in turn) process p holds the p-th contiguous
+        block. Rows replicated over a mesh axis that spans processes are read by each of them."""
+        return _local_rows(self.batch_sharding, int(global_batch))
+
+    def process_rows(self, global_batch: int) -> dict[str, list[list[int]]]:
+        """{process index: [[start, stop), ...]}: the rows of a global batch each process loads
+        (what the run record keeps of a multi-process run)."""
+        held: dict[int, set[int]] = {}
+        for device, index in self.batch_sharding.devices_indices_map((int(global_batch),)).items():
+            held.setdefault(device.process_index, set()).update(range(int(global_batch))[index[0]])
+        out = {}
+        for process, rows in sorted(held.items()):
+            spans: list[list[int]] = []
+            for r in sorted(rows):
+                if spans and spans[-1][1] == r:
+                    spans[-1][1] = r + 1
+                else:
+                    spans.append([r, r + 1])
+            out[str(process)] = spans
+        return out
+
     def shard_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
-        """This process's rows of a batch -> global arrays split over the batch axes."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v)) for k, v in batch.items()}
+        """A whole global batch, held by every process (evaluation chunks, tests) -> global arrays
+        split over the batch axes; each process places only its own rows."""
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            rows = self.local_rows(len(v))
+            out[k] = jax.make_array_from_process_local_data(self.batch_sharding, v[rows] if len(rows) < len(v) else v, v.shape)
+        return out
+
+    def shard_local_batch(self, batch: Mapping[str, np.ndarray], global_batch: int) -> dict[str, jax.Array]:
+        """This process's rows (`local_rows(global_batch)`, in that order) of a global batch ->
+        global arrays of `global_batch` rows split over the batch axes."""
+        expected = len(self.local_rows(global_batch))
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            if len(v) != expected:
+                raise ValueError(f"batch[{k!r}] has {len(v)} rows; this process holds {expected} of the global batch of {global_batch}")
+            out[k] = jax.make_array_from_process_local_data(self.batch_sharding, v, (global_batch, *v.shape[1:]))
+        return out
 
     # -- reports --------------------------------------------------------------------------------
     def summary(self, abstract_state) -> dict[str, Any]:
@@ -232,6 +278,14 @@ class Partitioner:
             "state_bytes_per_device": state_per_device,
             "fallbacks": {p.path: list(p.fallbacks) for p in placements if p.fallbacks},
         }
+
+
+@functools.lru_cache(maxsize=64)
+def _local_rows(sharding: NamedSharding, global_batch: int) -> np.ndarray:
+    indices = sharding.addressable_devices_indices_map((global_batch,))
+    rows = np.unique(np.concatenate([np.arange(global_batch)[index[0]] for index in indices.values()]))
+    rows.setflags(write=False)
+    return rows
 
 
 def _mirror(spec: P, param_shape: tuple[int, ...], shape: tuple[int, ...]) -> P:

@@ -52,12 +52,18 @@ class TrialJob(submitit.helpers.Checkpointable):
     """One array task: train a trial under its lock; on preemption/timeout, requeue and resume."""
 
     def __call__(self, config, run_dir: str, restart: bool) -> str:
+        import contextlib
+
+        from scaling.sharding.distributed import initialize_from_environment, is_primary
         from scaling.sweep.state import trial_lock
         from scaling.train.compile_cache import enable_compilation_cache
         from scaling.train.loop import train
 
+        # A trial given several tasks (--slurm.nodes / --slurm.tasks_per_node > 1) is one
+        # multi-process run: its tasks join each other (no-op for a one-task trial).
+        initialize_from_environment()
         enable_compilation_cache(os.path.join(os.path.dirname(run_dir), ".jax_cache"))
-        with trial_lock(run_dir):
+        with trial_lock(run_dir) if is_primary() else contextlib.nullcontext():
             return train(config, restart=restart).status
 
     def checkpoint(self, config, run_dir: str, restart: bool):

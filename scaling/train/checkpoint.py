@@ -2,7 +2,10 @@
 
 A checkpoint at step s holds three items:
   state     the TrainState pytree (params, optimizer states, step)
-  data      the grain iterator state, so the next batch after restore is batch s
+  data      the grain iterator state, so the next batch after restore is batch s; in a
+            multi-process run every process's state, keyed by process index
+            ({'process_count': n, 'processes': [state of process 0, ...]}), each process
+            restoring its own
   progress  JSON: examples seen, wall time so far, eval history and best eval
 Saves are atomic (orbax writes to a temporary directory and renames), so a SIGKILL mid-save
 leaves the previous checkpoint intact.
@@ -15,6 +18,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from scaling.sharding.distributed import gather_json
 
 
 class Checkpointer:
@@ -29,6 +34,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_state: dict, progress: dict) -> None:
+        """Every process calls it (orbax writes each process's shards; process 0 the JSON items)."""
+        if jax.process_count() > 1:
+            data_state = {"process_count": jax.process_count(), "processes": gather_json(data_state)}
         self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -50,7 +58,7 @@ class Checkpointer:
                 progress=ocp.args.JsonRestore(),
             ),
         )
-        return restored.state, restored.data, restored.progress
+        return restored.state, own_data_state(restored.data), restored.progress
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -58,3 +66,18 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def own_data_state(saved: dict) -> dict:
+    """This process's iterator state from a checkpoint's `data` item. A state saved by another
+    number of processes serves too when all of them agree: the iterator position counts global
+    batches, whichever rows of them a process reads."""
+    if "processes" not in saved:
+        return saved
+    states = saved["processes"]
+    if int(saved.get("process_count", len(states))) == jax.process_count():
+        return states[jax.process_index()]
+    if any(s != states[0] for s in states):
+        raise ValueError(f"the checkpoint holds the data iterator states of {len(states)} processes, which differ; "
+                         f"resume it with {len(states)} processes")
+    return states[0]

@@ -18,8 +18,11 @@ from scaling.config_schema import to_dict
 class MetricsFile:
     """Append-only metrics.jsonl; on resume, lines past the restored step are dropped."""
 
-    def __init__(self, run_dir: str, resume_step: int | None):
+    def __init__(self, run_dir: str, resume_step: int | None, enabled: bool = True):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = enabled  # one writer per run: process 0 of a multi-process run
+        if not enabled:
+            return
         if resume_step is None:
             open(self.path, "w").close()
         elif os.path.exists(self.path):
@@ -29,6 +32,8 @@ class MetricsFile:
                 f.writelines(kept)
 
     def write(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row, default=float) + "\n")
 
@@ -36,9 +41,10 @@ class MetricsFile:
 class WandbMirror:
     """Mirror of a run in W&B (offline by default). Never required: failures only warn."""
 
-    def __init__(self, cfg: LoggingConfig, config: RunConfig, run_id: str, run_dir: str, extra_config: dict[str, Any]):
+    def __init__(self, cfg: LoggingConfig, config: RunConfig, run_id: str, run_dir: str, extra_config: dict[str, Any],
+                 enabled: bool = True):
         self.run = None
-        if cfg.wandb.mode == "disabled":
+        if cfg.wandb.mode == "disabled" or not enabled:
             return
         try:
             import wandb
@@ -75,16 +81,20 @@ class WandbMirror:
 
 
 class ProgressBar:
-    """A live bar: step, loss, examples/s and ETA (plain lines when not a terminal)."""
+    """A live bar: step, loss, examples/s and ETA (plain lines when not a terminal). Warnings are
+    printed even without the bar (the first of a run only, then), unless `silent` (a process of a
+    multi-process run other than process 0)."""
 
-    def __init__(self, enabled: bool, total: int, start: int, description: str):
-        self.enabled = enabled
+    def __init__(self, enabled: bool, total: int, start: int, description: str, silent: bool = False):
+        self.enabled = enabled and not silent
+        self.silent = silent
+        self.warned = False
         self.console = Console(stderr=True)
         self.last_print = 0.0
         self.total = total
         self.description = description
         self.progress = None
-        if enabled and self.console.is_terminal:
+        if self.enabled and self.console.is_terminal:
             self.progress = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -115,6 +125,15 @@ class ProgressBar:
     def note(self, text: str) -> None:
         if self.enabled:
             self.console.print(text)
+
+    def warn(self, text: str) -> None:
+        """A warning line above the bar; without the bar, the run's first warning on stderr."""
+        if self.silent or (not self.enabled and self.warned):
+            return
+        if not self.enabled:
+            text += " (later warnings of this run are not printed: see metrics.jsonl)"
+        self.warned = True
+        self.console.print(f"warning: {text}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -10,6 +10,15 @@
 Running the same config again resumes from the latest checkpoint; a finished run is not retrained.
 Ctrl-C or SIGTERM saves a checkpoint at the current step before exiting; SIGKILL loses at most the
 steps since the last checkpoint.
+
+Multi-process runs (scaling/sharding/distributed.py): every process runs this loop on the same
+run directory (a shared file system). Each loads only its rows of every global batch
+(`Partitioner.local_rows`), evaluates the whole held-out set (each feeds its devices' rows; the
+outputs come back replicated, so every process computes the same metrics), and saves its part of
+each checkpoint. Process 0 alone writes config.yaml, metrics.jsonl, result.json and W&B and draws
+the progress bar; another process's failure is printed on its stderr, its traceback written to
+traceback.p<i>.txt, and it exits non-zero. A stop request (SIGINT/SIGTERM) is agreed on at log
+intervals, so that every process saves the same step.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import functools
 import os
 import shutil
 import signal
+import sys
 import time
 import traceback
 from typing import Any
@@ -32,6 +42,8 @@ from scaling.config_schema import ConfigError, to_dict
 from scaling.flops import xla_flops_per_example
 from scaling.models.base import param_counts
 from scaling.models.registry import build_model, is_fitted
+from scaling.sharding.distributed import any_process, barrier, is_primary
+from scaling.sharding.embedding import OVERFLOW_METRIC
 from scaling.train.checkpoint import Checkpointer
 from scaling.train.fit_run import fit_run
 from scaling.train.loggers import MetricsFile, ProgressBar, WandbMirror
@@ -45,6 +57,12 @@ from scaling.train.run_record import (
     read_record,
 )
 from scaling.train.setup import prepare
+
+
+def _ranges_text(rows: np.ndarray) -> str:
+    """Sorted row indices as ranges: [0 1 2 3 8 9] -> '0-3, 8-9'."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return ", ".join(f"{int(r[0])}-{int(r[-1])}" if len(r) > 1 else str(int(r[0])) for r in np.split(rows, breaks) if len(r))
 
 
 def _layout_line(summary: dict[str, Any]) -> str:
@@ -124,15 +142,18 @@ def train(config: RunConfig, *, restart: bool = False) -> RunRecord:
     """Train (or resume, or return the finished record of) the run described by `config`."""
     run_dir = run_directory(config)
     result_path = os.path.join(run_dir, "result.json")
-    if restart and os.path.isdir(run_dir):
+    primary = is_primary()
+    if restart and os.path.isdir(run_dir) and primary:
         shutil.rmtree(run_dir)
+    barrier("scaling-train-start")  # every process sees the directory as process 0 left it
     if os.path.exists(result_path):
         existing = read_record(result_path)
         if existing.get("status") == "ok":
             return RunRecord(**{k: v for k, v in existing.items() if k in RunRecord.__dataclass_fields__})
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(dump_yaml(config))
+    if primary:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(dump_yaml(config))
     return _Run(config, run_dir).execute()
 
 
@@ -143,6 +164,7 @@ class _Run:
         self.rid = run_id(config)
         self.t0 = time.time()
         self.prior_wall = 0.0
+        self.primary = is_primary()
 
     # -- record helpers -------------------------------------------------------------------------
     def _record(self, status, reason, *, counts=None, flops=(0.0, None), emb_bytes=0.0, step=0,
@@ -183,6 +205,7 @@ class _Run:
             device=device_info(),
             versions=library_versions(),
             resumed_from=list(progress.get("resumed_from", [])),
+            embedding_overflow=int(progress.get("embedding_overflow", 0)),
         )
 
     def execute(self) -> RunRecord:
@@ -192,13 +215,19 @@ class _Run:
             raise
         except Diverged as err:
             record = self._record("diverged", str(err), **self.partial)
-            record.write(self.run_dir)
+            if self.primary:
+                record.write(self.run_dir)
             return record
         except Exception as err:
-            with open(os.path.join(self.run_dir, "traceback.txt"), "w") as f:
+            name = "traceback.txt" if self.primary else f"traceback.p{jax.process_index()}.txt"
+            with open(os.path.join(self.run_dir, name), "w") as f:
                 f.write(traceback.format_exc())
             record = self._record(classify_failure(err), f"{type(err).__name__}: {err}", **getattr(self, "partial", {}))
-            record.write(self.run_dir)
+            if self.primary:
+                record.write(self.run_dir)
+            else:  # the record is process 0's to write; this process's failure must not go unseen
+                print(f"error on process {jax.process_index()}: {record.reason} "
+                      f"(traceback in {os.path.join(self.run_dir, name)})", file=sys.stderr, flush=True)
             return record
 
     # -- the loop -------------------------------------------------------------------------------
@@ -206,6 +235,9 @@ class _Run:
         cfg = self.config
         self.partial: dict[str, Any] = {}
         if is_fitted(cfg.model):  # a classical baseline with its own solver: fit, evaluate, record
+            if jax.process_count() > 1:
+                raise ConfigError("model.name", f"'{cfg.model.name}' is fitted by a one-process solver; run it as one "
+                                                "process (no SCALING_COORDINATOR, no multi-task srun step)")
             return fit_run(cfg, self.run_dir, dataset_of(cfg.data))
         dataset = dataset_of(cfg.data)
         spec = dataset.spec
@@ -236,9 +268,16 @@ class _Run:
             else:
                 state = partitioner.init(setup.init_state, abstract)
 
-            iterator = task.train_iterator(cfg.train.batch_size, cfg.seed)
+            # This process reads only the rows of each global batch its devices hold.
+            batch_size = cfg.train.batch_size
+            rows = partitioner.local_rows(batch_size)
+            iterator = task.train_iterator(batch_size, cfg.seed, rows=rows if len(rows) < batch_size else None)
             if data_state is not None:
                 iterator.set_state(data_state)
+            if jax.process_count() > 1:
+                self.sharding["process_rows"] = partitioner.process_rows(batch_size)
+                print(f"process {jax.process_index()} of {jax.process_count()}: {len(jax.local_devices())} devices, "
+                      f"rows {_ranges_text(rows)} of each global batch of {batch_size}", file=sys.stderr, flush=True)
 
             step_fn = setup.compile_train_step()
             self.step_memory = compiled_memory(step_fn)
@@ -247,12 +286,14 @@ class _Run:
             def evaluator(state):
                 return task.evaluate(lambda chunk: eval_step(state, partitioner.shard_batch(chunk)))
 
-            metrics_file = MetricsFile(self.run_dir, start_step if latest is not None else None)
+            primary = self.primary  # one process writes the run's files and draws its progress
+            metrics_file = MetricsFile(self.run_dir, start_step if latest is not None else None, enabled=primary)
             wandb = WandbMirror(cfg.logging, cfg, self.rid, self.run_dir, {
                 "params_dense": counts.dense, "params_embedding": counts.embedding,
                 "gflops_per_example": analytic / 1e9, "size": getattr(cfg.model, "size", "custom"),
-            })
-            bar = ProgressBar(cfg.logging.progress, cfg.train.steps, start_step, f"{cfg.model.name}:{getattr(cfg.model, 'size', '')}")
+            }, enabled=primary)
+            bar = ProgressBar(cfg.logging.progress, cfg.train.steps, start_step, f"{cfg.model.name}:{getattr(cfg.model, 'size', '')}",
+                              silent=not primary)
             bar.note(_layout_line(self.sharding))
             if self.step_memory:
                 mb = {k: v / 2**20 for k, v in self.step_memory.items()}
@@ -261,14 +302,16 @@ class _Run:
             rate = 0.0
             try:
                 with _stop_requests() as stop:
-                    state, rate = self._loop(state, step_fn, evaluator, iterator, partitioner.shard_batch,
+                    state, rate = self._loop(state, step_fn, evaluator, iterator,
+                                             functools.partial(partitioner.shard_local_batch, global_batch=batch_size),
                                              checkpointer, metrics_file, wandb, bar, progress, start_step, stop)
             finally:
                 bar.close()
             steps = cfg.train.steps
             record = self._record("ok", "", counts=counts, flops=(analytic, xla), emb_bytes=emb_bytes,
                                   step=steps, progress=progress, reference=reference, rate=rate)
-            record.write(self.run_dir)
+            if primary:
+                record.write(self.run_dir)
             wandb.finish(record.to_json() | {f"final/{k}": v for k, v in record.final_eval.items()})
             checkpointer.close()
             return record
@@ -279,12 +322,25 @@ class _Run:
         window: list[dict[str, jax.Array]] = []
         timed_from, timed_steps, rate = None, 0, 0.0
         step = start_step
+        several = jax.process_count() > 1
+
+        def stopping() -> bool:
+            """Whether to stop after this step: at once with one process; agreed on at log
+            intervals with several (a host collective), so that all save the same step."""
+            if not several:
+                return stop["stop"] is not None
+            if step % cfg.log_every and step != cfg.steps:
+                return False
+            return any_process(stop["stop"] is not None)
 
         def save(at_step: int) -> None:
             if checkpointer.latest_step() == at_step:  # e.g. a stop request right after a periodic save
                 return
             progress["wall_time_s"] = self.prior_wall + time.time() - self.t0
-            checkpointer.save(at_step, state, iterator.get_state(), progress)
+            # the overflow of steps not yet logged belongs to the checkpoint too (they are not rerun)
+            pending = int(sum(int(m[OVERFLOW_METRIC]) for m in jax.device_get(window)))
+            saved = {**progress, "embedding_overflow": int(progress.get("embedding_overflow", 0)) + pending}
+            checkpointer.save(at_step, state, iterator.get_state(), saved)
 
         def evaluate(at_step: int) -> None:
             result = evaluator(state)
@@ -313,19 +369,27 @@ class _Run:
                 elapsed = time.time() - timed_from
                 rate = timed_steps * cfg.batch_size / elapsed if elapsed > 0 and timed_steps else 0.0
                 loss = float(np.mean([m["loss"] for m in fetched]))
+                overflow = int(sum(int(m[OVERFLOW_METRIC]) for m in fetched))
+                progress["embedding_overflow"] = int(progress.get("embedding_overflow", 0)) + overflow
                 row = {"step": step, "split": "train", "train/loss": loss,
                        "train/grad_norm_dense": float(np.mean([m["grad_norm_dense"] for m in fetched])),
+                       f"train/{OVERFLOW_METRIC}": overflow,
                        "examples_seen": step * cfg.batch_size, "examples_per_s": rate,
                        "wall_time_s": self.prior_wall + time.time() - self.t0}
                 metrics_file.write(row)
                 wandb.log(row, step)
+                if overflow:  # never silent: these lookups trained on zero vectors
+                    bar.warn(f"step {step}: {overflow} embedding lookups in the last {len(fetched)} steps got zero vectors, "
+                             f"their ids dropped past the row_wise capacity ({progress['embedding_overflow']} in all); "
+                             "raise sharding.embedding_capacity")
                 bar.update(step, loss, rate)
             if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
                 evaluate(step)
             if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                 save(step)
-            if stop["stop"] is not None and step < cfg.steps:
+            if step < cfg.steps and stopping():
                 save(step)
                 checkpointer.close()
-                raise Interrupted(f"{stop['stop']} at step {step}; checkpoint saved in {checkpointer.directory}")
+                signal_name = stop["stop"] or "a stop request to another process"
+                raise Interrupted(f"{signal_name} at step {step}; checkpoint saved in {checkpointer.directory}")
         return state, rate

@@ -3,7 +3,8 @@
 Fields follow DESIGN.md: family, size, every hyperparameter, seed, dense/embedding parameter
 counts, forward FLOPs/example (analytic and XLA), embedding bytes/example, examples seen, train
 FLOPs (3 x forward x examples), final and best eval metrics (float64), wall time, examples/s,
-peak memory, device kind/count, status and reason, versions, and the sharding layout.
+peak memory, device kind/count, status and reason, versions, the sharding layout and the embedding
+lookups dropped for capacity. One process writes it (process 0 of a multi-process run).
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ class RunRecord:
     # Fitted baselines only (scaling/train/fit_run.py): fit_time_s, eval_time_s, fit_peak_host_bytes,
     # scoring_flops (one user against the catalogue), parameters, and the solver's own details.
     fit: dict[str, float] = dataclasses.field(default_factory=dict)
+    # Train-step embedding lookups that got a zero vector because a row_wise lookup dropped their id
+    # past its per-peer capacity (sharding.embedding_capacity), summed over the run's steps (0 for
+    # placements that never drop).
+    embedding_overflow: int = 0
 
     @property
     def gflops_per_example(self) -> float:

@@ -4,7 +4,8 @@ The training loop is the same for every family; a task supplies the parts that d
 
     task.loss(model, batch) -> scalar            the training objective (traced in the jitted step)
     task.eval_outputs(model, batch) -> array     what evaluation reads (traced in the eval step)
-    task.train_iterator(batch_size, seed)        grain iterator of fixed-shape train batches
+    task.train_iterator(batch_size, seed, rows)  grain iterator of fixed-shape train batches (rows:
+                                                 this process's positions in each global batch)
     task.abstract_batch(batch_size, sharding)    shapes of a train batch (to compile the step)
     task.evaluate(eval_fn) -> metrics            the held-out metrics (valid_* select, test_* report)
     task.selection                               (metric, 'min' | 'max') that picks the best eval
@@ -67,11 +68,11 @@ class CTRTask:
     def eval_outputs(self, model, batch: Mapping[str, jax.Array]) -> jax.Array:
         return model(batch).astype(jnp.float32)
 
-    def train_iterator(self, batch_size: int, seed: int):
+    def train_iterator(self, batch_size: int, seed: int, rows=None):
         # Data read from files is shuffled by the run's seed; the synthetic stream has one order.
         if getattr(self.dataset, "SEEDED_ORDER", False):
-            return self.dataset.train_iterator(batch_size, seed=seed)
-        return self.dataset.train_iterator(batch_size)
+            return self.dataset.train_iterator(batch_size, seed=seed, rows=rows)
+        return self.dataset.train_iterator(batch_size, rows=rows)
 
     def abstract_batch(self, batch_size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
         arrays = self.dataset.eval_arrays()
@@ -129,8 +130,8 @@ class NextItemTask:
         """Scores [B, num_items + 1] of every item for each eval user (the model's `catalogue_scores`)."""
         return model.catalogue_scores(batch, self.temperature)
 
-    def train_iterator(self, batch_size: int, seed: int):
-        return self.dataset.train_iterator(batch_size, self.max_len, seed, targets=self.targets)
+    def train_iterator(self, batch_size: int, seed: int, rows=None):
+        return self.dataset.train_iterator(batch_size, self.max_len, seed, targets=self.targets, rows=rows)
 
     def abstract_batch(self, batch_size: int, sharding) -> dict[str, jax.ShapeDtypeStruct]:
         example = self.dataset.batches(self.max_len, targets=self.targets).train_batch(0, 1)
