@@ -312,3 +312,83 @@ def test_wukong_forward_with_the_fm_kernel_equals_xla():
     got, expected = (forward(build_model(build(ModelConfig, {**base, "fm_impl": impl}), spec, rngs=nnx.Rngs(0)), batch)
                      for impl in ("pallas", "xla"))
     _close(got, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# Meshes (scaling/kernels/sharded.py). The 8-device numerics run in a subprocess:
+# tests/test_kernels_sharded.py. Here: which axes a kernel is mapped over, and nothing changes
+# without a multi-device mesh.
+
+_AXES = ("data", "fsdp", "tensor")
+
+
+def _abstract_mesh(shape, device=None):
+    from jax.sharding import AbstractMesh, AxisType
+
+    extra = {} if device is None else {"abstract_device": device}
+    return AbstractMesh(shape, _AXES, axis_types=(AxisType.Auto,) * 3, **extra)
+
+
+def test_kernels_map_the_batch_over_data_then_fsdp_and_heads_over_tensor_by_the_layout():
+    from scaling.kernels.sharded import mapped_axes
+    from scaling.sharding.rules import load_layout, use_rules
+
+    assert mapped_axes({"batch": 8}, _abstract_mesh((1, 1, 1))) == {}  # one device: called as is
+    mesh = _abstract_mesh((4, 2, 1))
+    assert mapped_axes({"batch": 8, "heads": 2}, mesh) == {"batch": ("data", "fsdp")}  # no rules: heads whole
+    assert mapped_axes({"batch": 4}, mesh) == {"batch": ("data",)}  # only what divides the batch
+    assert mapped_axes({"batch": 6}, mesh) == {"batch": ("fsdp",)}
+    assert mapped_axes({"batch": 3}, mesh) == {"batch": ()}  # replicated, still one kernel per device
+    tp = _abstract_mesh((2, 2, 2))
+    with use_rules(load_layout("fsdp_tp")):
+        assert mapped_axes({"batch": 8, "heads": 4}, tp) == {"batch": ("data", "fsdp"), "heads": ("tensor",)}
+        assert mapped_axes({"batch": 8, "heads": 3}, tp) == {"batch": ("data", "fsdp"), "heads": ()}
+    with use_rules(load_layout("fsdp")):  # fsdp maps heads to fsdp/data, which the batch holds: heads whole
+        assert mapped_axes({"batch": 8, "heads": 4}, tp) == {"batch": ("data", "fsdp")}
+
+
+def test_a_one_device_mesh_runs_the_kernel_unmapped():
+    from jax.sharding import AxisType, Mesh
+
+    args, ts, cot = _hstu_inputs(seed=12)
+    lengths = jnp.asarray(LENGTHS, jnp.int32)
+    fm_args, fm_cot = _fm_inputs(8, 5, 4, 3, jnp.float32)
+    unmapped = _vjp("pallas", SMALL, lengths, ts, cot)(*args)
+    mesh = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1), _AXES, axis_types=(AxisType.Auto,) * 3)
+    with jax.set_mesh(mesh):
+        for fn, fargs in ((_vjp("pallas", SMALL, lengths, ts, cot), args), (_fm_vjp("pallas", fm_cot), fm_args)):
+            assert "shard_map" not in str(fn.trace(*fargs).jaxpr)
+        on_mesh = _vjp("pallas", SMALL, lengths, ts, cot)(*args)
+    for a, b in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(unmapped)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_kernels_lower_per_device_on_an_8_gpu_mesh():
+    """`auto` on an abstract 4 x 2 mesh of H100s lowers each Triton kernel once, inside a manual
+    (shard_map) computation: the compiled path with check_vma on, forward and backward."""
+    s = jax.ShapeDtypeStruct
+    b, n, h, d = 8, 96, 2, 32
+    qkv = [s((b, n, h, d), jnp.bfloat16)] * 3
+    ints, tables = [s((b,), jnp.int32), s((b, n), jnp.int32)], [s((2 * n - 1,), jnp.float32), s((129,), jnp.float32)]
+
+    def loss(q, k, v, pos_w, ts_w, lengths, ts):
+        out = hstu_mha(q, k, v, lengths, norm=float(n), pos_w=pos_w, ts_w=ts_w, timestamps=ts, impl="auto")
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    def fm_loss(x, y, scale, bias):
+        return jnp.sum(fm_block(x, y, scale, bias, impl="auto").astype(jnp.float32) ** 2)
+
+    try:
+        dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+        mesh = _abstract_mesh((4, 2, 1), dev)
+    except (AttributeError, TypeError) as err:
+        pytest.skip(f"cannot build an abstract GPU mesh on this JAX: {err}")
+    fm_shapes = [s((64, 27, 16), jnp.bfloat16), s((27, 12), jnp.float32), s((324,), jnp.float32), s((324,), jnp.float32)]
+    with jax.sharding.use_abstract_mesh(mesh):
+        hstu_text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*qkv, *tables, *ints).lower(
+            lowering_platforms=("cuda",)).as_text()
+        fm_text = jax.jit(jax.value_and_grad(fm_loss, argnums=(0, 1, 2, 3))).trace(*fm_shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert hstu_text.count("__gpu$xla.gpu.triton") == 4 and fm_text.count("__gpu$xla.gpu.triton") == 2
+    for text in (hstu_text, fm_text):
+        assert "sdy.manual_computation" in text

@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.dispatch import dispatch
+from scaling.kernels.sharded import out_struct
 
 __all__ = ["fm_block", "reference_fm_block", "pallas_fm_block"]
 
@@ -130,7 +131,7 @@ def _call_forward(x, y, scale, bias, cfg: _Config):
     x_spec, whole = _specs(cfg, x.shape, (n, k))
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),
-        out_shape=jax.ShapeDtypeStruct((b, n, k), x.dtype),
+        out_shape=out_struct((b, n, k), x.dtype, x, y, scale, bias),
         grid=(b // cfg.block_b,),
         in_specs=[x_spec, whole, whole, whole],
         out_specs=pl.BlockSpec((cfg.block_b, n, k), lambda i: (i, 0, 0)),
@@ -159,10 +160,10 @@ def _fm_bwd(cfg: _Config, residuals, g):
     x_spec, whole = _specs(cfg, x.shape, (n, k))
     tile = pl.BlockSpec((cfg.block_b, n, k), lambda i: (i, 0, 0))
     partial = pl.BlockSpec((None, n, k), lambda i: (i, 0, 0))
-    part_shape = jax.ShapeDtypeStruct((programs, n, k), jnp.float32)
+    part_shape = out_struct((programs, n, k), jnp.float32, x, y, scale, g)
     dx, dy, dscale, dbias = pl.pallas_call(
         functools.partial(_backward_kernel, cfg=cfg),
-        out_shape=(jax.ShapeDtypeStruct(x.shape, x.dtype), part_shape, part_shape, part_shape),
+        out_shape=(out_struct(x.shape, x.dtype, x, y, scale, g), part_shape, part_shape, part_shape),
         grid=(programs,),
         in_specs=[x_spec, whole, whole, tile],
         out_specs=(x_spec, partial, partial, partial),
@@ -203,4 +204,5 @@ def fm_block(x, y, scale, bias, *, eps: float = 1e-5, impl: str = "auto", block_
     """LayerNorm(flatten(X (X^T Y))) [B, n * k] by `impl` (auto | pallas | xla, dispatch.py)."""
     kernel = functools.partial(pallas_fm_block, eps=eps, block_b=block_b)
     reference = functools.partial(reference_fm_block, eps=eps)
-    return dispatch(impl, kernel, reference, x, y, scale, bias)
+    return dispatch(impl, kernel, reference, x, y, scale, bias, names=(("batch",), None, None, None),
+                    out_names=("batch",))

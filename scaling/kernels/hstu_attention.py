@@ -170,7 +170,13 @@ def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_t
 
 
 # ------------------------------------------------------------------------------------------------
-# Dispatchers
+# Dispatchers. Under a multi-device mesh the kernel runs per device (scaling/kernels/sharded.py):
+# sequences split over the batch axes, heads over tensor where the layout splits heads, the bias
+# tables replicated.
+
+_HEADS = ("batch", None, "heads", None)  # q, k, v, outputs [B, N, h, d]
+_SEQ = ("batch", None)  # timestamps [B, N], rab_hist [B, H]
+_ROWS = ("batch",)  # lengths, candidate counts, request times [B]
 
 
 def hstu_mha(q, k, v, lengths, *, norm: float, pos_w=None, ts_w=None, timestamps=None, query_timestamps=None,
@@ -181,7 +187,8 @@ def hstu_mha(q, k, v, lengths, *, norm: float, pos_w=None, ts_w=None, timestamps
     kernel = functools.partial(pallas_mha, blocks=blocks, **static)
     reference = functools.partial(reference_mha, **static)
     return dispatch(impl, kernel, reference, q, k, v, lengths, pos_w, ts_w, timestamps, query_timestamps,
-                    num_candidates, buckets)
+                    num_candidates, buckets, names=(_HEADS, _HEADS, _HEADS, _ROWS, None, None, _SEQ, _SEQ, _ROWS,
+                                                    ("batch", None, None)), out_names=_HEADS)
 
 
 def _candidate_layout(hist: jax.Array, cand: jax.Array, n_hist: jax.Array) -> jax.Array:
@@ -226,4 +233,5 @@ def candidate_mha(q, k, v, k_hist, v_hist, lengths, *, norm: float, rab_hist, ra
         return jnp.take_along_axis(out, rows[:, :, None, None], axis=1)
 
     return dispatch(impl, kernel, reference, q, k, v, k_hist, v_hist, lengths, rab_hist, rab_self, pos_w, ts_w,
-                    timestamps, request_time)
+                    timestamps, request_time, names=(_HEADS,) * 5 + (_ROWS, _SEQ, _ROWS, None, None, _SEQ, _ROWS),
+                    out_names=_HEADS)

@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, key_block_ranges, pair_count,
                                                 query_block_range, scores, seq_scalars, split_refs, tile_mask)
 from scaling.kernels.hstu_bias import tile_bias
+from scaling.kernels.sharded import out_struct
 
 
 def _silu_grad(s: jax.Array, norm: float) -> jax.Array:
@@ -142,6 +143,7 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     itemsize = q.dtype.itemsize
     tensor_bytes = itemsize * (q.size + k.size + 2 * v.size + q.size + k.size)
     params = cfg.compiler_params(max(dqk, dv_dim))
+    inputs = (q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w)
 
     def whole(d):
         return pl.BlockSpec((None, n, None, d), lambda i, b, h: (b, 0, h, 0))
@@ -151,7 +153,7 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
 
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
-        out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        out_shape=(out_struct(k.shape, k.dtype, *inputs), out_struct(v.shape, v.dtype, *inputs)),
         grid=(n // bk, bsz, heads),
         in_specs=[scalar, scalar, whole(dqk), block(bk, dqk), block(bk, dv_dim), whole(dv_dim),
                   *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges)],
@@ -165,7 +167,7 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
 
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=out_struct(q.shape, q.dtype, *inputs),
         grid=(n // bq, bsz, heads),
         in_specs=[scalar, scalar, block(bq, dqk), whole(dqk), whole(dv_dim), block(bq, dv_dim),
                   *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges)],
@@ -185,7 +187,7 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
 
     drab = pl.pallas_call(
         functools.partial(_dbias_kernel, cfg=cfg, heads=heads),
-        out_shape=jax.ShapeDtypeStruct((bsz, n, n), jnp.float32),
+        out_shape=out_struct((bsz, n, n), jnp.float32, *inputs),
         grid=(n // bq, n // bk, bsz),
         in_specs=[scalar, scalar, tile(bq, dqk, lambda i, j: i), tile(bk, dqk, lambda i, j: j),
                   tile(bk, dv_dim, lambda i, j: j), tile(bq, dv_dim, lambda i, j: i),

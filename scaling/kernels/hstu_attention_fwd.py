@@ -34,6 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.hstu_bias import tile_bias
+from scaling.kernels.sharded import out_struct
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +197,7 @@ def mha_forward(q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg: MhaC
     )
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),
-        out_shape=jax.ShapeDtypeStruct((bsz, n, heads, dv), v.dtype),
+        out_shape=out_struct((bsz, n, heads, dv), v.dtype, q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w),
         grid=(n // bq, bsz, heads),
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, bq, None, dv), lambda i, b, h: (b, i, h, 0)),

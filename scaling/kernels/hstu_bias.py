@@ -83,7 +83,9 @@ def table_grads(drab: jax.Array, n_hist: jax.Array, timestamps: jax.Array, query
     if not candidates and num_pos >= n:
         # pid(i) = i for every unmasked entry: the position gradient is a diagonal sum.
         diag = diagonal_sums(drab.sum(0))
-        d_pos = jnp.zeros((2 * num_pos - 1,), jnp.float32).at[num_pos - n: num_pos + n - 1].set(diag)
+        # zeros around [P - n, P + n - 1). A pad, not .at[].set: with n == P that is a scatter with
+        # no index dimensions, which crashes XLA's Shardy partitioner inside shard_map (JAX 0.11.2)
+        d_pos = jnp.pad(diag, (num_pos - n, num_pos - n))
     else:
         pid = jnp.minimum(jnp.arange(n)[None, :], n_hist[:, None])
         rel = jnp.clip(num_pos - 1 + pid[:, None, :] - pid[:, :, None], 0, 2 * num_pos - 2)

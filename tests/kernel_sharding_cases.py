@@ -1,0 +1,206 @@
+"""The Pallas kernels on an 8-device mesh, run in one subprocess that sees 8 host CPU devices
+(tests/test_kernels_sharded.py starts it; XLA_FLAGS must be set before JAX starts). Prints one
+JSON line:
+
+    {"kernels": {"<mesh>/<case>": {"sharded": bool, "errors": {tensor: max |got - want| / max |want|}}},
+     "auto_traced": {"<mesh>": bool},
+     "steps": {family: {"pallas": [losses], "xla": [losses]}},
+     "seconds": float}
+
+Kernel cases (impl=pallas, interpreted) under jax.set_mesh + the mesh's layout rules against the
+xla reference on one device, no mesh: HSTU attention with the relative bias and candidates
+(forward and the gradients of q, k, v, pos_w, ts_w), M-FALCON's candidate attention (forward),
+and the FM block (forward and the gradients of x, y, scale, bias). `sharded`: the traced program
+runs the kernel under shard_map. `auto_traced`: impl=auto (the CUDA branch: compiled kernels,
+check_vma on) traces forward and backward on the mesh. Steps: a one-layer HSTU and Wukong trained
+two steps from the same init through the partitioner (fsdp layout, data=4 x fsdp=2) with the
+kernels on and off (the second loss sees the first step's gradients).
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.kernel_sharding_cases
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+MESHES = {"data8": ((8, 1, 1), "dp"), "data4_fsdp2": ((4, 2, 1), "fsdp"), "data2_fsdp2_tensor2": ((2, 2, 2), "fsdp_tp")}
+# which kernel cases run on which mesh (the tensor mesh: HSTU's heads split over tensor by fsdp_tp)
+CASES = {"data8": ("hstu", "fm"), "data4_fsdp2": ("hstu", "candidates", "fm"), "data2_fsdp2_tensor2": ("hstu",)}
+N, HEADS, DIM, B = 24, 2, 8, 8
+STEPS = 2
+
+
+def _hstu_inputs():
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    q, k, v, cot = (jnp.asarray(rng.normal(size=(B, N, HEADS, DIM)), jnp.float32) for _ in range(4))
+    ts = jnp.asarray(1_600_000_000 + np.cumsum(rng.integers(0, 40_000, size=(B, N)), axis=1), jnp.int32)
+    pos_w = jnp.asarray(rng.normal(size=2 * N - 1), jnp.float32)
+    ts_w = jnp.asarray(rng.normal(size=33), jnp.float32)
+    lengths = jnp.asarray([0, 1, 16, 24, 5, 17, 24, 9], jnp.int32)
+    cands = jnp.asarray([0, 1, 3, 2, 0, 1, 0, 4], jnp.int32)
+    return (q, k, v, pos_w, ts_w), dict(lengths=lengths, ts=ts, cands=cands, cot=cot)
+
+
+def _hstu_vjp(impl, fixed):
+    import jax
+
+    from scaling.kernels.hstu_attention import Blocks, hstu_mha
+
+    def f(q, k, v, pos_w, ts_w):
+        return hstu_mha(q, k, v, fixed["lengths"], norm=float(N), pos_w=pos_w, ts_w=ts_w, timestamps=fixed["ts"],
+                        num_candidates=fixed["cands"], impl=impl, blocks=Blocks(16, 16, 16, 16))
+
+    def run(*args):
+        out, pullback = jax.vjp(f, *args)
+        return out, pullback(fixed["cot"])
+
+    return jax.jit(run)
+
+
+def _candidate_inputs():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from scaling.models.hstu_attention import candidate_bias
+
+    rng = np.random.default_rng(1)
+    hist, m, max_len = 16, 3, 24
+    kh, vh = (jnp.asarray(rng.normal(size=(B, hist, HEADS, DIM)), jnp.float32) for _ in range(2))
+    q, k, v = (jnp.asarray(rng.normal(size=(B, m, HEADS, DIM)), jnp.float32) for _ in range(3))
+    ts = jnp.asarray(1_000 + np.cumsum(rng.integers(0, 5000, size=(B, hist)), axis=1), jnp.int32)
+    now = ts[:, -1] + 7
+    pos_w = jnp.asarray(rng.normal(size=2 * max_len - 1), jnp.float32)
+    ts_w = jnp.asarray(rng.normal(size=33), jnp.float32)
+    lengths = jnp.asarray([16, 1, 9, 0, 12, 16, 3, 7], jnp.int32)
+    rab_hist, rab_self = candidate_bias(pos_w, ts_w, ts, lengths, now)
+    return (q, k, v, kh, vh, lengths), dict(norm=24.0, rab_hist=rab_hist, rab_self=rab_self, pos_w=pos_w, ts_w=ts_w,
+                                             timestamps=ts, request_time=now)
+
+
+def _fm_inputs():
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(2)
+    b, n, d, k = 16, 7, 5, 3
+    x = jnp.asarray(rng.normal(size=(b, n, d)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(n, k)) / np.sqrt(n), jnp.float32)
+    scale = jnp.asarray(1 + 0.3 * rng.normal(size=n * k), jnp.float32)
+    bias = jnp.asarray(0.3 * rng.normal(size=n * k), jnp.float32)
+    return (x, y, scale, bias), jnp.asarray(rng.normal(size=(b, n * k)), jnp.float32)
+
+
+def _fm_vjp(impl, cot):
+    import jax
+
+    from scaling.kernels.fm_block import fm_block
+
+    def run(*args):
+        out, pullback = jax.vjp(functools.partial(fm_block, eps=1e-5, impl=impl, block_b=4), *args)
+        return out, pullback(cot)
+
+    return jax.jit(run)
+
+
+def _errors(names, got, want) -> dict[str, float]:
+    import jax
+    import numpy as np
+
+    out = {}
+    for name, g, w in zip(names, jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+        out[name] = float(np.abs(g - w).max() / max(np.abs(w).max(), 1e-6))
+    return out
+
+
+def kernel_cases() -> tuple[dict, dict]:
+    import jax
+    from jax.sharding import AxisType
+
+    from scaling.kernels.hstu_attention import Blocks, candidate_mha
+    from scaling.sharding.rules import load_layout, use_rules
+
+    hstu_args, fixed = _hstu_inputs()
+    cand_args, cand_kw = _candidate_inputs()
+    fm_args, fm_cot = _fm_inputs()
+
+    def candidates(impl):
+        return jax.jit(functools.partial(candidate_mha, impl=impl, blocks=Blocks(16, 16, 16, 16), **cand_kw))
+
+    # references: the xla path on one device, no mesh
+    want = {"hstu": _hstu_vjp("xla", fixed)(*hstu_args), "candidates": candidates("xla")(*cand_args),
+            "fm": _fm_vjp("xla", fm_cot)(*fm_args)}
+    names = {"hstu": ("out", "dq", "dk", "dv", "dpos_w", "dts_w"), "candidates": ("out",),
+             "fm": ("out", "dx", "dy", "dscale", "dbias")}
+    results, traced = {}, {}
+    for mesh_name, (shape, layout) in MESHES.items():
+        mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
+        with jax.set_mesh(mesh), use_rules(load_layout(layout)):
+            fns = {"hstu": (_hstu_vjp("pallas", fixed), hstu_args), "candidates": (candidates("pallas"), cand_args),
+                   "fm": (_fm_vjp("pallas", fm_cot), fm_args)}
+            for case in CASES[mesh_name]:
+                fn, args = fns[case]
+                sharded = "shard_map" in str(fn.trace(*args).jaxpr)
+                results[f"{mesh_name}/{case}"] = {"sharded": sharded, "errors": _errors(names[case], fn(*args), want[case])}
+            if mesh_name == "data4_fsdp2":  # the CUDA branch (compiled kernels, check_vma on): traced, fwd + bwd
+                auto = [_hstu_vjp("auto", fixed).trace(*hstu_args), _fm_vjp("auto", fm_cot).trace(*fm_args)]
+                traced[mesh_name] = all(str(t.jaxpr).count("shard_map") >= 2 for t in auto)
+    return results, traced
+
+
+def train_steps() -> dict:
+    import jax
+
+    from scaling.train.loop import dataset_of
+    from scaling.train.setup import prepare
+    from tests.sharding_cases import config
+
+    mesh = ["sharding.layout=fsdp", "sharding.mesh.data=4", "sharding.mesh.fsdp=2", "model.num_layers=1"]
+    out = {}
+    for family, knob in {"hstu": "model.attention_impl", "wukong": "model.fm_impl"}.items():
+        setups = {impl: prepare(cfg, dataset_of(cfg.data))
+                  for impl, cfg in ((impl, config(family, [*mesh, f"{knob}={impl}"])) for impl in ("pallas", "xla"))}
+        first = setups["xla"]
+        batches = first.task.train_iterator(first.config.train.batch_size, first.config.seed)
+        batches = [next(batches) for _ in range(STEPS)]
+        with first.partitioner.activate():  # one init serves both: the knob changes no parameter
+            initial = first.partitioner.init(first.init_state, first.abstract)
+        losses = {}
+        for impl, setup in setups.items():
+            p = setup.partitioner
+            with p.activate():
+                state = jax.tree.map(lambda x: x.copy(), initial)  # the step donates its state
+                step = setup.compile_train_step()
+                values = []
+                for batch in batches:
+                    state, metrics = step(state, p.shard_batch(batch))
+                    values.append(metrics["loss"])
+            losses[impl] = [float(x) for x in jax.device_get(values)]
+        out[family] = losses
+    return out
+
+
+def main() -> None:
+    import jax
+
+    assert len(jax.devices()) == 8, "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+    start = time.perf_counter()
+    kernels, traced = kernel_cases()
+    steps = train_steps()
+    print(json.dumps({"kernels": kernels, "auto_traced": traced, "steps": steps,
+                      "seconds": time.perf_counter() - start}))
+
+
+if __name__ == "__main__":
+    main()
