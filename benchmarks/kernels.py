@@ -2,6 +2,12 @@
 
     python -m benchmarks.kernels [--out FILE] [--smoke] [--lengths 512,1024,2048,4096,8192]
                                  [--dims 64,128] [--tokens 32768] [--heads 4] [--iters 20]
+                                 [--ops hstu,fm] [--impls pallas,xla] [--block-q 64 --block-k 64
+                                 --bwd-block-q 64 --bwd-block-k 64 --num-warps 8 --num-stages 2]
+
+The tile flags set the HSTU kernel's `Blocks` (backward blocks default to the forward's; warps
+default to 4 for head dims <= 64, else 8): a tile sweep is one call per setting with
+`--ops hstu --impls pallas --lengths 4096 --dims 128` (benchmarks/gpu_session.sh does one).
 
 HSTU attention, bf16, the model's configuration (relative position + time-bucket bias, divide by
 N, causal): for each sequence length L and head dim d, B = tokens / L full-length sequences (a
@@ -83,14 +89,15 @@ def hstu_functions(impl: str, blocks: Blocks | None, length: int, lengths, ts, c
     return jax.jit(forward), jax.jit(forward_backward)
 
 
-def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: Blocks | None) -> list[dict]:
+def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: Blocks | None,
+               impls=("pallas", "xla")) -> list[dict]:
     rows = []
     for dim in dims:
         for length in lengths_list:
             batch = max(1, tokens // length)
             args, (lengths, ts, cot) = hstu_inputs(batch, length, heads, dim)
             fwd_flops = 4 * dim * batch * heads * length * (length + 1) / 2
-            for impl in ("pallas", "xla"):
+            for impl in impls:
                 row = {"op": "hstu_attention", "impl": impl, "L": length, "d": dim, "heads": heads, "batch": batch,
                        "dtype": "bfloat16", "fwd_gflop": fwd_flops / 1e9, "fwd_bwd_gflop": 3.5 * fwd_flops / 1e9}
                 fwd, both = hstu_functions(impl, blocks if impl == "pallas" else None, length, lengths, ts, cot)
@@ -106,7 +113,7 @@ def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: 
     return rows
 
 
-def bench_fm(shapes, iters: int, block_b: int) -> list[dict]:
+def bench_fm(shapes, iters: int, block_b: int, impls=("pallas", "xla")) -> list[dict]:
     rows = []
     for batch, n, d, k in shapes:
         rng = np.random.default_rng(1)
@@ -115,7 +122,7 @@ def bench_fm(shapes, iters: int, block_b: int) -> list[dict]:
         scale, bias = jnp.ones((n * k,), jnp.float32), jnp.zeros((n * k,), jnp.float32)
         cot = jnp.asarray(rng.normal(size=(batch, n * k)), jnp.bfloat16)
         flops = 4 * n * d * k * batch
-        for impl in ("pallas", "xla"):
+        for impl in impls:
             def forward(x, y, scale, bias, impl=impl):
                 return fm_block(x, y, scale, bias, impl=impl, block_b=block_b)
 
@@ -147,10 +154,21 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--block-q", type=int, default=64)
     parser.add_argument("--block-k", type=int, default=64)
+    parser.add_argument("--bwd-block-q", type=int, default=0, help="default: --block-q")
+    parser.add_argument("--bwd-block-k", type=int, default=0, help="default: --block-k")
+    parser.add_argument("--num-warps", type=int, default=0, help="default: 4 for head dims <= 64, else 8")
+    parser.add_argument("--num-stages", type=int, default=2)
+    parser.add_argument("--ops", default="hstu,fm", help="which kernels: hstu, fm or both")
+    parser.add_argument("--impls", default="pallas,xla", help="pallas, xla or both")
     parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes (CPU: interpret mode)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
-    blocks = Blocks(args.block_q, args.block_k, args.block_q, args.block_k)
+    blocks = Blocks(args.block_q, args.block_k, args.bwd_block_q or args.block_q, args.bwd_block_k or args.block_k,
+                    num_warps=args.num_warps or None, num_stages=args.num_stages)
+    ops, impls = args.ops.split(","), tuple(args.impls.split(","))
+    unknown = sorted(set(ops) - {"hstu", "fm"}) + sorted(set(impls) - {"pallas", "xla"})
+    if unknown:
+        parser.error(f"unknown --ops/--impls entries: {unknown}")
     if args.smoke:
         lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 3, Blocks(16, 16, 16, 16)
         fm_shapes, matmul_n, block_b = [(16, 8, 16, 4)], 256, 4
@@ -168,10 +186,12 @@ def main(argv=None) -> int:
         "smoke": args.smoke,
         "tokens": tokens,
         "blocks": [blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.bwd_block_k],
+        "num_warps": blocks.num_warps,
+        "num_stages": blocks.num_stages,
         "matmul_bf16_tflops": matmul_tflops(matmul_n, max(iters, 3)),
         "flops_convention": "causal model FLOPs: fwd = 4 d B h L(L+1)/2, fwd+bwd = 3.5 x fwd (module docstring)",
-        "hstu": bench_hstu(lengths, dims, tokens, heads, iters, blocks),
-        "fm_block": bench_fm(fm_shapes, iters, block_b),
+        "hstu": bench_hstu(lengths, dims, tokens, heads, iters, blocks, impls) if "hstu" in ops else [],
+        "fm_block": bench_fm(fm_shapes, iters, block_b, impls) if "fm" in ops else [],
     }
     text = json.dumps(result, indent=2)
     print(text)

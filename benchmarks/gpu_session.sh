@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# One prepared GPU session for the Pallas kernels (H100/H200). From the repo root, on the device:
+#
+#     bash benchmarks/gpu_session.sh OUT_DIR [STEP ...]
+#
+# STEPs (default: all, in this order; each under its own `timeout`, a failure or timeout is logged
+# and the next step runs):
+#   env      the device (nvidia-smi, JAX and PyTorch devices) and the Python packages' versions
+#   test     JAX_DEFAULT_MATMUL_PRECISION=highest pytest -q tests/test_kernels.py (compiled Triton kernels)
+#   kernels  benchmarks/kernels.py, full grid             -> OUT/kernels.json
+#   gr       benchmarks/hstu_reference_side_by_side.py vs generative-recommenders' Triton hstu_mha
+#                                                          -> OUT/hstu_side_by_side.json
+#   tiles    HSTU tile sweep at L=4096, d=128, pallas only -> OUT/tiles.jsonl (one JSON per setting)
+#   train    benchmarks/train_step.py                      -> OUT/train_step.json
+# Everything the steps print goes to OUT/session.log (benchmark rows as JSON lines as they finish,
+# so a step cut short keeps its finished rows); OUT/summary.txt lists each step's exit status and
+# seconds (124 = timed out). At most 6 files: what a device call brings back (8 at most).
+#
+# Budget: a device command may run 10 minutes, so the step timeouts (seconds, override with
+# T_ENV, T_TEST, T_KERNELS, T_GR, T_TILES, T_TRAIN) sum to 560 and a global deadline (DEADLINE=570
+# seconds from the start) cuts the last step short rather than lose the whole call. Steps can be
+# split over two calls on a warm machine: `... OUT env test kernels gr` then `... OUT tiles train`.
+#
+# Packages: the device image's python3 has JAX (CUDA), flax, optax, orbax, PyTorch and Triton, but
+# not grain (train_step needs it). Carry wheels in .whl/ (installed here into /tmp/site when the
+# folder exists), made on the workstation from the repo root:
+#     X=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$X")"; echo /.whl/ >> "$X"; echo /.gr/ >> "$X"
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       --platform any -d .whl grain==0.2.18 array_record==0.8.6 portpicker
+# GR's Triton attention: a copy of its python package in .gr/ (GR_PATH, default .gr):
+#     mkdir -p .gr; git -C <generative-recommenders checkout> archive HEAD generative_recommenders | tar -x -C .gr
+# and carry [".whl", ".gr"]. PYTHON picks the interpreter (default python3). SMOKE=1 checks the
+# script itself anywhere (CPU included): every benchmark with --smoke, one quick test.
+set -u
+OUT=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [env test kernels gr tiles train]}
+shift
+STEPS=${*:-env test kernels gr tiles train}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+GR_PATH=${GR_PATH:-.gr}
+START=$(date +%s)
+DEADLINE=${DEADLINE:-570}
+export SMOKE_FLAG=${SMOKE:+--smoke}
+TEST_SELECT=${SMOKE:+-k dispatch}
+LOG="$OUT/session.log"
+export PY OUT GR_PATH PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax-cache}
+: > "$LOG"
+
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl >> "$LOG" 2>&1; then
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+    echo "installed $(ls .whl | tr '\n' ' ')" >> "$LOG"
+  else
+    echo "wheel install failed (session.log)" | tee -a "$LOG"
+  fi
+fi
+
+# run NAME SECONDS CMD...: CMD under `timeout`, output appended to OUT/session.log, status to
+# OUT/summary.txt
+run() {
+  local name=$1 budget=$2
+  shift 2
+  local left=$((DEADLINE - ($(date +%s) - START)))
+  if [ "$left" -lt 20 ]; then
+    echo "$name skipped: ${left}s left of the ${DEADLINE}s deadline" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  [ "$budget" -gt "$left" ] && budget=$left
+  echo "== $name (timeout ${budget}s)"
+  echo "== $name (timeout ${budget}s): $*" >> "$LOG"
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=10 "$budget" "$@" > "/tmp/gpu_session_$name.log" 2>&1
+  rc=$?
+  cat "/tmp/gpu_session_$name.log" >> "$LOG"
+  echo "$name rc=$rc seconds=$(($(date +%s) - t0)) timeout=$budget" | tee -a "$OUT/summary.txt" "$LOG"
+  tail -n 5 "/tmp/gpu_session_$name.log"
+}
+
+env_report() {
+  nvidia-smi -L || echo "no nvidia-smi"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+  "$PY" - <<'EOF'
+import importlib
+for name in ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "grain", "yaml", "rich", "scipy", "pytest",
+             "torch", "triton"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name} {getattr(mod, '__version__', '?')}")
+    except Exception as err:
+        print(f"{name} MISSING ({type(err).__name__}: {err})")
+import jax
+print("jax backend", jax.default_backend(), jax.devices())
+try:
+    import torch
+    print("torch cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+except Exception as err:
+    print("torch", err)
+EOF
+}
+
+tile_sweep() {
+  # (block_q, block_k, bwd_block_q, bwd_block_k, num_warps; 0 = the default warps)
+  local settings="64,64,64,64,0 128,64,64,64,8 128,128,64,64,8 64,32,32,32,4 64,64,32,64,4"
+  : > "$OUT/tiles.jsonl"
+  for s in $settings; do
+    IFS=, read -r bq bk bbq bbk nw <<< "$s"
+    echo "-- tiles $s"
+    "$PY" -m benchmarks.kernels --ops hstu --impls pallas --lengths 4096 --dims 128 --iters 10 $SMOKE_FLAG \
+      --block-q "$bq" --block-k "$bk" --bwd-block-q "$bbq" --bwd-block-k "$bbk" --num-warps "$nw" \
+      --out /tmp/gpu_session_tile.json > /dev/null || echo "setting $s failed"
+    [ -f /tmp/gpu_session_tile.json ] && "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" \
+      /tmp/gpu_session_tile.json >> "$OUT/tiles.jsonl"
+    rm -f /tmp/gpu_session_tile.json
+  done
+}
+
+echo "gpu_session: steps [$STEPS] -> $OUT ($(date -u +%FT%TZ), deadline ${DEADLINE}s)" | tee "$OUT/summary.txt"
+for step in $STEPS; do
+  case $step in
+    env) run env "${T_ENV:-30}" bash -c "$(declare -f env_report); env_report" ;;
+    test) run test "${T_TEST:-110}" env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -p no:cacheprovider \
+            tests/test_kernels.py $TEST_SELECT ;;
+    kernels) run kernels "${T_KERNELS:-160}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
+    gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
+          --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
+    tiles) run tiles "${T_TILES:-80}" bash -c "$(declare -f tile_sweep); tile_sweep" ;;
+    train) run train "${T_TRAIN:-100}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
+             $SMOKE_FLAG ;;
+    *) echo "unknown step $step (expected env test kernels gr tiles train)" | tee -a "$OUT/summary.txt" ;;
+  esac
+done
+echo "gpu_session: done in $(($(date +%s) - START))s" | tee -a "$OUT/summary.txt"
