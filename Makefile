@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m scaling.demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q -n 2   # two workers: a 2-core machine runs the suite in ~10 min
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m benchmarks.synthetic_generation
