@@ -40,6 +40,7 @@ import statistics
 import sys
 import time
 
+from benchmarks.json_report import emit
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -193,11 +194,7 @@ def main(argv=None) -> int:
         "hstu": bench_hstu(lengths, dims, tokens, heads, iters, blocks, impls) if "hstu" in ops else [],
         "fm_block": bench_fm(fm_shapes, iters, block_b, impls) if "fm" in ops else [],
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out, indent=2)
     return 0
 
 

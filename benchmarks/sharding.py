@@ -30,10 +30,10 @@ if "jax" not in sys.modules:  # 8 host devices must be requested before JAX star
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 
+from benchmarks.json_report import emit
 import jax  # noqa: E402
 
 from scaling.config import load_run_config  # noqa: E402
@@ -148,11 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["memory"] = {"device_mib": args.device_mib, "model": " ".join(BIG_DLRM), "results": memory(args.device_mib)}
     if "lookups" in suites:
         report["lookups"] = lookups()
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out, indent=1)
     return report
 
 

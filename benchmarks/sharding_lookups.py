@@ -27,10 +27,10 @@ if "jax" not in sys.modules:  # multi-device CPU must be requested before JAX st
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import re  # noqa: E402
 from collections import defaultdict  # noqa: E402
 
+from benchmarks.json_report import emit
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
@@ -119,11 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"devices": jax.device_count(), "backend": jax.default_backend(), "mesh": mesh_shape, **sizes,
               "bytes_convention": "per device, result buffers of each collective in the compiled HLO",
               "results": results, "by_shards": by_shards}
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out, indent=1)
     return report
 
 

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 
+from benchmarks.json_report import emit
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -129,11 +130,7 @@ def main(argv=None) -> int:
     result = {"benchmark": "train_step", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
               "interpret": jax.default_backend() != "gpu", "jax": jax.__version__, "smoke": args.smoke,
               "matmul_bf16_tflops": peak, "rows": rows}
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out, indent=2)
     return 0
 
 

@@ -14,12 +14,12 @@ The roofline is a dense float32 matmul measured in the same process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 
+from benchmarks.json_report import emit
 import jax
 import jax.numpy as jnp
 
@@ -85,12 +85,7 @@ def main(argv=None) -> int:
         "device_count": jax.device_count(), "batch_size": args.batch_size, "steps": args.steps,
         "matmul_gflops_per_s": roof, "models": rows,
     }
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(out, args.out, indent=2)
     return 0
 
 

@@ -155,11 +155,9 @@ def _cuda_lowering(fn, *shapes):
         pytest.skip(f"cannot cross-lower for CUDA on this JAX: {err}")
 
 
-def test_kernels_lower_to_triton_for_a_gpu():
-    """`auto` lowers to Triton custom calls for CUDA: the Pallas -> Triton-IR step runs here, on
-    CPU (Triton -> PTX, e.g. register limits, needs a GPU). Non-power-of-two head dims are padded."""
+def _abstract_hstu_loss(b: int, n: int, h: int, d: int):
+    """(loss of `auto` HSTU attention with both bias tables, its abstract bf16 arguments)."""
     s = jax.ShapeDtypeStruct
-    b, n, h, d = 2, 200, 2, 50
     qkv = [s((b, n, h, d), jnp.bfloat16)] * 3
     ints, tables = [s((b,), jnp.int32), s((b, n), jnp.int32)], [s((2 * n - 1,), jnp.float32), s((129,), jnp.float32)]
 
@@ -167,7 +165,15 @@ def test_kernels_lower_to_triton_for_a_gpu():
         out = hstu_mha(q, k, v, lengths, norm=float(n), pos_w=pos_w, ts_w=ts_w, timestamps=ts, impl="auto")
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
-    text = _cuda_lowering(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), *qkv, *tables, *ints)
+    return loss, (*qkv, *tables, *ints)
+
+
+def test_kernels_lower_to_triton_for_a_gpu():
+    """`auto` lowers to Triton custom calls for CUDA: the Pallas -> Triton-IR step runs here, on
+    CPU (Triton -> PTX, e.g. register limits, needs a GPU). Non-power-of-two head dims are padded."""
+    s = jax.ShapeDtypeStruct
+    loss, args = _abstract_hstu_loss(2, 200, 2, 50)
+    text = _cuda_lowering(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), *args)
     for kernel in ("hstu_attention_fwd", "hstu_attention_dkdv", "hstu_attention_dq", "hstu_attention_dbias"):
         assert kernel in text, kernel
     assert text.count("__gpu$xla.gpu.triton") == 4
@@ -367,13 +373,7 @@ def test_kernels_lower_per_device_on_an_8_gpu_mesh():
     """`auto` on an abstract 4 x 2 mesh of H100s lowers each Triton kernel once, inside a manual
     (shard_map) computation: the compiled path with check_vma on, forward and backward."""
     s = jax.ShapeDtypeStruct
-    b, n, h, d = 8, 96, 2, 32
-    qkv = [s((b, n, h, d), jnp.bfloat16)] * 3
-    ints, tables = [s((b,), jnp.int32), s((b, n), jnp.int32)], [s((2 * n - 1,), jnp.float32), s((129,), jnp.float32)]
-
-    def loss(q, k, v, pos_w, ts_w, lengths, ts):
-        out = hstu_mha(q, k, v, lengths, norm=float(n), pos_w=pos_w, ts_w=ts_w, timestamps=ts, impl="auto")
-        return jnp.sum(out.astype(jnp.float32) ** 2)
+    loss, args = _abstract_hstu_loss(8, 96, 2, 32)
 
     def fm_loss(x, y, scale, bias):
         return jnp.sum(fm_block(x, y, scale, bias, impl="auto").astype(jnp.float32) ** 2)
@@ -385,7 +385,7 @@ def test_kernels_lower_per_device_on_an_8_gpu_mesh():
         pytest.skip(f"cannot build an abstract GPU mesh on this JAX: {err}")
     fm_shapes = [s((64, 27, 16), jnp.bfloat16), s((27, 12), jnp.float32), s((324,), jnp.float32), s((324,), jnp.float32)]
     with jax.sharding.use_abstract_mesh(mesh):
-        hstu_text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*qkv, *tables, *ints).lower(
+        hstu_text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4))).trace(*args).lower(
             lowering_platforms=("cuda",)).as_text()
         fm_text = jax.jit(jax.value_and_grad(fm_loss, argnums=(0, 1, 2, 3))).trace(*fm_shapes).lower(
             lowering_platforms=("cuda",)).as_text()

@@ -26,7 +26,6 @@ from collections.abc import Callable
 from typing import Any
 
 import grain
-
 import numpy as np
 
 __all__ = ["batch_iterator", "batch_dataset", "batch_rows", "INFINITE"]

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, key_block_ranges, pair_count,
+from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, key_block_ranges, key_tile, pair_count,
                                                 query_block_range, scores, seq_scalars, split_refs, tile_mask)
 from scaling.kernels.hstu_bias import tile_bias
 from scaling.kernels.sharded import out_struct
@@ -85,10 +85,7 @@ def _dq_kernel(*refs, cfg: MhaConfig):
     q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)] if cfg.has_bias else None
 
     def body(kb, dq):
-        k_lo = pl.multiple_of(kb * bk, bk)
-        k, v = k_ref[pl.ds(k_lo, bk), :], v_ref[pl.ds(k_lo, bk), :]
-        cols = k_lo + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-        k_time = ts_ref[pl.ds(k_lo, bk)] if cfg.has_bias else None
+        k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, bk, cfg)
         s, r2, c2 = scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=False)
         grad, _ = _silu_grad(s, cfg.norm)
         ds = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), dot(do, v, trans_b=True) * grad, 0.0)

@@ -135,6 +135,15 @@ def split_refs(refs, cfg: MhaConfig, n_tensors: int):
     return len_ref, hist_ref, tensors, None, None, None, list(refs)
 
 
+def key_tile(k_ref, v_ref, ts_ref, kb, bk: int, cfg: MhaConfig):
+    """Key block kb of one sequence: k, v [bk, d], their positions [bk] and timestamps [bk] (None
+    without bias)."""
+    k_lo = pl.multiple_of(kb * bk, bk)
+    cols = k_lo + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+    k_time = ts_ref[pl.ds(k_lo, bk)] if cfg.has_bias else None
+    return k_ref[pl.ds(k_lo, bk), :], v_ref[pl.ds(k_lo, bk), :], cols, k_time
+
+
 def _forward_kernel(*refs, cfg: MhaConfig):
     len_ref, hist_ref, (q_ref, k_ref, v_ref), ts_ref, qts_ref, bias_refs, (o_ref,) = split_refs(refs, cfg, 3)
     bq, bk = cfg.block_q, cfg.block_k
@@ -146,10 +155,7 @@ def _forward_kernel(*refs, cfg: MhaConfig):
     q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)] if cfg.has_bias else None
 
     def body(kb, acc):
-        k_lo = pl.multiple_of(kb * bk, bk)
-        k, v = k_ref[pl.ds(k_lo, bk), :], v_ref[pl.ds(k_lo, bk), :]
-        cols = k_lo + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-        k_time = ts_ref[pl.ds(k_lo, bk)] if cfg.has_bias else None
+        k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, bk, cfg)
         s, r2, c2 = scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=False)
         p = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), s * jax.nn.sigmoid(s) / cfg.norm, 0.0)
         return acc + dot(p.astype(v.dtype), v)

@@ -83,13 +83,12 @@ class ShardPlan:
 def step_memory(compiled) -> dict[str, int]:
     """Per-device bytes of a compiled step (XLA memory_analysis); total = arguments + outputs -
     aliased (donated buffers reused for outputs) + temporaries. Empty where unsupported."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
+    from scaling.train.run_record import compiled_memory  # imports JAX: not before force_host_devices
+
+    stats = compiled_memory(compiled)
+    if not stats:
         return {}
-    if stats is None:
-        return {}
-    out = {k: int(getattr(stats, f"{k}_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+    out = {k: stats[f"step_{k}_bytes"] for k in ("argument", "output", "alias", "temp")}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     return out
 

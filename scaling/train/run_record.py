@@ -70,6 +70,7 @@ def compiled_memory(compiled) -> dict[str, int]:
         "step_argument_bytes": int(stats.argument_size_in_bytes),
         "step_output_bytes": int(stats.output_size_in_bytes),
         "step_temp_bytes": int(stats.temp_size_in_bytes),
+        "step_alias_bytes": int(stats.alias_size_in_bytes),  # donated inputs reused as outputs
     }
 
 
