@@ -262,10 +262,11 @@ def load_run_config(path: str | None, overrides: Sequence[str] = (), data: Mappi
 
 # Keys that do not change what is computed; they stay out of the run id.
 _NON_SEMANTIC = {("logging",), ("train", "output_dir"), ("name",), ("train", "log_every")}
-# Keys added after run directories existed: hashed only when set off their default, so a run made
-# before they existed keeps its id (a relaunched sweep finds its finished trials).
-_HASHED_WHEN_SET = {("sharding", "embedding"): "replicated", ("sharding", "embedding_capacity"): 2.0,
-                    ("sharding", "rules"): []}
+# Keys added after run directories existed: hashed only when set off their default (read from
+# ShardingConfig), so a run made before they existed keeps its id (a relaunched sweep finds its
+# finished trials).
+_HASHED_WHEN_SET = {("sharding", key): value for key, value in to_dict(ShardingConfig()).items()
+                    if key in ("embedding", "embedding_capacity", "rules")}
 
 
 def _semantic(d: Any, prefix: tuple[str, ...] = ()) -> Any:
