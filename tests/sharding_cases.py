@@ -4,6 +4,7 @@
     {"losses": {family: {"1": [20 losses on one device], layout: [20 losses on 8 devices]}},
      "golden": {"family/layout": {param path: {"shape": [...], "spec": [...]}}},
      "restore": {"placed": bool, "same_values": bool, "split_leaves": int},
+     "relayout": {"row_wise/4" etc.: {"same_rows", "placed", "moved"}, "unconverted_same_rows": bool},
      "loop": {"status", "logloss", "sharding": the run record's summary, "devices"},
      "shares": {"wukong_s/fsdp" or "hstu_s/fsdp": {replicated_param_share, dense_replicated_share, ...}}}
 
@@ -125,6 +126,77 @@ def restore_across_layouts() -> dict:
     return {"placed": placed, "same_values": same, "split_leaves": split}
 
 
+def _natural_rows(partitioner, abstract, state) -> dict:
+    """{leaf path: natural-order rows} of every table and optimizer leaf that mirrors one."""
+    import jax
+    import numpy as np
+
+    from scaling.sharding.embedding import to_natural
+    from scaling.sharding.partitioner import leaf_path
+    from scaling.sharding.relayout import mirrored_table
+
+    layouts = {tuple(k.split("/")): (v, v) for k, v in partitioner.table_layouts(abstract).items()}
+    out = {}
+    for keypath, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        found = mirrored_table(leaf_path(keypath), layouts, leaf.shape)
+        if found is not None:
+            out["/".join(leaf_path(keypath))] = np.asarray(to_natural(np.asarray(leaf), found[0]))
+    return out
+
+
+def relayout_restore() -> dict:
+    """A DLRM checkpoint written with row-wise tables on 8 devices after 3 steps (so Adagrad's
+    accumulators are not zero) restored row-wise on 4 devices, table-wise on 8 and replicated on
+    1: every table and accumulator row must come back to the same natural row, in this run's
+    sharding. Restoring without the relayout (the arrays as saved, same shape) must not."""
+    import tempfile
+
+    import jax
+    import numpy as np
+
+    from scaling.sharding.relayout import RestorePlan, layouts_json
+    from scaling.train.checkpoint import Checkpointer
+    from scaling.train.loop import dataset_of
+    from scaling.train.setup import prepare
+
+    capacity = "sharding.embedding_capacity=8"
+    saved_cfg = config("dlrm", ["sharding.mesh.data=8", "sharding.embedding=row_wise", capacity])
+    targets = {"row_wise/4": (["sharding.mesh.data=4", "sharding.embedding=row_wise", capacity], 4),
+               "table_wise/8": (["sharding.mesh.data=8", "sharding.embedding=table_wise", capacity], 8),
+               "replicated/1": ([], 1)}
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as directory:
+        setup = prepare(saved_cfg, dataset_of(saved_cfg.data))
+        p = setup.partitioner
+        with p.activate():
+            state = p.init(setup.init_state, setup.abstract)
+            step, batches = setup.compile_train_step(), setup.task.train_iterator(16, 0)
+            for _ in range(3):
+                state, _ = step(state, p.shard_batch(next(batches)))
+            writer = Checkpointer(directory, 1, layouts_json(p, setup.abstract))
+            writer.save(0, state, {}, {})
+            writer.close()
+            saved = _natural_rows(p, setup.abstract, state)
+        for name, (overrides, devices) in targets.items():
+            target = prepare(config("dlrm", overrides), dataset_of(saved_cfg.data), devices=jax.devices()[:devices])
+            q = target.partitioner
+            with q.activate():
+                reader = Checkpointer(directory, 1)
+                plan = RestorePlan.make(q, target.abstract, reader.saved_layouts(0))
+                restored = plan.finish(reader.restore(0, plan.target)[0])
+                rows = _natural_rows(q, target.abstract, restored)
+                want = jax.tree.leaves(q.state_shardings(target.abstract))
+                out[name] = {
+                    "same_rows": sorted(rows) == sorted(saved) and all(np.array_equal(rows[k], saved[k]) for k in saved),
+                    "placed": all(a.sharding.is_equivalent_to(w, a.ndim) for a, w in zip(jax.tree.leaves(restored), want, strict=True)),
+                    "moved": len(plan.moves)}
+                if name == "row_wise/4":  # same stored shape (472 rows), another order
+                    unconverted = reader.restore(0, q.sharded_abstract(target.abstract))[0]
+                    rows = _natural_rows(q, target.abstract, unconverted)
+                    out["unconverted_same_rows"] = all(np.array_equal(rows[k], saved[k]) for k in saved)
+    return out
+
+
 def loop_run() -> dict:
     """The training loop end to end under fsdp with row-wise tables: init, steps, evaluation,
     checkpoint and the run record's sharding summary."""
@@ -152,6 +224,7 @@ def main(families: list[str]) -> None:
             out["golden"][f"{family}/{layout}"] = golden(placements[layout])
 
     out["restore"] = restore_across_layouts()
+    out["relayout"] = relayout_restore()
     out["loop"] = loop_run()
     # FSDP on a model big enough to matter: parameter placement only (no compile).
     from scaling.train.loop import dataset_of

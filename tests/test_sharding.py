@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,7 +23,8 @@ from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
 from scaling.config import load_run_config
 from scaling.config_schema import ConfigError
 from scaling.sharding.rules import Rules, constrain, load_layout, resolve, use_rules
-from tests.conftest import ROOT, run_cli
+from scaling.train.loop import run_directory
+from tests.conftest import ROOT, run_cli, tiny
 from tests.sharding_cases import FAMILIES, LAYOUTS
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "sharding")
@@ -169,6 +171,14 @@ def test_checkpoint_restores_into_another_layout(cases):
     assert restore["placed"] and restore["same_values"] and restore["split_leaves"] > 10
 
 
+def test_checkpointed_tables_are_re_laid_out_for_another_placement_or_device_count(cases):
+    relayout = cases["relayout"]
+    assert relayout.pop("unconverted_same_rows") is False  # the same shape read as it is: rows misplaced
+    for name, result in relayout.items():
+        assert result["same_rows"] and result["placed"], name
+        assert result["moved"] == 2, name  # the table and its Adagrad accumulator
+
+
 def test_training_loop_runs_and_records_its_layout(cases):
     loop = cases["loop"]
     assert loop["status"] == "ok", loop["reason"]
@@ -177,6 +187,32 @@ def test_training_loop_runs_and_records_its_layout(cases):
     assert sharding["layout"] == "fsdp" and sharding["embedding"] == "row_wise"
     assert sharding["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
     assert sharding["param_bytes_per_device"] < sharding["param_bytes"] / 4 and sharding["replicated_param_share"] < 0.05
+
+
+def test_a_run_with_row_wise_tables_resumes_on_another_device_count(tmp_path):
+    """Trained 10 steps on 8 devices; the same run (default mesh: same run id) resumed from its
+    step-5 checkpoint on 4 devices reaches the uninterrupted run's numbers."""
+    overrides = [o for o in tiny(tmp_path) if not o.startswith("train.steps")]
+    overrides += ["model.name=dlrm", "model.size=xxs", "train.steps=10", "train.checkpoint_every=5", "train.eval_every=5",
+                  "train.batch_size=16", "sharding.embedding=row_wise", "sharding.embedding_capacity=8"]
+    args = ["train", QUICK, *sum((["--set", o] for o in overrides), [])]
+
+    def devices(n):
+        return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+    first = run_cli(*args, env=devices(8))
+    assert first.returncode == 0, first.stderr
+    run_dir = run_directory(load_run_config(QUICK, overrides))
+    clean = json.load(open(os.path.join(run_dir, "result.json")))
+    os.remove(os.path.join(run_dir, "result.json"))
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", "10"))
+    resumed = run_cli(*args, env=devices(4))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "re-laid out from row_wise over 8 devices to row_wise over 4 devices" in resumed.stderr
+    again = json.load(open(os.path.join(run_dir, "result.json")))
+    assert again["resumed_from"] == [5] and again["device"]["device_count"] == 4
+    for key, value in clean["final_eval"].items():
+        assert again["final_eval"][key] == pytest.approx(value, rel=RTOL), key
 
 
 # -- the command -------------------------------------------------------------------------------

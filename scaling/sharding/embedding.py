@@ -47,9 +47,9 @@ every item: not a lookup; it is a static un-permutation for row_wise and left to
 placement active a lookup is a jnp.take at the stored positions, so a model computes the same
 function on one device whatever layout it was built with.
 
-Checkpoints hold stored arrays, so they are tied to the strategy and device count they were
-written with; `convert_table(stored, old_layout, new_layout)` re-lays a table out (cheap: a static
-permutation), but the checkpoint restore does not call it.
+Checkpoints hold stored arrays and record each table's layout; a restore under another strategy
+or device count re-lays them out with `convert_table(stored, old_layout, new_layout)` (a static
+permutation; scaling.sharding.relayout).
 """
 
 from __future__ import annotations

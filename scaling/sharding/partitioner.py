@@ -43,7 +43,8 @@ from scaling.config import ShardingConfig
 from scaling.config_schema import ConfigError
 from scaling.models.embedding import EmbeddingTable
 from scaling.sharding.annotate import logical_axes
-from scaling.sharding.embedding import EmbeddingPlacement, embedding_placement, table_partition_spec
+from scaling.sharding.embedding import (EmbeddingPlacement, TableLayout, embedding_placement, table_layout,
+                                       table_partition_spec)
 from scaling.sharding.mesh import batch_sharding, make_mesh
 from scaling.sharding.rules import Resolved, Rules, load_layout, resolve, shards, use_rules
 
@@ -73,7 +74,7 @@ class ParamPlacement:
         return all(e is None for e in self.spec)
 
 
-def _parts(keypath) -> tuple[str, ...]:
+def leaf_path(keypath) -> tuple[str, ...]:
     """A jax key path -> its keys as strings, without the Variable's trailing `.value`."""
     out = []
     for k in keypath:
@@ -143,10 +144,20 @@ class Partitioner:
             entries = {}
             flat, _ = jax.tree_util.tree_flatten_with_path(getattr(abstract_state, group), is_leaf=_is_variable)
             for keypath, variable in flat:
-                path = _parts(keypath)
+                path = leaf_path(keypath)
                 entries[path] = (self._param_resolved(group, path, variable), variable)
             table[group] = entries
         return table
+
+    def table_layouts(self, abstract_state) -> dict[str, TableLayout]:
+        """{'embed/...' path: layout} of every embedding table that carries a placement layout."""
+        out = {}
+        for group, entries in self._param_table(abstract_state).items():
+            for path, (_, variable) in entries.items():
+                layout = table_layout(variable) if isinstance(variable, EmbeddingTable) else None
+                if layout is not None:
+                    out["/".join((group, *path))] = layout
+        return out
 
     def placements(self, abstract_state) -> list[ParamPlacement]:
         """Every parameter's placement, dense first, in tree order."""
@@ -167,7 +178,7 @@ class Partitioner:
                   for g, entries in self._param_table(abstract_state).items()}
 
         def spec_of(keypath, leaf) -> P:
-            parts = _parts(keypath)
+            parts = leaf_path(keypath)
             top, rest = parts[0], parts[1:]
             if top in params:
                 return params[top][rest][0]

@@ -1,12 +1,14 @@
 """Orbax checkpoints of the train state, the data iterator position and the loop's progress.
 
-A checkpoint at step s holds three items:
+A checkpoint at step s holds four items:
   state     the TrainState pytree (params, optimizer states, step)
   data      the grain iterator state, so the next batch after restore is batch s; in a
             multi-process run every process's state, keyed by process index
             ({'process_count': n, 'processes': [state of process 0, ...]}), each process
             restoring its own
   progress  JSON: examples seen, wall time so far, eval history and best eval
+  layouts   JSON: each embedding table's stored layout (scaling.sharding.relayout), so a run
+            resumed under another placement or device count re-lays its tables out
 Saves are atomic (orbax writes to a temporary directory and renames), so a SIGKILL mid-save
 leaves the previous checkpoint intact.
 """
@@ -25,10 +27,13 @@ from scaling.sharding.distributed import gather_json
 class Checkpointer:
     """Keep-last-N orbax checkpoints under `<run_dir>/checkpoints`."""
 
-    def __init__(self, run_dir: str, keep: int):
+    def __init__(self, run_dir: str, keep: int, layouts: dict | None = None):
+        """layouts: the run's embedding table layouts (`relayout.layouts_json`), written with every save."""
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+        self.layouts = layouts or {}
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "progress"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "progress", "layouts"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -43,9 +48,16 @@ class Checkpointer:
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state),
                 progress=ocp.args.JsonSave(progress),
+                layouts=ocp.args.JsonSave(self.layouts),
             ),
             force=True,
         )
+
+    def saved_layouts(self, step: int) -> dict | None:
+        """The table layouts recorded at `step`; None for a checkpoint written before they were."""
+        if not os.path.isdir(os.path.join(self.directory, str(step), "layouts")):
+            return None
+        return self.manager.restore(step, args=ocp.args.Composite(layouts=ocp.args.JsonRestore())).layouts
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
         """Restore step `step` into the shapes/shardings of `abstract_state`."""

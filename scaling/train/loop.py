@@ -44,6 +44,7 @@ from scaling.models.base import param_counts
 from scaling.models.registry import build_model, is_fitted
 from scaling.sharding.distributed import any_process, barrier, is_primary
 from scaling.sharding.embedding import OVERFLOW_METRIC
+from scaling.sharding.relayout import RestorePlan, layouts_json
 from scaling.train.checkpoint import Checkpointer
 from scaling.train.fit_run import fit_run
 from scaling.train.loggers import MetricsFile, ProgressBar, WandbMirror
@@ -257,11 +258,15 @@ class _Run:
         self.partial = dict(counts=counts, flops=(analytic, xla), emb_bytes=emb_bytes, reference=reference)
 
         with partitioner.activate():
-            checkpointer = Checkpointer(self.run_dir, cfg.train.keep_checkpoints)
+            checkpointer = Checkpointer(self.run_dir, cfg.train.keep_checkpoints, layouts_json(partitioner, abstract))
             start_step, progress, data_state = 0, {"evals": [], "wall_time_s": 0.0}, None
             latest = checkpointer.latest_step()
-            if latest is not None:  # restored straight into this run's layout (orbax reshards)
-                state, data_state, progress = checkpointer.restore(latest, partitioner.sharded_abstract(abstract))
+            if latest is not None:  # restored into this run's layout (orbax reshards; tables re-laid out)
+                plan = RestorePlan.make(partitioner, abstract, checkpointer.saved_layouts(latest))
+                state, data_state, progress = checkpointer.restore(latest, plan.target)
+                state = plan.finish(state)
+                for note in plan.notes if self.primary else ():
+                    print(note, file=sys.stderr, flush=True)
                 start_step = latest
                 progress["resumed_from"] = [*progress.get("resumed_from", []), latest]
                 self.prior_wall = float(progress.get("wall_time_s", 0.0))

@@ -1,0 +1,141 @@
+"""Checkpointed embedding tables restored under another placement or device count.
+
+A stored table is a permutation of its natural rows that depends on the placement strategy and on
+S, the devices over the batch axes (scaling.sharding.embedding): under row_wise, natural row r
+sits at stored row (r % S) * ceil(V / S) + r // S. The optimizer leaves that mirror a table row
+for row (row-wise Adagrad's [rows, 1], Adam's moments) are laid out the same way. So a checkpoint
+written on 8 devices and resumed on 4 holds arrays of the right shape in the wrong order (472 rows
+are 8 x 59 and 4 x 118 alike), and without care would resume with every row in another place.
+
+A checkpoint therefore records each table's `TableLayout` (`layouts_json`). On restore,
+`RestorePlan` compares them with this run's: an unchanged table is read straight into its shards;
+a changed one (and its optimizer mirrors) is read in the saved shape, then `convert_table` puts
+each natural row where this run's layout wants it, in this run's sharding. A checkpoint without
+the record (written before it existed) is restored as it is, which is right only when the layout
+did not change.
+
+    plan = RestorePlan.make(partitioner, abstract, saved_layouts)
+    state = plan.finish(checkpointer.restore(step, plan.target)[0])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from scaling.sharding.embedding import TableLayout, convert_table
+from scaling.sharding.mesh import BATCH_AXES
+from scaling.sharding.partitioner import OPTIMIZER_GROUPS, leaf_path
+
+# TableLayout fields that decide where a row is stored (capacity only sizes the lookup exchange).
+_STORAGE_FIELDS = ("strategy", "rows", "shards", "blocks", "singles")
+
+
+def layout_to_json(layout: TableLayout) -> dict:
+    return {"strategy": layout.strategy, "rows": layout.rows, "shards": layout.shards, "capacity": layout.capacity,
+            "blocks": list(layout.blocks), "singles": layout.singles}
+
+
+def layout_from_json(d: dict) -> TableLayout:
+    return TableLayout(str(d["strategy"]), int(d["rows"]), int(d["shards"]), float(d.get("capacity", 2.0)),
+                       tuple(int(b) for b in d.get("blocks", ())), int(d.get("singles", 0)))
+
+
+def same_storage(a: TableLayout, b: TableLayout) -> bool:
+    """Whether two layouts put every natural row at the same stored row."""
+    return all(getattr(a, f) == getattr(b, f) for f in _STORAGE_FIELDS)
+
+
+def layouts_json(partitioner, abstract_state) -> dict[str, dict]:
+    """{'embed/...' table path: its TableLayout as JSON}: what a checkpoint records."""
+    return {path: layout_to_json(layout) for path, layout in partitioner.table_layouts(abstract_state).items()}
+
+
+def _describe(layout: TableLayout) -> str:
+    return layout.strategy if layout.strategy == "replicated" else f"{layout.strategy} over {layout.shards} devices"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Move:
+    old: TableLayout
+    new: TableLayout
+    sharding: NamedSharding  # this run's sharding of the leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class RestorePlan:
+    """target: the abstract state to restore into (changed leaves in their saved shape);
+    moves: {leaf path: how to re-lay it out}; notes: one line per re-laid-out table."""
+
+    target: Any
+    moves: dict[tuple[str, ...], _Move]
+    notes: tuple[str, ...]
+
+    @classmethod
+    def make(cls, partitioner, abstract_state, saved: dict[str, dict] | None) -> RestorePlan:
+        """`saved`: the checkpoint's layouts record (None when it has none)."""
+        sharded = partitioner.sharded_abstract(abstract_state)
+        if not saved:
+            return cls(sharded, {}, ())
+        now = partitioner.table_layouts(abstract_state)
+        changed = {}
+        for path, layout in now.items():
+            if path in saved and not same_storage(old := layout_from_json(saved[path]), layout):
+                changed[tuple(path.split("/"))] = (old, layout)
+        if not changed:
+            return cls(sharded, {}, ())
+        moves: dict[tuple[str, ...], _Move] = {}
+        shards_now = math.prod(partitioner.mesh_sizes[a] for a in BATCH_AXES)
+
+        def retarget(keypath, leaf):
+            parts = leaf_path(keypath)
+            found = mirrored_table(parts, changed, leaf.shape)
+            if found is None:
+                return leaf
+            old, new = found
+            # Read the saved rows split over the batch axes when they divide evenly, else whole on
+            # every device (only while converting); the conversion writes this run's sharding.
+            rows = old.stored_rows
+            spec = P(BATCH_AXES) if shards_now > 1 and rows % shards_now == 0 else P()
+            moves[parts] = _Move(old, new, leaf.sharding)
+            return jax.ShapeDtypeStruct((rows, *leaf.shape[1:]), leaf.dtype, sharding=NamedSharding(partitioner.mesh, spec))
+
+        target = jax.tree_util.tree_map_with_path(retarget, sharded)
+        notes = tuple(f"checkpoint table {'/'.join(p)}: re-laid out from {_describe(o)} to {_describe(n)}"
+                      for p, (o, n) in changed.items())
+        return cls(target, moves, notes)
+
+    def finish(self, restored: Any) -> Any:
+        """The restored state with every changed leaf re-laid out into this run's layout and sharding."""
+        if not self.moves:
+            return restored
+
+        def relayout(keypath, leaf):
+            move = self.moves.get(leaf_path(keypath))
+            if move is None:
+                return leaf
+            convert = jax.jit(lambda x: convert_table(x, move.old, move.new), out_shardings=move.sharding)
+            return convert(leaf)
+
+        return jax.tree_util.tree_map_with_path(relayout, restored)
+
+
+def mirrored_table(parts: tuple[str, ...], changed: dict, shape: tuple[int, ...]):
+    """(old, new) layouts when the leaf at `parts` is a changed table or an optimizer leaf that
+    mirrors one row for row (the longest suffix of its path below the optimizer group that is a
+    table path, with the table's stored rows as its leading dimension); else None."""
+    if parts in changed:
+        return changed[parts]
+    if not parts or parts[0] not in OPTIMIZER_GROUPS or not shape:
+        return None
+    group, rest = OPTIMIZER_GROUPS[parts[0]], parts[1:]
+    for start in range(len(rest)):
+        key = (group, *rest[start:])
+        if key in changed:
+            old, new = changed[key]
+            return (old, new) if shape[0] == new.stored_rows else None
+    return None
