@@ -6,6 +6,7 @@
      "restore": {"placed": bool, "same_values": bool, "split_leaves": int},
      "relayout": {"row_wise/4" etc.: {"same_rows", "placed", "moved"}, "unconverted_same_rows": bool},
      "loop": {"status", "logloss", "sharding": the run record's summary, "devices"},
+     "item_traffic": {"table_bytes", "collective_bytes"} of an HSTU step with row-wise tables,
      "shares": {"wukong_s/fsdp" or "hstu_s/fsdp": {replicated_param_share, dense_replicated_share, ...}}}
 
 Every family trains the same 20 batches from the same init on one device (a 1-device mesh) and on
@@ -197,6 +198,27 @@ def relayout_restore() -> dict:
     return out
 
 
+def item_table_traffic() -> dict:
+    """Collective bytes per device of one compiled HSTU train step (20k-item catalogue, row-wise
+    tables, fsdp on 8 devices) beside the item table's bytes: the sampled softmax must look up the
+    rows it scores, not assemble the table in natural order every step (which all-gathers it and
+    all-reduces its gradient: more than the table's bytes)."""
+    import numpy as np
+
+    from benchmarks.sharding_lookups import collective_bytes
+    from scaling.train.loop import dataset_of
+    from scaling.train.setup import prepare
+
+    cfg = config("hstu", [*LAYOUTS["fsdp_row_wise"], "data.num_items=20000", "data.num_users=400"])
+    setup = prepare(cfg, dataset_of(cfg.data))
+    with setup.partitioner.activate():
+        hlo = setup.compile_train_step().as_text()
+    table = [p for p in setup.partitioner.placements(setup.abstract) if p.path.startswith("embed/")]
+    sizes, _ = collective_bytes(hlo)
+    return {"table_bytes": int(max(p.bytes for p in table)), "collective_bytes": int(sum(sizes.values())),
+            "by_kind": {k: int(v) for k, v in sizes.items() if v}, "item_rows": int(np.prod(table[0].shape[:1]))}
+
+
 def loop_run() -> dict:
     """The training loop end to end under fsdp with row-wise tables: init, steps, evaluation,
     checkpoint and the run record's sharding summary."""
@@ -225,6 +247,7 @@ def main(families: list[str]) -> None:
 
     out["restore"] = restore_across_layouts()
     out["relayout"] = relayout_restore()
+    out["item_traffic"] = item_table_traffic()
     out["loop"] = loop_run()
     # FSDP on a model big enough to matter: parameter placement only (no compile).
     from scaling.train.loop import dataset_of

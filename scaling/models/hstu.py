@@ -225,3 +225,7 @@ class HSTU(SequenceModel):
         """L2-normalised item embeddings [num_items + 1, D] (the research code's item_l2_norm); the
         whole table in natural order (a full-table read, not a lookup: GSPMD shards it)."""
         return l2_normalize(natural_table(self.item_emb))
+
+    def item_embeddings(self, ids: jax.Array) -> jax.Array:
+        """ids int [...] -> [..., D]: rows of `item_table()`, looked up, then normalised."""
+        return l2_normalize(lookup(self.item_emb, ids))

@@ -6,6 +6,7 @@ A family is an `nnx.Module` registered with `register_model(name, ConfigClass)`:
         def __init__(self, config: HSTUConfig, spec: SequenceSpec, *, rngs: nnx.Rngs): ...
         def __call__(self, batch) -> queries float [B, L, D]   # one next-item query per position
         def item_table(self) -> float [num_items + 1, D]       # what queries are scored against
+        def item_embeddings(ids) -> float [..., D]            # its rows for ids (default: item_table()[ids])
 
 The batch is `SequenceSpec`'s (items, timestamps, next_timestamps, lengths, users; models that
 ignore time ignore the timestamps). The task calls two methods, whose defaults are the sequential
@@ -32,7 +33,7 @@ An "example" is one training sequence (one user's most recent max_len + 1 events
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +41,7 @@ from flax import nnx
 
 from scaling.config import ModelConfig
 from scaling.data.spec import SequenceSpec
+from scaling.sharding.embedding import tables_permuted
 from scaling.train.sampled_softmax import sampled_scores, sampled_softmax_loss
 
 
@@ -83,16 +85,31 @@ class SequenceModel(nnx.Module):
     def item_table(self) -> jax.Array:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def item_embeddings(self, ids: jax.Array) -> jax.Array:
+        """ids int [...] -> rows [..., D] of `item_table()`. Families override it to look the rows
+        up first (through the table's sharded lookup) and transform only those."""
+        return self.item_table()[ids]
+
+    def scored_items(self, dtype=None) -> jax.Array | Callable[[jax.Array], jax.Array]:
+        """Where sampled scores read item rows: the whole `item_table()` (transformed once per step,
+        e.g. L2-normalised), or, when the placement stores tables permuted (row_wise, table_wise),
+        `item_embeddings`: assembling the table in natural order would move all of it between
+        devices every step, for the B x L x (1 + M) rows scored."""
+        if tables_permuted():
+            return self.item_embeddings if dtype is None else (lambda ids: self.item_embeddings(ids).astype(dtype))
+        table = self.item_table()
+        return table if dtype is None else table.astype(dtype)
+
     def training_forward(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """The dense math of a training step before the loss (what the FLOP count covers): the
         queries' dot products [B, L, 1 + M] with each position's target and negatives."""
-        return sampled_scores(self(batch), self.item_table(), batch["targets"], batch["negatives"])
+        return sampled_scores(self(batch), self.scored_items(), batch["targets"], batch["negatives"])
 
     def training_loss(self, batch: Mapping[str, jax.Array], temperature: float) -> jax.Array:
         """Sampled softmax of every valid position's query over its target and the negatives."""
         queries = self(batch).astype(jnp.float32)
-        table = self.item_table().astype(jnp.float32)
-        return sampled_softmax_loss(queries, table, batch["targets"], batch["negatives"], batch["lengths"], temperature)
+        return sampled_softmax_loss(queries, self.scored_items(jnp.float32), batch["targets"], batch["negatives"],
+                                    batch["lengths"], temperature)
 
     def catalogue_scores(self, batch: Mapping[str, jax.Array], temperature: float) -> jax.Array:
         """Scores [B, num_items + 1] of every item for the query at each sequence's last position."""

@@ -125,6 +125,13 @@ def current_placement() -> EmbeddingPlacement | None:
     return _PLACEMENT.get()
 
 
+def tables_permuted() -> bool:
+    """Whether the active placement stores tables out of natural order (row_wise, table_wise): then
+    `natural_table` moves the whole table between devices, and a few rows are better looked up."""
+    placement = current_placement()
+    return placement is not None and placement.strategy in ("row_wise", "table_wise")
+
+
 @contextlib.contextmanager
 def collect_overflow() -> Iterator[list]:
     """Collects the overflow counts (int32 scalars, summed over devices) of the lookups traced
