@@ -42,6 +42,14 @@ LAYOUTS = {
     "fsdp_tp": ["sharding.layout=fsdp_tp", "sharding.mesh.data=2", "sharding.mesh.fsdp=2", "sharding.mesh.tensor=2"],
     "fsdp_row_wise": ["sharding.layout=fsdp", *_FSDP_MESH, "sharding.embedding=row_wise", "sharding.embedding_capacity=8"],
 }
+# The other two layouts, on the families with attention heads and wide MLPs (no golden dumps):
+# hsdp (parameters over fsdp=4, replicated over data=2) and tp (tensor=2 over heads and MLPs: HSTU
+# here has 2 heads).
+MORE_LAYOUTS = {
+    "hsdp": ["sharding.layout=hsdp", *_FSDP_MESH],
+    "tp": ["sharding.layout=tp", "sharding.mesh.data=4", "sharding.mesh.tensor=2"],
+}
+MORE_LAYOUT_FAMILIES = ("wukong", "hstu")
 
 
 def config(family: str, extra: list[str]):
@@ -61,7 +69,8 @@ def family_losses(family: str) -> tuple[dict[str, list[float]], dict[str, list]]
 
     reference = config(family, [])
     dataset = dataset_of(reference.data)
-    setups = {layout: prepare(config(family, overrides), dataset) for layout, overrides in LAYOUTS.items()}
+    layouts = {**LAYOUTS, **(MORE_LAYOUTS if family in MORE_LAYOUT_FAMILIES else {})}
+    setups = {layout: prepare(config(family, overrides), dataset) for layout, overrides in layouts.items()}
     first = setups["1"] = prepare(reference, dataset, devices=jax.devices()[:1])
     batches = first.task.train_iterator(reference.train.batch_size, reference.seed)
     batches = [next(batches) for _ in range(STEPS)]

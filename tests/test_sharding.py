@@ -25,7 +25,7 @@ from scaling.config_schema import ConfigError
 from scaling.sharding.rules import Rules, constrain, load_layout, resolve, use_rules
 from scaling.train.loop import run_directory
 from tests.conftest import ROOT, run_cli, tiny
-from tests.sharding_cases import FAMILIES, LAYOUTS
+from tests.sharding_cases import FAMILIES, LAYOUTS, MORE_LAYOUT_FAMILIES, MORE_LAYOUTS
 
 GOLDEN = os.path.join(ROOT, "tests", "golden", "sharding")
 REGENERATE = os.environ.get("SCALING_REGEN_GOLDEN") == "1"
@@ -123,7 +123,9 @@ def test_layouts_give_the_losses_of_one_device(cases, family):
     runs = cases["losses"][family]
     reference = np.asarray(runs["1"])
     assert len(reference) == 20 and np.all(np.isfinite(reference)) and len(set(reference.tolist())) > 1
-    for layout in LAYOUTS:
+    layouts = [*LAYOUTS, *(MORE_LAYOUTS if family in MORE_LAYOUT_FAMILIES else ())]
+    assert set(runs) == {"1", *layouts}
+    for layout in layouts:
         np.testing.assert_allclose(runs[layout], reference, rtol=RTOL, err_msg=f"{family} under {layout} on 8 devices")
 
 
