@@ -123,16 +123,20 @@ def test_nan_loss_stops_with_diverged(tiny_overrides):
 
 def test_embedding_overflow_is_logged_recorded_and_warned(tiny_overrides, capsys):
     """row_wise lookups with a tenth of the even share as capacity drop ids even on one device:
-    every log row carries the count, the record the total, and the terminal a warning."""
+    every log row (train and eval) carries the count, the record the totals, and the terminal a warning."""
     config = _config(tiny_overrides, "model.name=dlrm", "model.size=xxs", "train.steps=10", "train.eval_every=0",
-                     "sharding.embedding=row_wise", "sharding.embedding_capacity=0.1")
+                     "train.eval_batch_size=64", "sharding.embedding=row_wise", "sharding.embedding_capacity=0.1")
     record = train(config)
     assert record.status == "ok", record.reason
     counts = [r["train/embedding_overflow"] for r in _metrics(run_directory(config)) if r["split"] == "train"]
     assert len(counts) == 2 and all(c > 0 for c in counts)
     assert record.embedding_overflow == sum(counts)
     assert json.load(open(os.path.join(run_directory(config), "result.json")))["embedding_overflow"] == sum(counts)
-    assert "embedding lookups in the last 5 steps got zero vectors" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "embedding lookups in the last 5 steps got zero vectors" in err
+    # evaluation's lookups are counted too (the one final evaluation here)
+    evals = [r["eval/embedding_overflow"] for r in _metrics(run_directory(config)) if r["split"] == "eval"]
+    assert len(evals) == 1 and evals[0] > 0 and record.eval_embedding_overflow == evals[0]
 
 
 def test_wandb_offline_writes_run(tiny_overrides):

@@ -31,7 +31,7 @@ C = ceil(embedding_capacity * n / S) unique ids (the even share is n / S). Uniqu
 ascending id order, per owner) get zero vectors; every lookup position that got such a zero is
 counted, summed over devices, and appended to the collector opened by `collect_overflow()`; the
 train step returns the total as the metric `embedding_overflow` (0 for the other strategies).
-Lookups traced outside a collector (evaluation) do not report theirs. Ids are deduplicated per
+The eval step opens its own collector (its count comes back beside its outputs). Ids are deduplicated per
 device before sending (jnp.unique with a static size), so a repeated id (the padding item of a
 sequence, a hot item) costs one slot; invalid positions (`valid` False: bag padding) are not sent.
 

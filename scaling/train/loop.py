@@ -207,6 +207,7 @@ class _Run:
             versions=library_versions(),
             resumed_from=list(progress.get("resumed_from", [])),
             embedding_overflow=int(progress.get("embedding_overflow", 0)),
+            eval_embedding_overflow=int(progress.get("eval_embedding_overflow", 0)),
         )
 
     def execute(self) -> RunRecord:
@@ -288,8 +289,17 @@ class _Run:
             self.step_memory = compiled_memory(step_fn)
             eval_step = partitioner.jit_eval_step(setup.fns.eval_outputs, abstract)
 
-            def evaluator(state):
-                return task.evaluate(lambda chunk: eval_step(state, partitioner.shard_batch(chunk)))
+            def evaluator(state) -> tuple[dict, int]:
+                """(held-out metrics, lookups that got zero vectors for row_wise capacity)."""
+                dropped = []
+
+                def outputs(chunk):
+                    out, overflow = eval_step(state, partitioner.shard_batch(chunk))
+                    dropped.append(overflow)
+                    return out
+
+                metrics = task.evaluate(outputs)
+                return metrics, int(sum(int(x) for x in jax.device_get(dropped)))
 
             primary = self.primary  # one process writes the run's files and draws its progress
             metrics_file = MetricsFile(self.run_dir, start_step if latest is not None else None, enabled=primary)
@@ -348,9 +358,14 @@ class _Run:
             checkpointer.save(at_step, state, iterator.get_state(), saved)
 
         def evaluate(at_step: int) -> None:
-            result = evaluator(state)
+            result, overflow = evaluator(state)
             progress["evals"].append({"step": at_step, "metrics": result})
-            row = {"step": at_step, "split": "eval", **{f"eval/{k}": v for k, v in result.items()}}
+            row = {"step": at_step, "split": "eval", **{f"eval/{k}": v for k, v in result.items()},
+                   f"eval/{OVERFLOW_METRIC}": overflow}
+            progress["eval_embedding_overflow"] = int(progress.get("eval_embedding_overflow", 0)) + overflow
+            if overflow:  # these scores were computed from zero vectors
+                bar.warn(f"step {at_step}: evaluation dropped {overflow} embedding lookups past the row_wise capacity "
+                         "(their vectors were zeros); raise sharding.embedding_capacity")
             metrics_file.write(row)
             wandb.log(row, at_step)
 

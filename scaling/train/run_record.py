@@ -119,6 +119,8 @@ class RunRecord:
     # past its per-peer capacity (sharding.embedding_capacity), summed over the run's steps (0 for
     # placements that never drop).
     embedding_overflow: int = 0
+    # The same for the lookups of every evaluation, summed (their scores read zero vectors).
+    eval_embedding_overflow: int = 0
 
     @property
     def gflops_per_example(self) -> float:

@@ -12,7 +12,8 @@ Evaluation merges the model in deterministic mode (no dropout).
 
 Sharded embeddings (`scaling.sharding.embedding`): the loss opens `collect_overflow()` around the
 model, so the ids a row_wise lookup dropped for capacity come back as the loss's aux and reach the
-step's metrics as `embedding_overflow` (int32, summed over devices and lookups; 0 otherwise).
+step's metrics as `embedding_overflow` (int32, summed over devices and lookups; 0 otherwise);
+the eval step returns its own count beside its outputs.
 """
 
 from __future__ import annotations
@@ -114,9 +115,12 @@ class StepFunctions:
         metrics = {"loss": loss, "grad_norm_dense": optax.tree.norm(g_dense), OVERFLOW_METRIC: overflow}
         return new_state, metrics
 
-    def eval_outputs(self, state: TrainState, batch: Mapping[str, jax.Array]) -> jax.Array:
+    def eval_outputs(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """(the task's eval outputs, the lookups that got zero vectors for row_wise capacity)."""
         model, batch = self.model(state.dense, state.embed, state.rngs, batch, None)
-        return self.task.eval_outputs(model, batch)
+        with collect_overflow() as dropped:
+            outputs = self.task.eval_outputs(model, batch)
+        return outputs, overflow_total(dropped)
 
 
 def split_model(model: nnx.Module) -> tuple[Any, nnx.State, nnx.State, nnx.State]:
