@@ -31,8 +31,9 @@ C = ceil(embedding_capacity * n / S) unique ids (the even share is n / S). Uniqu
 ascending id order, per owner) get zero vectors; every lookup position that got such a zero is
 counted, summed over devices, and appended to the collector opened by `collect_overflow()`; the
 train step returns the total as the metric `embedding_overflow` (0 for the other strategies), the
-eval step returns its own beside its outputs. Ids are deduplicated per device before sending (jnp.unique with a static size), so a repeated id (the padding item of a
-sequence, a hot item) costs one slot; invalid positions (`valid` False: bag padding) are not sent.
+eval step returns its own beside its outputs. Ids are deduplicated per device before sending
+(jnp.unique with a static size), so a repeated id (the padding item of a sequence, a hot item)
+costs one slot; invalid positions (`valid` False: bag padding) are not sent.
 
 How models reach a strategy. Model init and step tracing both run inside
 `embedding_placement(EmbeddingPlacement(strategy, mesh, capacity))`. At init, `place_table` turns
