@@ -107,6 +107,28 @@ def test_hstu_kernel_bf16_within_the_xla_reference_error():
         assert _err(got, ref) <= 2 * _err(base, ref) + 1e-3 * scale, name
 
 
+@pytest.mark.parametrize("log_error", [0.0, 3e-6, -3e-6])
+def test_in_kernel_time_bucket_equals_the_reference_at_every_edge(monkeypatch, log_error):
+    """The kernel's bucket (a cheap log estimate + two edge checks) is `time_buckets` exactly at
+    every edge gap -1, 0, +1, also when the log estimate is off by a few ulps either way (the
+    GPU's lg2.approx.f32 is within ~2^-22 relative)."""
+    from scaling.kernels import hstu_bias
+    from scaling.models.hstu_attention import BUCKET_EDGES, time_buckets
+
+    if log_error:
+        monkeypatch.setattr(hstu_bias, "_log2", lambda x, interpret: jnp.log2(x) * (1 + log_error))
+    gaps = np.unique(np.clip(np.concatenate([[0, 1], *[[e - 1, e, e + 1] for e in BUCKET_EDGES]]), 0, 2**31 - 2))
+    num_buckets = 128  # no clamping: every bucket index shows
+    ts_w = jnp.arange(num_buckets + 1, dtype=jnp.float32)
+    got = hstu_bias.tile_bias(jnp.zeros(1, jnp.float32), ts_w, hstu_bias.edges_table(), jnp.zeros((1, 1), jnp.int32),
+                              jnp.zeros((1, 1), jnp.int32), jnp.asarray(gaps, jnp.int32)[:, None],
+                              jnp.zeros((1, 1), jnp.int32), num_pos=1, num_buckets=num_buckets, interpret=True)
+    # the reference on [1, 2] timelines: query time = the gap, key time = 0
+    timelines = np.stack([np.zeros_like(gaps), gaps], axis=1).astype(np.int32)
+    want = time_buckets(jnp.asarray(timelines), num_buckets)[:, 0, 0]
+    np.testing.assert_array_equal(np.asarray(got)[:, 0].astype(np.int32), np.asarray(want))
+
+
 def test_candidates_see_the_history_and_themselves_as_mfalcon_does():
     """The kernel's candidate rows equal M-FALCON's reference `candidate_attention`."""
     rng = np.random.default_rng(3)

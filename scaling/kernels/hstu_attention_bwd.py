@@ -19,7 +19,10 @@ Three kernels, none with atomics or cross-program writes (FlashAttention-2's spl
          hstu_bias.table_grads reduces it to the two tables' gradients (why: hstu_bias.py).
 
 bf16 inputs: matmul operands in bf16 (p and dS cast, as the forward casts p), accumulation and the
-SiLU derivative in fp32, gradients stored in the input dtype.
+SiLU derivative in fp32, gradients stored in the input dtype. As in the forward (its docstring):
+tiles every row of which sees every key are not masked, the sigmoid of 16-bit kernels is one
+hardware tanh, and the 1 / norm scales the accumulators (dK, dV, dQ, the dbias tile) once, since
+dS enters them linearly.
 """
 
 from __future__ import annotations
@@ -31,16 +34,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, key_block_ranges, key_tile, pair_count,
-                                                query_block_range, scores, seq_scalars, split_refs, tile_mask)
+from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, fast_math, full_key_blocks,
+                                                full_query_blocks, key_block_ranges, key_tile, pair_count,
+                                                query_block_range, row_valid, scores, seq_scalars, sigmoid,
+                                                split_refs, tile_mask)
 from scaling.kernels.hstu_bias import tile_bias
 from scaling.kernels.sharded import out_struct
 
 
-def _silu_grad(s: jax.Array, norm: float) -> jax.Array:
-    """d(silu(s) / norm) / ds and silu(s) / norm, fp32."""
-    sig = jax.nn.sigmoid(s)
-    return sig * (1.0 + s * (1.0 - sig)) / norm, s * sig / norm
+def _silu_grad(s: jax.Array, cfg: MhaConfig, fast: bool) -> tuple[jax.Array, jax.Array]:
+    """(d silu(s) / ds, silu(s)), fp32 (the 1 / norm is applied by the caller)."""
+    sig = sigmoid(s, cfg, fast)
+    return sig * (1.0 + s * (1.0 - sig)), s * sig
 
 
 def _dkdv_kernel(*refs, cfg: MhaConfig):
@@ -53,25 +58,31 @@ def _dkdv_kernel(*refs, cfg: MhaConfig):
     cols = k_lo + lax.broadcasted_iota(jnp.int32, (bk,), 0)
     k, v = k_ref[...], v_ref[...]
     k_time = ts_ref[pl.ds(pl.multiple_of(k_lo, bk), bk)] if cfg.has_bias else None
+    fast = fast_math(k.dtype)
 
-    def body(qb, carry):
+    def body(qb, carry, *, masked: bool):
         dk, dv = carry
         q_lo = pl.multiple_of(qb * bq, bq)
         q, do = q_ref[pl.ds(q_lo, bq), :], do_ref[pl.ds(q_lo, bq), :]
         rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
         q_time = qts_ref[pl.ds(q_lo, bq)] if cfg.has_bias else None
         s_t, r2, c2 = scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=True)
-        mask = tile_mask(r2, c2, length, n_hist, q_first)
-        grad, p = _silu_grad(s_t, cfg.norm)
-        dv = dv + dot(jnp.where(mask, p, 0.0).astype(do.dtype), do)
-        ds_t = jnp.where(mask, dot(v, do, trans_b=True) * grad, 0.0)
-        return dk + dot(ds_t.astype(q.dtype), q), dv
+        grad, p = _silu_grad(s_t, cfg, fast)
+        ds_t = dot(v, do, trans_b=True) * grad
+        if masked:
+            mask = tile_mask(r2, c2, length, n_hist, q_first)
+            p, ds_t = jnp.where(mask, p, 0.0), jnp.where(mask, ds_t, 0.0)
+        return dk + dot(ds_t.astype(q.dtype), q), dv + dot(p.astype(do.dtype), do)
 
+    full, masked = functools.partial(body, masked=False), functools.partial(body, masked=True)
     lo, hi = query_block_range(k_lo, length, n_hist, q_first, bq, bk)
-    zeros = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
-    dk, dv = lax.fori_loop(lo, hi, body, zeros)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
-    dv_ref[...] = dv.astype(dv_ref.dtype)
+    fl, fh = full_query_blocks(k_lo, length, n_hist, q_first, lo, hi, bq, bk)
+    carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+    carry = lax.fori_loop(lo, fl, masked, carry)
+    carry = lax.fori_loop(fl, fh, full, carry)
+    dk, dv = lax.fori_loop(fh, hi, masked, carry)
+    dk_ref[...] = (dk * (1.0 / cfg.norm)).astype(dk_ref.dtype)
+    dv_ref[...] = (dv * (1.0 / cfg.norm)).astype(dv_ref.dtype)
 
 
 def _dq_kernel(*refs, cfg: MhaConfig):
@@ -83,18 +94,25 @@ def _dq_kernel(*refs, cfg: MhaConfig):
     rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
     q, do = q_ref[...], do_ref[...]
     q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)] if cfg.has_bias else None
+    fast = fast_math(q.dtype)
 
-    def body(kb, dq):
+    def body(kb, dq, *, masked: bool):
         k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, bk, cfg)
         s, r2, c2 = scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=False)
-        grad, _ = _silu_grad(s, cfg.norm)
-        ds = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), dot(do, v, trans_b=True) * grad, 0.0)
+        grad, _ = _silu_grad(s, cfg, fast)
+        ds = dot(do, v, trans_b=True) * grad
+        if masked:
+            ds = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), ds, 0.0)
         return dq + dot(ds.astype(k.dtype), k)
 
+    full, masked = functools.partial(body, masked=False), functools.partial(body, masked=True)
     a, c, d = key_block_ranges(q_lo, length, n_hist, q_first, bq, bk)
+    f = full_key_blocks(q_lo, n_hist, a, bk)
     dq = jnp.zeros(dq_ref.shape, jnp.float32)
-    dq = lax.fori_loop(0, a, body, dq)
-    dq = lax.fori_loop(c, d, body, dq)
+    dq = lax.fori_loop(0, f, full, dq)
+    dq = lax.fori_loop(f, a, masked, dq)
+    dq = lax.fori_loop(c, d, masked, dq)
+    dq = jnp.where(row_valid(rows, length, q_first)[:, None], dq * (1.0 / cfg.norm), 0.0)
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
@@ -114,15 +132,17 @@ def _dbias_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, do_ref, ts_ref, qts_re
         q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)][:, None]
         k_time = ts_ref[pl.ds(pl.multiple_of(k_lo, bk), bk)][None, :]
         bias = tile_bias(pos_ref, tsw_ref, edges_ref, jnp.minimum(rows, n_hist), jnp.minimum(cols, n_hist),
-                         q_time, k_time, num_pos=cfg.num_pos, num_buckets=cfg.num_buckets)
-        mask = tile_mask(rows, cols, length, n_hist, q_first)
+                         q_time, k_time, num_pos=cfg.num_pos, num_buckets=cfg.num_buckets,
+                         interpret=cfg.interpret)
+        fast = fast_math(q_ref.dtype)
 
         def head(h, g):
             s = dot(q_ref[:, h, :], k_ref[:, h, :], trans_b=True) + bias
-            grad, _ = _silu_grad(s, cfg.norm)
-            return g + jnp.where(mask, dot(do_ref[:, h, :], v_ref[:, h, :], trans_b=True) * grad, 0.0)
+            grad, _ = _silu_grad(s, cfg, fast)
+            return g + dot(do_ref[:, h, :], v_ref[:, h, :], trans_b=True) * grad
 
-        drab_ref[...] = lax.fori_loop(0, heads, head, jnp.zeros((bq, bk), jnp.float32))
+        g = lax.fori_loop(0, heads, head, jnp.zeros((bq, bk), jnp.float32))  # masked once, after the heads
+        drab_ref[...] = jnp.where(tile_mask(rows, cols, length, n_hist, q_first), g * (1.0 / cfg.norm), 0.0)
 
     @pl.when(jnp.logical_not(visited))
     def _():

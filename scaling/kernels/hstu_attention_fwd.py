@@ -18,8 +18,21 @@ The mask inside a tile: key j is seen by query i iff i, j < L and (j <= i and j 
 j == i); with `candidates_only` also i >= n_hist. So a candidate sees the history and itself, never
 another candidate, and the history never sees a candidate (GR's `num_targets` semantics).
 
-Per tile: s = q k^T (fp32 accumulation) + rab (hstu_bias.tile_bias), p = silu(s) / norm in fp32
-(divided, as the reference divides), acc += p.astype(v.dtype) @ v in fp32; stored as v.dtype.
+Per tile: s = q k^T (fp32 accumulation) + rab (hstu_bias.tile_bias), p = silu(s) in fp32,
+acc += p.astype(v.dtype) @ v in fp32; the 1 / norm is applied once to acc (the map is linear, and
+scaling before the bf16 cast changes no relative rounding), which is stored as v.dtype.
+
+Per-element work. With d = 128 a tile element costs 2 x 128 multiply-adds on the tensor cores and,
+as written naively, ~40 instructions on the CUDA cores (a masked select of seven compares, an
+accurate expf, two IEEE divisions): more time than the matmuls on an H100, where a tensor core does
+~16x the FMAs of the CUDA cores. So:
+  - key blocks wholly below the diagonal and inside the history ("full" blocks, all but ~1 in
+    L / block of a causal row) skip the mask; rows past the length (or before the first
+    candidate) are zeroed once on the accumulator;
+  - for 16-bit inputs SiLU goes through one hardware tanh: silu(s) = h + h tanh(h), h = s / 2
+    (tanh.approx.f32: relative error ~2^-11, under the 2^-9 of the bf16 cast of p that follows;
+    jnp.tanh in interpret mode); float32 inputs keep the exact sigmoid;
+  - the 1 / norm leaves the loop.
 """
 
 from __future__ import annotations
@@ -97,6 +110,48 @@ def query_block_range(k_lo, length, n_hist, q_first, block_q: int, block_k: int)
     return lo, jnp.where(k_lo < length, hi, lo)
 
 
+def full_key_blocks(q_lo, n_hist, a, block_k: int):
+    """Key blocks [0, f) that every row of the query block at q_lo sees whole: below the block's
+    first row and inside the history (f <= a, the first key range's end)."""
+    return jnp.minimum(a, jnp.minimum(lax.div(q_lo, block_k), lax.div(n_hist, block_k)))
+
+
+def full_query_blocks(k_lo, length, n_hist, q_first, lo, hi, block_q: int, block_k: int):
+    """Query blocks [fl, fh) within [lo, hi) whose rows all see the key block at k_lo whole: the
+    block is history, every row is past its last key, below the length and a query."""
+    fl = jnp.maximum(jnp.maximum(lo, cdiv(k_lo + block_k - 1, block_q)), cdiv(q_first, block_q))
+    fh = jnp.where(k_lo + block_k <= n_hist, jnp.minimum(hi, lax.div(length, block_q)), lo)
+    fl = jnp.clip(fl, lo, hi)
+    return fl, jnp.clip(fh, fl, hi)
+
+
+def row_valid(rows, length, q_first):
+    """Rows [BM] that are queries: below the length and not before the first query row."""
+    return (rows < length) & (rows >= q_first)
+
+
+def fast_math(dtype) -> bool:
+    """Whether SiLU may use the hardware tanh (16-bit inputs: see the module docstring)."""
+    return jnp.dtype(dtype).itemsize == 2
+
+
+def _tanh(x, cfg: MhaConfig):
+    return jnp.tanh(x) if cfg.interpret else pltr.approx_tanh(x)
+
+
+def silu(s: jax.Array, cfg: MhaConfig, fast: bool) -> jax.Array:
+    """fp32 s * sigmoid(s) of a tile (one hardware tanh when fast)."""
+    if fast:
+        h = 0.5 * s
+        return h + h * _tanh(h, cfg)
+    return s * jax.nn.sigmoid(s)
+
+
+def sigmoid(s: jax.Array, cfg: MhaConfig, fast: bool) -> jax.Array:
+    """fp32 sigmoid(s) of a tile (0.5 + 0.5 tanh(s / 2) when fast)."""
+    return 0.5 + 0.5 * _tanh(0.5 * s, cfg) if fast else jax.nn.sigmoid(s)
+
+
 def tile_mask(rows, cols, length, n_hist, q_first):
     """Which (query row, key col) pairs attend; rows/cols int32, broadcastable to the tile."""
     seen = ((cols <= rows) & (cols < n_hist)) | (cols == rows)
@@ -121,7 +176,7 @@ def scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg: MhaConfig, 
         q_time, k_time = (q_time[None, :], k_time[:, None]) if key_major else (q_time[:, None], k_time[None, :])
         pos_ref, tsw_ref, edges_ref = bias_refs
         s = s + tile_bias(pos_ref, tsw_ref, edges_ref, jnp.minimum(rows, n_hist), jnp.minimum(cols, n_hist),
-                          q_time, k_time, num_pos=cfg.num_pos, num_buckets=cfg.num_buckets)
+                          q_time, k_time, num_pos=cfg.num_pos, num_buckets=cfg.num_buckets, interpret=cfg.interpret)
     return s, rows, cols
 
 
@@ -153,17 +208,24 @@ def _forward_kernel(*refs, cfg: MhaConfig):
     rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
     q = q_ref[...]
     q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)] if cfg.has_bias else None
+    fast = fast_math(q.dtype)
 
-    def body(kb, acc):
+    def body(kb, acc, *, masked: bool):
         k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, bk, cfg)
         s, r2, c2 = scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=False)
-        p = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), s * jax.nn.sigmoid(s) / cfg.norm, 0.0)
+        p = silu(s, cfg, fast)
+        if masked:
+            p = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), p, 0.0)
         return acc + dot(p.astype(v.dtype), v)
 
+    full, masked = functools.partial(body, masked=False), functools.partial(body, masked=True)
     a, c, d = key_block_ranges(q_lo, length, n_hist, q_first, bq, bk)
+    f = full_key_blocks(q_lo, n_hist, a, bk)
     acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
-    acc = lax.fori_loop(0, a, body, acc)
-    acc = lax.fori_loop(c, d, body, acc)
+    acc = lax.fori_loop(0, f, full, acc)
+    acc = lax.fori_loop(f, a, masked, acc)
+    acc = lax.fori_loop(c, d, masked, acc)
+    acc = jnp.where(row_valid(rows, length, q_first)[:, None], acc * (1.0 / cfg.norm), 0.0)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 

@@ -5,11 +5,14 @@ Forward (inside every kernel, per [rows, cols] tile, nothing O(N^2) in memory):
     rab[i, j] = pos_w[P - 1 + pid(j) - pid(i)] + ts_w[bucket(query_ts[i] - ts[j])]
 
 with pid(i) = min(i, n_hist) (candidates share the position right after the history, as M-FALCON
-places them; without candidates pid(i) = i) and the bucket looked up exactly as the reference does
-(scaling/models/hstu_attention.py): the float32 log formula, then two edge checks in the research
-code's integer edge table, so the kernel's bucket equals `time_buckets` bit for bit whatever the
-backend's `log` rounds to. The three small tables (pos_w [2P - 1], ts_w [num_buckets + 1], the 72
-edges) are whole-array kernel inputs read with gathers (pointer arithmetic on Triton; L1/L2 hits).
+places them; without candidates pid(i) = i) and the bucket found as the reference finds it
+(scaling/models/hstu_attention.py): a float32 log estimate within one bucket, then two edge checks
+in the research code's integer edge table, so the kernel's bucket equals `time_buckets` bit for bit
+whatever the estimate rounds to. That is why the estimate may be cheap: on the GPU it is one
+hardware lg2.approx.f32 times ln 2 / 0.301, truncated (the gap is >= 1, so truncation is floor),
+where an accurate logf, an IEEE division and a floorf would cost ~30 instructions per element.
+The three small tables (pos_w [2P - 1], ts_w [num_buckets + 1], the 72 edges) are whole-array
+kernel inputs read with gathers (pointer arithmetic on Triton; L1/L2 hits).
 
 Backward: the tables' gradients are sums of the score gradient dS over (batch, head, i, j) grouped
 by table entry. Gathering inside the kernel is cheap, but grouping is not: without atomics (which
@@ -26,8 +29,11 @@ tensors the jnp reference path materializes anyway and 1/heads of its [B, h, N, 
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas import triton as pltr
 
 from scaling.models.hstu_attention import BUCKET_DIVISOR, BUCKET_EDGES, time_buckets
 
@@ -39,8 +45,20 @@ def edges_table() -> jax.Array:
     return jnp.asarray(BUCKET_EDGES, jnp.int32)
 
 
+_LOG2_TO_BUCKET = math.log(2.0) / BUCKET_DIVISOR
+
+
+def _log2(x: jax.Array, interpret: bool) -> jax.Array:
+    """float32 log2: the hardware approximation on the GPU (relative error ~2^-22), jnp elsewhere."""
+    if interpret:
+        return jnp.log2(x)
+    [out] = pltr.elementwise_inline_asm("lg2.approx.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+    return out
+
+
 def tile_bias(pos_ref, tsw_ref, edges_ref, q_pid, k_pid, q_time, k_time, *, num_pos: int,
-              num_buckets: int) -> jax.Array:
+              num_buckets: int, interpret: bool) -> jax.Array:
     """The bias of one tile, float32, inside a kernel.
 
     q_pid, q_time: the query rows' positions and query times; k_pid, k_time: the key columns';
@@ -50,8 +68,8 @@ def tile_bias(pos_ref, tsw_ref, edges_ref, q_pid, k_pid, q_time, k_time, *, num_
     rel = jnp.clip((num_pos - 1) + k_pid - q_pid, 0, 2 * num_pos - 2)
     pos = pos_ref[rel]
     delta = jnp.abs(q_time - k_time)
-    approx = jnp.floor(jnp.log(jnp.maximum(delta, 1).astype(jnp.float32)) / BUCKET_DIVISOR)
-    approx = jnp.clip(approx, 0, NUM_EDGES - 2).astype(jnp.int32)
+    estimate = _log2(jnp.maximum(delta, 1).astype(jnp.float32), interpret) * _LOG2_TO_BUCKET
+    approx = jnp.clip(estimate.astype(jnp.int32), 0, NUM_EDGES - 2)  # >= 0: truncation is floor
     lower, upper = edges_ref[approx], edges_ref[approx + 1]
     bucket = approx + (delta >= upper).astype(jnp.int32) - (delta < lower).astype(jnp.int32)
     bucket = jnp.clip(bucket, 0, num_buckets)
