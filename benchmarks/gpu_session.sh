@@ -105,14 +105,14 @@ EOF
 }
 
 tile_sweep() {
-  # (block_q, block_k, bwd_block_q, bwd_block_k, num_warps; 0 = the default warps)
-  local settings="64,64,64,64,0 128,64,64,64,8 128,128,64,64,8 64,32,32,32,4 64,64,32,64,4"
+  # (block_q, block_k, bwd_block_q, bwd_block_k, num_warps, num_stages; warps 0 = the default)
+  local settings="64,64,64,64,0,2 128,64,64,64,8,2 128,64,64,64,8,3 128,128,64,64,8,2 64,64,64,64,4,3 64,32,32,32,4,2"
   : > "$OUT/tiles.jsonl"
   for s in $settings; do
-    IFS=, read -r bq bk bbq bbk nw <<< "$s"
+    IFS=, read -r bq bk bbq bbk nw ns <<< "$s"
     echo "-- tiles $s"
     "$PY" -m benchmarks.kernels --ops hstu --impls pallas --lengths 4096 --dims 128 --iters 10 $SMOKE_FLAG \
-      --block-q "$bq" --block-k "$bk" --bwd-block-q "$bbq" --bwd-block-k "$bbk" --num-warps "$nw" \
+      --block-q "$bq" --block-k "$bk" --bwd-block-q "$bbq" --bwd-block-k "$bbk" --num-warps "$nw" --num-stages "$ns" \
       --out /tmp/gpu_session_tile.json > /dev/null || echo "setting $s failed"
     [ -f /tmp/gpu_session_tile.json ] && "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" \
       /tmp/gpu_session_tile.json >> "$OUT/tiles.jsonl"

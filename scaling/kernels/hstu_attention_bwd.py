@@ -12,7 +12,8 @@ Three kernels, none with atomics or cross-program writes (FlashAttention-2's spl
   dkdv   grid (N / BK, B, h): a key block accumulates dK, dV over the query blocks that see it
          (`query_block_range`: from the diagonal to the length; a candidate key only its own row).
          Computed key-major (s^T = k q^T) so no tile is transposed.
-  dq     grid (N / BQ, B, h): a query block accumulates dQ over the forward's key-block ranges.
+  dq     grid (N / BQ, B, h): a query block accumulates dQ over the forward's key-block ranges
+         (the longest rows launched first, as in the forward).
   dbias  grid (N / BQ, N / BK, B), only with the relative bias: one program per visited tile loops
          over the heads (recomputing s and dP per head, the bias once per tile), sums dS in fp32
          registers and writes the tile to a float32 [B, N, N] buffer (zeros for tiles not visited);
@@ -35,9 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, fast_math, full_key_blocks,
-                                                full_query_blocks, key_block_ranges, key_tile, pair_count,
-                                                query_block_range, row_valid, scores, seq_scalars, sigmoid,
-                                                split_refs, tile_mask)
+                                                full_query_blocks, heavy_first, key_block_ranges, key_tile,
+                                                pair_count, query_block_range, row_valid, scores, seq_scalars,
+                                                sigmoid, split_refs, tile_mask)
 from scaling.kernels.hstu_bias import tile_bias
 from scaling.kernels.sharded import out_struct
 
@@ -88,7 +89,7 @@ def _dkdv_kernel(*refs, cfg: MhaConfig):
 def _dq_kernel(*refs, cfg: MhaConfig):
     len_ref, hist_ref, (q_ref, k_ref, v_ref, do_ref), ts_ref, qts_ref, bias_refs, (dq_ref,) = split_refs(refs, cfg, 4)
     bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
-    qb, b = pl.program_id(0), pl.program_id(1)
+    qb, b = heavy_first(pl.program_id(0), pl.num_programs(0)), pl.program_id(1)
     length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
     q_lo = qb * bq
     rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
@@ -168,6 +169,9 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     def block(size, d):
         return pl.BlockSpec((None, size, None, d), lambda i, b, h: (b, i, h, 0))
 
+    def query_block(d):  # the dq grid runs its query blocks heavy_first
+        return pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, heavy_first(i, n // bq), h, 0))
+
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
         out_shape=(out_struct(k.shape, k.dtype, *inputs), out_struct(v.shape, v.dtype, *inputs)),
@@ -186,9 +190,9 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
         functools.partial(_dq_kernel, cfg=cfg),
         out_shape=out_struct(q.shape, q.dtype, *inputs),
         grid=(n // bq, bsz, heads),
-        in_specs=[scalar, scalar, block(bq, dqk), whole(dqk), whole(dv_dim), block(bq, dv_dim),
+        in_specs=[scalar, scalar, query_block(dqk), whole(dqk), whole(dv_dim), query_block(dv_dim),
                   *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges)],
-        out_specs=block(bq, dqk),
+        out_specs=query_block(dqk),
         compiler_params=params,
         cost_estimate=pl.CostEstimate(flops=2 * pairs * (2 * dqk + dv_dim) + 10 * pairs, transcendentals=pairs,
                                       bytes_accessed=tensor_bytes),

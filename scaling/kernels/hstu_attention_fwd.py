@@ -3,8 +3,8 @@
 Layout: dense padded q, k [B, N, h, dqk], v [B, N, h, dv] (N a multiple of every block size,
 head dims powers of two >= 16: `hstu_attention.py` pads), per sequence its length L (rows >= L are
 padding) and history length n_hist = L - candidates. Grid (N / BM, B, h): one program per query
-block, head and sequence; it holds its q tile and the whole sequence's K, V (a pointer on GPU) and
-walks the key blocks it needs:
+block (the last block first: `heavy_first`), head and sequence; it holds its q tile and the whole
+sequence's K, V (a pointer on GPU) and walks the key blocks it needs:
 
     history keys [0, min(ceil(n_hist / BN), causal end))   then
     the blocks holding its own rows' keys (the diagonal)   [max(that, q_lo // BN), ceil(min(q_hi, L) / BN))
@@ -75,6 +75,12 @@ class MhaConfig:
     def compiler_params(self, head_dim: int) -> pltr.CompilerParams:
         warps = self.num_warps or (4 if head_dim <= 64 else 8)
         return pltr.CompilerParams(num_warps=warps, num_stages=self.num_stages)
+
+
+def heavy_first(i, count):
+    """The query block grid step i computes: the last first. Causal rows near the end see the most
+    keys, so launching them first keeps the last wave of programs short."""
+    return count - 1 - i
 
 
 def cdiv(a, b: int):
@@ -202,7 +208,7 @@ def key_tile(k_ref, v_ref, ts_ref, kb, bk: int, cfg: MhaConfig):
 def _forward_kernel(*refs, cfg: MhaConfig):
     len_ref, hist_ref, (q_ref, k_ref, v_ref), ts_ref, qts_ref, bias_refs, (o_ref,) = split_refs(refs, cfg, 3)
     bq, bk = cfg.block_q, cfg.block_k
-    qb, b = pl.program_id(0), pl.program_id(1)
+    qb, b = heavy_first(pl.program_id(0), pl.num_programs(0)), pl.program_id(1)
     length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
     q_lo = qb * bq
     rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
@@ -247,10 +253,11 @@ def mha_forward(q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg: MhaC
     bsz, n, heads, dqk = q.shape
     dv = v.shape[-1]
     bq = cfg.block_q
+    nq = n // bq
     scalar = pl.BlockSpec(lengths.shape, lambda *_: (0,))
     in_specs = [
         scalar, scalar,
-        pl.BlockSpec((None, bq, None, dqk), lambda i, b, h: (b, i, h, 0)),
+        pl.BlockSpec((None, bq, None, dqk), lambda i, b, h: (b, heavy_first(i, nq), h, 0)),
         pl.BlockSpec((None, n, None, dqk), lambda i, b, h: (b, 0, h, 0)),
         pl.BlockSpec((None, n, None, dv), lambda i, b, h: (b, 0, h, 0)),
         *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges),
@@ -268,7 +275,7 @@ def mha_forward(q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg: MhaC
         out_shape=out_struct((bsz, n, heads, dv), v.dtype, q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w),
         grid=(n // bq, bsz, heads),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, bq, None, dv), lambda i, b, h: (b, i, h, 0)),
+        out_specs=pl.BlockSpec((None, bq, None, dv), lambda i, b, h: (b, heavy_first(i, nq), h, 0)),
         compiler_params=cfg.compiler_params(max(dqk, dv)),
         cost_estimate=cost,
         interpret=cfg.interpret,
