@@ -3,10 +3,11 @@
     python -m benchmarks.kernels [--out FILE] [--smoke] [--lengths 512,1024,2048,4096,8192]
                                  [--dims 64,128] [--tokens 32768] [--heads 4] [--iters 20]
                                  [--ops hstu,fm] [--impls pallas,xla] [--block-q 64 --block-k 64
-                                 --bwd-block-q 64 --bwd-block-k 64 --num-warps 8 --num-stages 2]
+                                 --bwd-block-q 64 --bwd-block-k 32 --num-warps 8 --num-stages 2]
 
-The tile flags set the HSTU kernel's `Blocks` (backward blocks default to the forward's; warps
-default to 4 for head dims <= 64, else 8): a tile sweep is one call per setting with
+The tile flags set the HSTU kernel's `Blocks` (the backward query block defaults to the forward's,
+the backward key block and the warps to the library's defaults, see `Blocks`): a tile sweep is
+one call per setting with
 `--ops hstu --impls pallas --lengths 4096 --dims 128` (benchmarks/gpu_session.sh does one).
 
 HSTU attention, bf16, the model's configuration (relative position + time-bucket bias, divide by
@@ -156,15 +157,15 @@ def main(argv=None) -> int:
     parser.add_argument("--block-q", type=int, default=64)
     parser.add_argument("--block-k", type=int, default=64)
     parser.add_argument("--bwd-block-q", type=int, default=0, help="default: --block-q")
-    parser.add_argument("--bwd-block-k", type=int, default=0, help="default: --block-k")
-    parser.add_argument("--num-warps", type=int, default=0, help="default: 4 for head dims <= 64, else 8")
+    parser.add_argument("--bwd-block-k", type=int, default=0, help="default: the library's (32 for d >= 128, else 64)")
+    parser.add_argument("--num-warps", type=int, default=0, help="default: 8, or 4 for head dims <= 32")
     parser.add_argument("--num-stages", type=int, default=2)
     parser.add_argument("--ops", default="hstu,fm", help="which kernels: hstu, fm or both")
     parser.add_argument("--impls", default="pallas,xla", help="pallas, xla or both")
     parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes (CPU: interpret mode)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
-    blocks = Blocks(args.block_q, args.block_k, args.bwd_block_q or args.block_q, args.bwd_block_k or args.block_k,
+    blocks = Blocks(args.block_q, args.block_k, args.bwd_block_q or args.block_q, args.bwd_block_k or None,
                     num_warps=args.num_warps or None, num_stages=args.num_stages)
     ops, impls = args.ops.split(","), tuple(args.impls.split(","))
     unknown = sorted(set(ops) - {"hstu", "fm"}) + sorted(set(impls) - {"pallas", "xla"})
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
         "jax": jax.__version__,
         "smoke": args.smoke,
         "tokens": tokens,
-        "blocks": [blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.bwd_block_k],
+        "blocks": [blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.bwd_block_k],  # None: per head dim
         "num_warps": blocks.num_warps,
         "num_stages": blocks.num_stages,
         "matmul_bf16_tflops": matmul_tflops(matmul_n, max(iters, 3)),

@@ -44,20 +44,33 @@ __all__ = ["Blocks", "hstu_mha", "candidate_mha", "reference_mha", "pallas_mha"]
 @dataclasses.dataclass(frozen=True)
 class Blocks:
     """Tile sizes (powers of two >= 16; capped at the padded length) and Triton launch knobs.
-    Defaults are H100 starting points for head dims 64-128 (untuned; benchmarks/kernels.py)."""
+
+    Defaults are the H100 settings that compile without register spills for head dims 64 and 128,
+    with and without the relative bias (`python -m benchmarks.kernel_compile`, Triton 3.8, sm_90a):
+    64 x 64 tiles and 8 warps, except the backward's key block, 32 for head dims >= 128 (64 x 64
+    dK/dV tiles with the bias spill there). Their speed is untuned (benchmarks/kernels.py).
+    """
 
     block_q: int = 64
     block_k: int = 64
     bwd_block_q: int = 64
-    bwd_block_k: int = 64
-    num_warps: int | None = None  # 4 for head dims <= 64, else 8
+    bwd_block_k: int | None = None  # None: 32 for head dims >= 128, else 64
+    num_warps: int | None = None  # None: 8, or 4 for head dims <= 32
     num_stages: int = 2
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
             size = getattr(self, name)
+            if size is None and name == "bwd_block_k":
+                continue
             if size < 16 or size & (size - 1):
                 raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+
+    def backward_key_block(self, head_dim: int) -> int:
+        """bwd_block_k, or its default for this head dim."""
+        if self.bwd_block_k is not None:
+            return self.bwd_block_k
+        return 32 if head_dim >= 128 else 64
 
 
 # ------------------------------------------------------------------------------------------------
@@ -150,7 +163,8 @@ def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_t
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, n)
     n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates.astype(jnp.int32), 0, lengths)
     cap = max(16, pl.next_power_of_2(n))
-    sizes = [min(s, cap) for s in (blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.bwd_block_k)]
+    bwd_k = blocks.backward_key_block(max(dqk, dv))
+    sizes = [min(s, cap) for s in (blocks.block_q, blocks.block_k, blocks.bwd_block_q, bwd_k)]
     npad = -(-n // max(sizes)) * max(sizes)
     dqk_p, dv_p = (max(16, pl.next_power_of_2(d)) for d in (dqk, dv))
     q, k = (_pad_to(_pad_to(x, 1, npad), 3, dqk_p) for x in (q, k))

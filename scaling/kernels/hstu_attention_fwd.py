@@ -73,7 +73,7 @@ class MhaConfig:
         return self.num_pos > 0
 
     def compiler_params(self, head_dim: int) -> pltr.CompilerParams:
-        warps = self.num_warps or (4 if head_dim <= 64 else 8)
+        warps = self.num_warps or (4 if head_dim <= 32 else 8)  # Blocks' docstring
         return pltr.CompilerParams(num_warps=warps, num_stages=self.num_stages)
 
 

@@ -1,0 +1,164 @@
+"""Registers, spills and shared memory of the HSTU kernels compiled for an H100, without a GPU.
+
+    python -m benchmarks.kernel_compile --triton-python PY [--dims 64,128] [--length 4096]
+        [--tiles 64x64:64x64,64x64:64x32,...] [--warps 4,8] [--out FILE]
+
+JAX lowers each kernel to Triton IR here (cross-lowering for an abstract H100, bf16); a child
+process of PY (any Python with the `triton` package, whose wheel carries ptxas) compiles that IR
+to sm_90a PTX and a cubin with the same num_warps / num_stages, and `ptxas -v` reports registers
+per thread, spill bytes and the kernel's shared memory. Spills (local-memory traffic in the inner
+loop) and shared memory beyond 227 KB per block (a launch failure) rule a tile setting out before
+any GPU time is spent on it; the fastest of the rest is for the GPU to say (gpu_session.sh's tile
+sweep). The Triton in PY need not be the one inside jaxlib, so the counts are what a recent
+Triton makes of the same IR, not necessarily what XLA's build will.
+
+Tiles are forward BQxBK:backward BQxBK, or `default` (with --warps 0: the library's defaults,
+`Blocks()`); each setting is lowered with and without the relative bias, for every head dim and
+warp count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+
+from benchmarks.json_report import emit
+
+SMEM_LIMIT = 227 * 1024  # H100: the most shared memory one block may use
+
+_CHILD = r'''
+import json, os, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+jobs, out = json.load(open(sys.argv[1])), []
+for job in jobs:
+    try:
+        kernel = triton.compile(job["ttir"], target=GPUTarget("cuda", 90, 32),
+                                options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(kernel.asm["ptx"])
+        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                              text=True).stderr
+        regs = re.search(r"Used (\d+) registers", info)
+        spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+        out.append({"registers": int(regs.group(1)) if regs else None,
+                    "spill_store_bytes": int(spill.group(1)) if spill else None,
+                    "spill_load_bytes": int(spill.group(2)) if spill else None,
+                    "shared_bytes": int(kernel.metadata.shared)})
+    except Exception as err:  # noqa: BLE001
+        out.append({"error": f"{type(err).__name__}: {str(err)[:300]}"})
+print(json.dumps({"triton": triton.__version__, "results": out}))
+'''
+
+
+def lower_to_ttir(dim: int, length: int, blocks, bias: bool, directory: str) -> dict[str, str]:
+    """{kernel name: path of its Triton IR} for value_and_grad of the `auto` HSTU attention."""
+    import jax
+    import jax.numpy as jnp
+    from jax._src.pallas.triton import lowering
+
+    from scaling.kernels.hstu_attention import hstu_mha
+
+    paths: dict[str, str] = {}
+    real = lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = real(*args, **kwargs)
+        name = result.module.operation.attributes["sym_name"].value
+        paths[name] = os.path.join(directory, f"{name}.ttir")
+        with open(paths[name], "w") as f:
+            f.write(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    s = jax.ShapeDtypeStruct
+    args = [s((1, length, 2, dim), jnp.bfloat16)] * 3 + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32),
+                                                         s((1,), jnp.int32), s((1, length), jnp.int32)]
+
+    def loss(q, k, v, pos_w, ts_w, lengths, ts):
+        extra = dict(pos_w=pos_w, ts_w=ts_w, timestamps=ts) if bias else {}
+        out = hstu_mha(q, k, v, lengths, norm=float(length), impl="auto", blocks=blocks, **extra)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+            grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if bias else (0, 1, 2))
+            jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        lowering.lower_jaxpr_to_triton_module = real
+    return paths
+
+
+def parse_tiles(text: str) -> list[tuple[int, int, int, int] | None]:
+    """'64x64:64x32,default' -> [(64, 64, 64, 32), None] (None: the library's defaults)."""
+    out = []
+    for item in text.split(","):
+        if item == "default":
+            out.append(None)
+            continue
+        fwd, bwd = item.split(":")
+        out.append(tuple(int(x) for x in (*fwd.split("x"), *bwd.split("x"))))
+    return out
+
+
+def resolved(tiles, warps: int, dim: int):
+    """(Blocks, the four tile sizes, num_warps) as the kernels will use them; warps 0: default."""
+    from scaling.kernels.hstu_attention import Blocks
+    from scaling.kernels.hstu_attention_fwd import MhaConfig
+
+    blocks = Blocks(num_warps=warps or None) if tiles is None else Blocks(*tiles, num_warps=warps or None)
+    sizes = (blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.backward_key_block(dim))
+    return blocks, sizes, MhaConfig(norm=1.0, num_warps=warps or None).compiler_params(dim).num_warps
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--triton-python", required=True, help="a Python with the triton package")
+    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--tiles", default="64x64:64x64,128x64:64x64,64x64:64x32,64x64:32x64,64x64:32x32",
+                        help="forward BQxBK:backward BQxBK, comma-separated; 'default': the library's tiles")
+    parser.add_argument("--warps", default="4,8", help="0: the library's default")
+    parser.add_argument("--num-stages", type=int, default=2)
+    parser.add_argument("--out", default="", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    jobs, rows = [], []
+    with tempfile.TemporaryDirectory() as work:
+        for dim in (int(d) for d in args.dims.split(",")):
+            for tiles in parse_tiles(args.tiles):
+                for warps in (int(w) for w in args.warps.split(",")):
+                    blocks, sizes, warps = resolved(tiles, warps, dim)
+                    for bias in (False, True):
+                        where = tempfile.mkdtemp(dir=work)
+                        for kernel, path in sorted(lower_to_ttir(dim, args.length, blocks, bias, where).items()):
+                            rows.append({"kernel": kernel, "d": dim, "bias": bias, "forward_tile": list(sizes[:2]),
+                                         "backward_tile": list(sizes[2:]), "num_warps": warps,
+                                         "num_stages": args.num_stages, "defaults": tiles is None})
+                            jobs.append({"ttir": path, "num_warps": warps, "num_stages": args.num_stages})
+        with open(os.path.join(work, "jobs.json"), "w") as f:
+            json.dump(jobs, f)
+        child = subprocess.run([args.triton_python, "-c", _CHILD, os.path.join(work, "jobs.json")],
+                               capture_output=True, text=True, timeout=3600)
+    if child.returncode != 0:
+        raise SystemExit(f"error: compiling with {args.triton_python} failed: {child.stderr.strip().splitlines()[-1]}")
+    compiled = json.loads(child.stdout.strip().splitlines()[-1])
+    for row, result in zip(rows, compiled["results"], strict=True):
+        row.update(result)
+        if "error" not in row:
+            row["fits"] = row["spill_store_bytes"] == 0 and row["shared_bytes"] <= SMEM_LIMIT
+    report = {"benchmark": "kernel_compile", "target": "sm_90a (H100), compiled offline", "triton": compiled["triton"],
+              "length": args.length, "dtype": "bfloat16", "rows": rows}
+    emit(report, args.out)
+    return report
+
+
+if __name__ == "__main__":
+    main()
