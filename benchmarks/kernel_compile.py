@@ -1,4 +1,4 @@
-"""Registers, spills and shared memory of the HSTU kernels compiled for an H100, without a GPU.
+"""Registers, spills and shared memory of the Pallas kernels compiled for an H100, without a GPU.
 
     python -m benchmarks.kernel_compile --triton-python PY [--dims 64,128] [--length 4096]
         [--tiles 64x64:64x64,64x64:64x32,...] [--warps 4,8] [--out FILE]
@@ -12,7 +12,8 @@ any GPU time is spent on it; the fastest of the rest is for the GPU to say (gpu_
 sweep). The Triton in PY need not be the one inside jaxlib, so the counts are what a recent
 Triton makes of the same IR, not necessarily what XLA's build will.
 
-Tiles are forward BQxBK:backward BQxBK, or `default` (with --warps 0: the library's defaults,
+`--op fm` compiles the Wukong FM block's two kernels instead, for n x d x k settings (B = 4096)
+with the warps the library picks. For HSTU, tiles are forward BQxBK:backward BQxBK, or `default` (with --warps 0: the library's defaults,
 `Blocks()`); each setting is lowered with and without the relative bias, for every head dim and
 warp count.
 """
@@ -56,13 +57,10 @@ print(json.dumps({"triton": triton.__version__, "results": out}))
 '''
 
 
-def lower_to_ttir(dim: int, length: int, blocks, bias: bool, directory: str) -> dict[str, str]:
-    """{kernel name: path of its Triton IR} for value_and_grad of the `auto` HSTU attention."""
+def _captured(lower: callable, directory: str) -> dict[str, str]:
+    """Run `lower()` (a cross-lowering for an abstract H100) and keep every Triton module it makes."""
     import jax
-    import jax.numpy as jnp
     from jax._src.pallas.triton import lowering
-
-    from scaling.kernels.hstu_attention import hstu_mha
 
     paths: dict[str, str] = {}
     real = lowering.lower_jaxpr_to_triton_module
@@ -75,6 +73,23 @@ def lower_to_ttir(dim: int, length: int, blocks, bias: bool, directory: str) -> 
             f.write(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
+    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+            lower()
+    finally:
+        lowering.lower_jaxpr_to_triton_module = real
+    return paths
+
+
+def lower_to_ttir(dim: int, length: int, blocks, bias: bool, directory: str) -> dict[str, str]:
+    """{kernel name: path of its Triton IR} for value_and_grad of the `auto` HSTU attention."""
+    import jax
+    import jax.numpy as jnp
+
+    from scaling.kernels.hstu_attention import hstu_mha
+
     s = jax.ShapeDtypeStruct
     args = [s((1, length, 2, dim), jnp.bfloat16)] * 3 + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32),
                                                          s((1,), jnp.int32), s((1, length), jnp.int32)]
@@ -84,15 +99,25 @@ def lower_to_ttir(dim: int, length: int, blocks, bias: bool, directory: str) -> 
         out = hstu_mha(q, k, v, lengths, norm=float(length), impl="auto", blocks=blocks, **extra)
         return jnp.sum(out.astype(jnp.float32) ** 2)
 
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-    lowering.lower_jaxpr_to_triton_module = capture
-    try:
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-            grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if bias else (0, 1, 2))
-            jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",))
-    finally:
-        lowering.lower_jaxpr_to_triton_module = real
-    return paths
+    grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if bias else (0, 1, 2))
+    return _captured(lambda: jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)), directory)
+
+
+def lower_fm_to_ttir(n: int, d: int, k: int, directory: str) -> dict[str, str]:
+    """{kernel name: path of its Triton IR} for the gradient of the `auto` Wukong FM block."""
+    import jax
+    import jax.numpy as jnp
+
+    from scaling.kernels.fm_block import fm_block
+
+    s = jax.ShapeDtypeStruct
+    args = (s((4096, n, d), jnp.bfloat16), s((n, k), jnp.float32), s((n * k,), jnp.float32), s((n * k,), jnp.float32))
+
+    def loss(x, y, scale, bias):
+        return jnp.sum(fm_block(x, y, scale, bias, impl="auto").astype(jnp.float32) ** 2)
+
+    return _captured(lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
+        lowering_platforms=("cuda",)), directory)
 
 
 def parse_tiles(text: str) -> list[tuple[int, int, int, int] | None]:
@@ -126,13 +151,28 @@ def main(argv: list[str] | None = None) -> dict:
                         help="forward BQxBK:backward BQxBK, comma-separated; 'default': the library's tiles")
     parser.add_argument("--warps", default="4,8", help="0: the library's default")
     parser.add_argument("--num-stages", type=int, default=2)
+    parser.add_argument("--op", default="hstu", choices=("hstu", "fm"), help="HSTU attention or the Wukong FM block")
+    parser.add_argument("--fm-shapes", default="27x16x12,48x64x24,64x64x32,64x128x24,128x64x32",
+                        help="FM block n x d x k settings (--op fm), with the library's warps")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     jobs, rows = [], []
     with tempfile.TemporaryDirectory() as work:
-        for dim in (int(d) for d in args.dims.split(",")):
+        for shape in (args.fm_shapes.split(",") if args.op == "fm" else ()):
+            from jax.experimental.pallas import next_power_of_2
+
+            from scaling.kernels.fm_block import launch_warps
+
+            n, d, k = (int(x) for x in shape.split("x"))
+            warps = dict(zip(("wukong_fm_block_fwd", "wukong_fm_block_bwd"),
+                             launch_warps(*(max(16, next_power_of_2(v)) for v in (n, d, k)))))
+            for kernel, path in sorted(lower_fm_to_ttir(n, d, k, tempfile.mkdtemp(dir=work)).items()):
+                rows.append({"kernel": kernel, "n": n, "d": d, "k": k, "num_warps": warps[kernel],
+                             "num_stages": args.num_stages})
+                jobs.append({"ttir": path, "num_warps": warps[kernel], "num_stages": args.num_stages})
+        for dim in (int(d) for d in args.dims.split(",")) if args.op == "hstu" else ():
             for tiles in parse_tiles(args.tiles):
                 for warps in (int(w) for w in args.warps.split(",")):
                     blocks, sizes, warps = resolved(tiles, warps, dim)

@@ -47,7 +47,8 @@ class _Config:
     eps: float
     block_b: int
     interpret: bool
-    num_warps: int = 4
+    num_warps: int = 4  # forward
+    bwd_num_warps: int = 8
     num_stages: int = 2
 
 
@@ -167,7 +168,7 @@ def _fm_bwd(cfg: _Config, residuals, g):
         grid=(programs,),
         in_specs=[x_spec, whole, whole, tile],
         out_specs=(x_spec, partial, partial, partial),
-        compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        compiler_params=pltr.CompilerParams(num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages),
         cost_estimate=pl.CostEstimate(flops=b * (12 * n * d * k + 20 * n * k), transcendentals=b,
                                       bytes_accessed=x.dtype.itemsize * (2 * x.size + b * n * k) + 16 * programs * n * k),
         interpret=cfg.interpret,
@@ -185,6 +186,13 @@ def _pad(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
 
 
+def launch_warps(n_p: int, d_p: int, k_p: int) -> tuple[int, int]:
+    """(forward, backward) num_warps for padded sizes, by the register tiles each kernel holds.
+    Compiled for sm_90a (python -m benchmarks.kernel_compile --op fm), the backward's [n, d] and
+    [d, k] tiles spill at 4 warps from (n, d, k) = (64, 128, 32) or (128, 64, 32) on; 8 do not."""
+    return (4 if n_p * k_p <= 4096 else 8), (4 if n_p * max(d_p, k_p) <= 1024 else 8)
+
+
 def pallas_fm_block(x, y, scale, bias, *, eps: float = 1e-5, block_b: int = 32, interpret: bool = False) -> jax.Array:
     """The kernel path of `fm_block`: pads n, d, k to powers of two >= 16 and B to the tile."""
     b, n, d = x.shape
@@ -194,7 +202,9 @@ def pallas_fm_block(x, y, scale, bias, *, eps: float = 1e-5, block_b: int = 32, 
     n_p, d_p, k_p = (max(16, pl.next_power_of_2(s)) for s in (n, d, k))
     block_b = max(1, min(block_b, b))
     b_p = -(-b // block_b) * block_b
-    cfg = _Config(n=n, k=k, eps=float(eps), block_b=block_b, interpret=interpret, num_warps=4 if n_p * k_p <= 4096 else 8)
+    fwd_warps, bwd_warps = launch_warps(n_p, d_p, k_p)
+    cfg = _Config(n=n, k=k, eps=float(eps), block_b=block_b, interpret=interpret, num_warps=fwd_warps,
+                  bwd_num_warps=bwd_warps)
     scale32, bias32 = (_pad(t.astype(jnp.float32).reshape(n, k), (n_p, k_p)) for t in (scale, bias))
     out = _fm(_pad(x, (b_p, n_p, d_p)), _pad(y, (n_p, k_p)), scale32, bias32, cfg)
     return out[:b, :n, :k].reshape(b, n * k)
