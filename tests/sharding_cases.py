@@ -157,8 +157,9 @@ def _natural_rows(partitioner, abstract, state) -> dict:
 def relayout_restore() -> dict:
     """A DLRM checkpoint written with row-wise tables on 8 devices after 3 steps (so Adagrad's
     accumulators are not zero) restored row-wise on 4 devices, table-wise on 8 and replicated on
-    1: every table and accumulator row must come back to the same natural row, in this run's
-    sharding. Restoring without the relayout (the arrays as saved, same shape) must not."""
+    1, and row-wise on 6 (whose shards the saved 472 rows do not divide): every table and
+    accumulator row must come back to the same natural row, in this run's sharding. Restoring
+    without the relayout (the arrays as saved, same shape) must not."""
     import tempfile
 
     import jax
@@ -171,7 +172,10 @@ def relayout_restore() -> dict:
 
     capacity = "sharding.embedding_capacity=8"
     saved_cfg = config("dlrm", ["sharding.mesh.data=8", "sharding.embedding=row_wise", capacity])
+    # row_wise over 6: 474 stored rows, and the saved 472 do not split over 6 devices
     targets = {"row_wise/4": (["sharding.mesh.data=4", "sharding.embedding=row_wise", capacity], 4),
+               "row_wise/6": (["sharding.mesh.data=6", "sharding.embedding=row_wise", capacity,
+                               "train.batch_size=48", "train.eval_batch_size=48"], 6),
                "table_wise/8": (["sharding.mesh.data=8", "sharding.embedding=table_wise", capacity], 8),
                "replicated/1": ([], 1)}
     out: dict = {}

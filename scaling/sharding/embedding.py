@@ -48,8 +48,7 @@ placement active a lookup is a jnp.take at the stored positions, so a model comp
 function on one device whatever layout it was built with.
 
 Checkpoints hold stored arrays and record each table's layout; a restore under another strategy
-or device count re-lays them out with `convert_table(stored, old_layout, new_layout)` (a static
-permutation; scaling.sharding.relayout).
+or device count re-lays them out (a static permutation of rows, on the host: scaling.sharding.relayout).
 """
 
 from __future__ import annotations
@@ -308,16 +307,18 @@ def convert_table(stored: jax.Array, old: TableLayout, new: TableLayout) -> jax.
     return to_stored(to_natural(stored, old), new)
 
 
-def stored_positions(rows: jax.Array, layout: TableLayout) -> jax.Array:
-    """Natural rows (int, any shape) -> their rows in the stored array."""
+def stored_positions(rows: jax.Array | np.ndarray, layout: TableLayout) -> jax.Array | np.ndarray:
+    """Natural rows (int, any shape) -> their rows in the stored array (numpy in, numpy out: the
+    host-side re-layout of a restored checkpoint uses it)."""
+    xp = np if isinstance(rows, np.ndarray) else jnp
     if layout.strategy in ("replicated", "gspmd"):
         return rows
     if layout.strategy == "row_wise":
         return (rows % layout.shards) * layout.local_rows + rows // layout.shards
     offsets = layout.offsets
-    table = jnp.searchsorted(jnp.asarray(offsets[1:]), rows, side="right")
+    table = xp.searchsorted(xp.asarray(offsets[1:]), rows, side="right")
     start = _table_plan(layout.blocks, layout.singles, layout.shards).start
-    return jnp.asarray(start)[table] + rows - jnp.asarray(offsets)[table]
+    return xp.asarray(start)[table] + rows - xp.asarray(offsets)[table]
 
 
 def table_layout(table) -> TableLayout | None:

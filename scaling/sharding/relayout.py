@@ -9,10 +9,12 @@ are 8 x 59 and 4 x 118 alike), and without care would resume with every row in a
 
 A checkpoint therefore records each table's `TableLayout` (`layouts_json`). On restore,
 `RestorePlan` compares them with this run's: an unchanged table is read straight into its shards;
-a changed one (and its optimizer mirrors) is read in the saved shape, then `convert_table` puts
-each natural row where this run's layout wants it, in this run's sharding. A checkpoint without
-the record (written before it existed) is restored as it is, which is right only when the layout
-did not change.
+a changed one (and its optimizer mirrors) is read in the saved shape into host memory (each
+process reads it whole: the saved row count need not divide this run's devices, and no device
+ever holds more than its shard), its rows are moved on the host to where this run's layout wants
+each natural row, and each device receives its own shard. A checkpoint without the record
+(written before it existed) is restored as it is, which is right only when the layout did not
+change.
 
     plan = RestorePlan.make(partitioner, abstract, saved_layouts)
     state = plan.finish(checkpointer.restore(step, plan.target)[0])
@@ -21,14 +23,13 @@ did not change.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+from jax.sharding import NamedSharding
 
-from scaling.sharding.embedding import TableLayout, convert_table
-from scaling.sharding.mesh import BATCH_AXES
+from scaling.sharding.embedding import TableLayout, stored_positions
 from scaling.sharding.partitioner import OPTIMIZER_GROUPS, leaf_path
 
 # TableLayout fields that decide where a row is stored (capacity only sizes the lookup exchange).
@@ -89,7 +90,6 @@ class RestorePlan:
         if not changed:
             return cls(sharded, {}, ())
         moves: dict[tuple[str, ...], _Move] = {}
-        shards_now = math.prod(partitioner.mesh_sizes[a] for a in BATCH_AXES)
 
         def retarget(keypath, leaf):
             parts = leaf_path(keypath)
@@ -97,12 +97,8 @@ class RestorePlan:
             if found is None:
                 return leaf
             old, new = found
-            # Read the saved rows split over the batch axes when they divide evenly, else whole on
-            # every device (only while converting); the conversion writes this run's sharding.
-            rows = old.stored_rows
-            spec = P(BATCH_AXES) if shards_now > 1 and rows % shards_now == 0 else P()
             moves[parts] = _Move(old, new, leaf.sharding)
-            return jax.ShapeDtypeStruct((rows, *leaf.shape[1:]), leaf.dtype, sharding=NamedSharding(partitioner.mesh, spec))
+            return np.zeros((old.stored_rows, *leaf.shape[1:]), leaf.dtype)  # orbax restores it as numpy
 
         target = jax.tree_util.tree_map_with_path(retarget, sharded)
         notes = tuple(f"checkpoint table {'/'.join(p)}: re-laid out from {_describe(o)} to {_describe(n)}"
@@ -118,10 +114,18 @@ class RestorePlan:
             move = self.moves.get(leaf_path(keypath))
             if move is None:
                 return leaf
-            convert = jax.jit(lambda x: convert_table(x, move.old, move.new), out_shardings=move.sharding)
-            return convert(leaf)
+            relaid = _relaid(np.asarray(leaf), move)
+            return jax.make_array_from_callback(relaid.shape, move.sharding, relaid.__getitem__)
 
         return jax.tree_util.tree_map_with_path(relayout, restored)
+
+
+def _relaid(saved: np.ndarray, move: _Move) -> np.ndarray:
+    """The saved stored rows [old stored rows, ...] moved to the new layout's positions (padding 0)."""
+    natural = np.arange(move.old.rows)
+    out = np.zeros((move.new.stored_rows, *saved.shape[1:]), saved.dtype)
+    out[stored_positions(natural, move.new)] = saved[stored_positions(natural, move.old)]
+    return out
 
 
 def mirrored_table(parts: tuple[str, ...], changed: dict, shape: tuple[int, ...]):

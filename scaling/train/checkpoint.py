@@ -19,6 +19,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from scaling.sharding.distributed import gather_json
@@ -60,8 +61,10 @@ class Checkpointer:
         return self.manager.restore(step, args=ocp.args.Composite(layouts=ocp.args.JsonRestore())).layouts
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-        """Restore step `step` into the shapes/shardings of `abstract_state`."""
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        """Restore step `step` into the shapes/shardings of `abstract_state` (its numpy leaves are
+        restored as numpy arrays, whole, on the host)."""
+        target = jax.tree.map(lambda x: x if isinstance(x, np.ndarray) else ocp.utils.to_shape_dtype_struct(x),
+                              abstract_state)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
