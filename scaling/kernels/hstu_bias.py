@@ -6,11 +6,15 @@ Forward (inside every kernel, per [rows, cols] tile, nothing O(N^2) in memory):
 
 with pid(i) = min(i, n_hist) (candidates share the position right after the history, as M-FALCON
 places them; without candidates pid(i) = i) and the bucket found as the reference finds it
-(scaling/models/hstu_attention.py): a float32 log estimate within one bucket, then two edge checks
-in the research code's integer edge table, so the kernel's bucket equals `time_buckets` bit for bit
-whatever the estimate rounds to. That is why the estimate may be cheap: on the GPU it is one
-hardware lg2.approx.f32 times ln 2 / 0.301, truncated (the gap is >= 1, so truncation is floor),
-where an accurate logf, an IEEE division and a floorf would cost ~30 instructions per element.
+(scaling/models/hstu_attention.py) exactly, from the research code's integer edge table: a float32
+log estimate, scaled down by 1.5e-5 so that it never exceeds the true bucket and falls at most one
+short, then one edge check (`delta >= edges[estimate + 1]`). The kernel's bucket therefore equals
+`time_buckets` bit for bit whatever the estimate rounds to, as long as its relative error stays
+under 1.5e-5 (the float32 formula the table encodes is itself within 1e-6 of the exact one; the
+empty bucket 1 is never the estimate: a gap of 2 estimates 2.30). That is why the estimate may be
+cheap: on the GPU it is one hardware lg2.approx.f32 (relative error ~2^-22) times ln 2 / 0.301,
+truncated (the gap is >= 1, so truncation is floor), where an accurate logf, an IEEE division, a
+floorf and a second edge lookup would cost ~35 instructions per element.
 The three small tables (pos_w [2P - 1], ts_w [num_buckets + 1], the 72 edges) are whole-array
 kernel inputs read with gathers (pointer arithmetic on Triton; L1/L2 hits).
 
@@ -45,7 +49,8 @@ def edges_table() -> jax.Array:
     return jnp.asarray(BUCKET_EDGES, jnp.int32)
 
 
-_LOG2_TO_BUCKET = math.log(2.0) / BUCKET_DIVISOR
+# ln 2 / 0.301, scaled down so that the estimate never overshoots (module docstring)
+_LOG2_TO_BUCKET = math.log(2.0) / BUCKET_DIVISOR * (1.0 - 1.5e-5)
 
 
 def _log2(x: jax.Array, interpret: bool) -> jax.Array:
@@ -70,8 +75,7 @@ def tile_bias(pos_ref, tsw_ref, edges_ref, q_pid, k_pid, q_time, k_time, *, num_
     delta = jnp.abs(q_time - k_time)
     estimate = _log2(jnp.maximum(delta, 1).astype(jnp.float32), interpret) * _LOG2_TO_BUCKET
     approx = jnp.clip(estimate.astype(jnp.int32), 0, NUM_EDGES - 2)  # >= 0: truncation is floor
-    lower, upper = edges_ref[approx], edges_ref[approx + 1]
-    bucket = approx + (delta >= upper).astype(jnp.int32) - (delta < lower).astype(jnp.int32)
+    bucket = approx + (delta >= edges_ref[approx + 1]).astype(jnp.int32)
     bucket = jnp.clip(bucket, 0, num_buckets)
     return pos + tsw_ref[bucket]
 
