@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 
 from benchmarks.json_report import emit
+from benchmarks.triton_ir import fm_ttir, hstu_ttir
 
 SMEM_LIMIT = 227 * 1024  # H100: the most shared memory one block may use
 
@@ -55,69 +56,6 @@ for job in jobs:
         out.append({"error": f"{type(err).__name__}: {str(err)[:300]}"})
 print(json.dumps({"triton": triton.__version__, "results": out}))
 '''
-
-
-def _captured(lower: callable, directory: str) -> dict[str, str]:
-    """Run `lower()` (a cross-lowering for an abstract H100) and keep every Triton module it makes."""
-    import jax
-    from jax._src.pallas.triton import lowering
-
-    paths: dict[str, str] = {}
-    real = lowering.lower_jaxpr_to_triton_module
-
-    def capture(*args, **kwargs):
-        result = real(*args, **kwargs)
-        name = result.module.operation.attributes["sym_name"].value
-        paths[name] = os.path.join(directory, f"{name}.ttir")
-        with open(paths[name], "w") as f:
-            f.write(result.module.operation.get_asm(enable_debug_info=False))
-        return result
-
-    device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-    lowering.lower_jaxpr_to_triton_module = capture
-    try:
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-            lower()
-    finally:
-        lowering.lower_jaxpr_to_triton_module = real
-    return paths
-
-
-def lower_to_ttir(dim: int, length: int, blocks, bias: bool, directory: str) -> dict[str, str]:
-    """{kernel name: path of its Triton IR} for value_and_grad of the `auto` HSTU attention."""
-    import jax
-    import jax.numpy as jnp
-
-    from scaling.kernels.hstu_attention import hstu_mha
-
-    s = jax.ShapeDtypeStruct
-    args = [s((1, length, 2, dim), jnp.bfloat16)] * 3 + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32),
-                                                         s((1,), jnp.int32), s((1, length), jnp.int32)]
-
-    def loss(q, k, v, pos_w, ts_w, lengths, ts):
-        extra = dict(pos_w=pos_w, ts_w=ts_w, timestamps=ts) if bias else {}
-        out = hstu_mha(q, k, v, lengths, norm=float(length), impl="auto", blocks=blocks, **extra)
-        return jnp.sum(out.astype(jnp.float32) ** 2)
-
-    grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if bias else (0, 1, 2))
-    return _captured(lambda: jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)), directory)
-
-
-def lower_fm_to_ttir(n: int, d: int, k: int, directory: str) -> dict[str, str]:
-    """{kernel name: path of its Triton IR} for the gradient of the `auto` Wukong FM block."""
-    import jax
-    import jax.numpy as jnp
-
-    from scaling.kernels.fm_block import fm_block
-
-    s = jax.ShapeDtypeStruct
-    args = (s((4096, n, d), jnp.bfloat16), s((n, k), jnp.float32), s((n * k,), jnp.float32), s((n * k,), jnp.float32))
-
-    def loss(x, y, scale, bias):
-        return jnp.sum(fm_block(x, y, scale, bias, impl="auto").astype(jnp.float32) ** 2)
-
-    return _captured(lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
-        lowering_platforms=("cuda",)), directory)
 
 
 def parse_tiles(text: str) -> list[tuple[int, int, int, int] | None]:
@@ -168,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
             n, d, k = (int(x) for x in shape.split("x"))
             warps = dict(zip(("wukong_fm_block_fwd", "wukong_fm_block_bwd"),
                              launch_warps(*(max(16, next_power_of_2(v)) for v in (n, d, k)))))
-            for kernel, path in sorted(lower_fm_to_ttir(n, d, k, tempfile.mkdtemp(dir=work)).items()):
+            for kernel, path in sorted(fm_ttir(n, d, k, tempfile.mkdtemp(dir=work)).items()):
                 rows.append({"kernel": kernel, "n": n, "d": d, "k": k, "num_warps": warps[kernel],
                              "num_stages": args.num_stages})
                 jobs.append({"ttir": path, "num_warps": warps[kernel], "num_stages": args.num_stages})
@@ -178,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
                     blocks, sizes, warps = resolved(tiles, warps, dim)
                     for bias in (False, True):
                         where = tempfile.mkdtemp(dir=work)
-                        for kernel, path in sorted(lower_to_ttir(dim, args.length, blocks, bias, where).items()):
+                        for kernel, path in sorted(hstu_ttir(dim, args.length, blocks, bias, where).items()):
                             rows.append({"kernel": kernel, "d": dim, "bias": bias, "forward_tile": list(sizes[:2]),
                                          "backward_tile": list(sizes[2:]), "num_warps": warps,
                                          "num_stages": args.num_stages, "defaults": tiles is None})

@@ -2,56 +2,28 @@
 
     python -m benchmarks.kernel_ir [--length 512] [--dim 128] [--block 64] [--out FILE]
 
-Lowers value_and_grad of the `auto` HSTU attention (bf16, one head, block x block tiles) for an
-abstract H100 (the Pallas -> Triton-IR step runs on any machine), with and without the relative
-bias, and counts in each kernel's loop bodies (`scf.for`) the operations on [block, block] tiles
-other than the matmuls, loads and layout ops (splat, broadcast, expand_dims, make_range, addptr):
+Lowers value_and_grad of the `auto` HSTU attention (bf16, block x block tiles) for an abstract
+H100 (benchmarks/triton_ir.py: the Pallas -> Triton-IR step runs on any machine), with and
+without the relative bias, and counts in each kernel's loop bodies (`scf.for`) the operations on
+[block, block] tiles other than the matmuls, loads and layout ops (splat, broadcast, expand_dims, make_range, addptr):
 the per-element work the CUDA cores do beside the tensor cores. Reported per loop, in program
 order, with the costly kinds broken out: IEEE divisions (arith.divf, ~10 instructions each),
 libdevice calls (tt.extern_elementwise: expf, logf, floorf, ...), hardware approximations
 (tt.elementwise_inline_asm: tanh.approx, lg2.approx), selects and integer compares (masking).
 A count of IR operations is a proxy for instructions, not a timing: the GPU decides the rest.
-
-The kernels print their IR through `pallas_call(debug=True)`, which this script switches on in a
-child process and parses.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import os
 import re
-import subprocess
-import sys
+import tempfile
 
 from benchmarks.json_report import emit
+from benchmarks.triton_ir import hstu_ttir
 
 _SKIPPED = {"tt.dot", "tt.load", "tt.addptr", "tt.splat", "tt.broadcast", "tt.expand_dims", "tt.make_range"}
-
-_CHILD = r"""
-import sys
-import jax, jax.numpy as jnp
-from jax.experimental import pallas as pl
-from scaling.kernels.hstu_attention import Blocks, hstu_mha
-
-n, d, block, bias = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-real = pl.pallas_call
-pl.pallas_call = lambda *a, **k: real(*a, **{**k, "debug": True})
-s = jax.ShapeDtypeStruct
-args = [s((1, n, 1, d), jnp.bfloat16)] * 3 + [s((2 * n - 1,), jnp.float32), s((129,), jnp.float32),
-                                               s((1,), jnp.int32), s((1, n), jnp.int32)]
-
-def loss(q, k, v, pos_w, ts_w, lengths, ts):
-    extra = dict(pos_w=pos_w, ts_w=ts_w, timestamps=ts) if bias else {}
-    out = hstu_mha(q, k, v, lengths, norm=float(n), impl="auto", blocks=Blocks(block, block, block, block), **extra)
-    return jnp.sum(out.astype(jnp.float32) ** 2)
-
-dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=dev)):
-    grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if bias else (0, 1, 2))
-    jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",))
-"""
 
 
 def loop_bodies(module: str) -> list[list[str]]:
@@ -83,25 +55,19 @@ def tile_ops(body: list[str], block: int) -> dict[str, int]:
             "hw_approx": ops["tt.elementwise_inline_asm"], "select": ops["arith.select"], "int_compare": ops["arith.cmpi"]}
 
 
-def kernel_loops(text: str, block: int) -> dict[str, list[dict[str, int]]]:
-    """{kernel name: per loop body counts} from the printed Triton modules."""
-    out: dict[str, list] = {}
-    for module in re.split(r"(?=module @)", text)[1:]:
-        name = re.match(r"module @(\w+)", module).group(1)
-        loops = [tile_ops(body, block) for body in loop_bodies(module)]
-        if loops and name not in out:
-            out[name] = loops
-    return out
-
-
 def measure(length: int, dim: int, block: int, bias: bool) -> dict[str, list[dict[str, int]]]:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    child = subprocess.run([sys.executable, "-c", _CHILD, str(length), str(dim), str(block), "1" if bias else "0"],
-                           capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    if child.returncode != 0:
-        raise SystemExit(f"error: lowering failed: {child.stderr.strip().splitlines()[-1]}")
-    return kernel_loops(child.stdout + child.stderr, block)
+    """{kernel name: per loop body counts} of the HSTU kernels at block x block tiles."""
+    from scaling.kernels.hstu_attention import Blocks
+
+    with tempfile.TemporaryDirectory() as directory:
+        paths = hstu_ttir(dim, length, Blocks(block, block, block, block), bias, directory)
+        out = {}
+        for name, path in sorted(paths.items()):
+            with open(path) as f:
+                loops = [tile_ops(body, block) for body in loop_bodies(f.read())]
+            if loops:
+                out[name] = loops
+        return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.triton_ir import abstract_h100
 from scaling.kernels.dispatch import selected_impl
 from scaling.kernels.fm_block import fm_block
 from scaling.kernels.hstu_attention import Blocks, candidate_mha, hstu_mha
@@ -170,8 +171,7 @@ def test_dispatch_picks_xla_off_gpu_under_jit_and_grad():
 def _cuda_lowering(fn, *shapes):
     """StableHLO text of fn lowered for an abstract H100 (no GPU needed), or skip."""
     try:
-        dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-        mesh = jax.sharding.AbstractMesh((), (), abstract_device=dev)
+        mesh = jax.sharding.AbstractMesh((), (), abstract_device=abstract_h100())
         with jax.sharding.use_abstract_mesh(mesh):
             return jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     except (AttributeError, TypeError) as err:  # an older/newer JAX without cross-platform lowering
@@ -419,8 +419,7 @@ def test_kernels_lower_per_device_on_an_8_gpu_mesh():
         return jnp.sum(fm_block(x, y, scale, bias, impl="auto").astype(jnp.float32) ** 2)
 
     try:
-        dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
-        mesh = _abstract_mesh((4, 2, 1), dev)
+        mesh = _abstract_mesh((4, 2, 1), abstract_h100())
     except (AttributeError, TypeError) as err:
         pytest.skip(f"cannot build an abstract GPU mesh on this JAX: {err}")
     fm_shapes = [s((64, 27, 16), jnp.bfloat16), s((27, 12), jnp.float32), s((324,), jnp.float32), s((324,), jnp.float32)]

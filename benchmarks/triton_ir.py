@@ -1,0 +1,87 @@
+"""The Triton IR of this repo's Pallas kernels, as JAX lowers them for an H100, on any machine.
+
+    paths = hstu_ttir(dim=128, length=4096, blocks=Blocks(), bias=True, directory=tmp)
+    # {"hstu_attention_fwd": "tmp/hstu_attention_fwd.ttir", "..._dkdv": ..., "..._dq": ..., "..._dbias": ...}
+
+Each function cross-lowers the gradient of the kernel's `auto` entry point for an abstract H100
+(bf16 inputs; the Pallas -> Triton-IR step needs no GPU) and writes every Triton module the
+lowering makes to DIRECTORY as text. benchmarks/kernel_ir.py counts their per-element operations,
+benchmarks/kernel_compile.py compiles them to sm_90a.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+
+def abstract_h100():
+    """A jax.sharding.AbstractDevice standing for one H100 (cross-lowering needs no GPU)."""
+    import jax
+
+    return jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
+
+
+def captured(lower: Callable[[], Any], directory: str) -> dict[str, str]:
+    """Run `lower()` (a cross-lowering for an abstract H100) and keep every Triton module it makes."""
+    import jax
+    from jax._src.pallas.triton import lowering
+
+    paths: dict[str, str] = {}
+    real = lowering.lower_jaxpr_to_triton_module
+
+    def capture(*args, **kwargs):
+        result = real(*args, **kwargs)
+        name = result.module.operation.attributes["sym_name"].value
+        paths[name] = os.path.join(directory, f"{name}.ttir")
+        with open(paths[name], "w") as f:
+            f.write(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    lowering.lower_jaxpr_to_triton_module = capture
+    try:
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=abstract_h100())):
+            lower()
+    finally:
+        lowering.lower_jaxpr_to_triton_module = real
+    if not paths:
+        raise RuntimeError("the lowering made no Triton module (is the kernel dispatched on CUDA?)")
+    return paths
+
+
+def hstu_ttir(dim: int, length: int, blocks, bias: bool, directory: str) -> dict[str, str]:
+    """{kernel name: path of its Triton IR} for value_and_grad of the `auto` HSTU attention."""
+    import jax
+    import jax.numpy as jnp
+
+    from scaling.kernels.hstu_attention import hstu_mha
+
+    s = jax.ShapeDtypeStruct
+    args = [s((1, length, 2, dim), jnp.bfloat16)] * 3 + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32),
+                                                         s((1,), jnp.int32), s((1, length), jnp.int32)]
+
+    def loss(q, k, v, pos_w, ts_w, lengths, ts):
+        extra = dict(pos_w=pos_w, ts_w=ts_w, timestamps=ts) if bias else {}
+        out = hstu_mha(q, k, v, lengths, norm=float(length), impl="auto", blocks=blocks, **extra)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if bias else (0, 1, 2))
+    return captured(lambda: jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)), directory)
+
+
+def fm_ttir(n: int, d: int, k: int, directory: str) -> dict[str, str]:
+    """{kernel name: path of its Triton IR} for the gradient of the `auto` Wukong FM block."""
+    import jax
+    import jax.numpy as jnp
+
+    from scaling.kernels.fm_block import fm_block
+
+    s = jax.ShapeDtypeStruct
+    args = (s((4096, n, d), jnp.bfloat16), s((n, k), jnp.float32), s((n * k,), jnp.float32), s((n * k,), jnp.float32))
+
+    def loss(x, y, scale, bias):
+        return jnp.sum(fm_block(x, y, scale, bias, impl="auto").astype(jnp.float32) ** 2)
+
+    return captured(lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
+        lowering_platforms=("cuda",)), directory)
