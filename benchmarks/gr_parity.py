@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import tempfile
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--torch-python", required=True, help="a Python with PyTorch and Triton")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
+    if shutil.which(args.torch_python) is None:
+        parser.error(f"--torch-python {args.torch_python!r} is not an executable Python")
     if not os.path.isdir(os.path.join(args.gr_path, "generative_recommenders")):
         parser.error(f"--gr-path {args.gr_path!r} holds no generative_recommenders/ package")
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="FM block n x d x k settings (--op fm), with the library's warps")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
+    if shutil.which(args.triton_python) is None:
+        parser.error(f"--triton-python {args.triton_python!r} is not an executable Python")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     jobs, rows = [], []
