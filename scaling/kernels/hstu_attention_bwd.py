@@ -35,10 +35,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, fast_math, full_key_blocks,
-                                                full_query_blocks, heavy_first, key_block_ranges, key_tile,
-                                                pair_count, query_block_range, row_valid, scores, seq_scalars,
-                                                sigmoid, split_refs, tile_mask)
+from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, fast_math, full_query_blocks, heavy_first,
+                                                key_block_ranges, key_tile, over_key_blocks, pair_count, query_block,
+                                                query_block_range, scores, seq_scalars, sigmoid, split_refs,
+                                                tile_mask)
 from scaling.kernels.hstu_bias import tile_bias
 from scaling.kernels.sharded import out_struct
 
@@ -88,33 +88,21 @@ def _dkdv_kernel(*refs, cfg: MhaConfig):
 
 def _dq_kernel(*refs, cfg: MhaConfig):
     len_ref, hist_ref, (q_ref, k_ref, v_ref, do_ref), ts_ref, qts_ref, bias_refs, (dq_ref,) = split_refs(refs, cfg, 4)
-    bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
-    qb, b = heavy_first(pl.program_id(0), pl.num_programs(0)), pl.program_id(1)
-    length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
-    q_lo = qb * bq
-    rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
+    blk = query_block(len_ref, hist_ref, qts_ref, cfg.bwd_block_q, cfg)
     q, do = q_ref[...], do_ref[...]
-    q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)] if cfg.has_bias else None
     fast = fast_math(q.dtype)
 
     def body(kb, dq, *, masked: bool):
-        k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, bk, cfg)
-        s, r2, c2 = scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=False)
+        k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, cfg.bwd_block_k, cfg)
+        s, r2, c2 = scores(q, k, blk.rows, cols, blk.n_hist, bias_refs, blk.q_time, k_time, cfg, key_major=False)
         grad, _ = _silu_grad(s, cfg, fast)
         ds = dot(do, v, trans_b=True) * grad
         if masked:
-            ds = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), ds, 0.0)
+            ds = jnp.where(blk.mask(r2, c2), ds, 0.0)
         return dq + dot(ds.astype(k.dtype), k)
 
-    full, masked = functools.partial(body, masked=False), functools.partial(body, masked=True)
-    a, c, d = key_block_ranges(q_lo, length, n_hist, q_first, bq, bk)
-    f = full_key_blocks(q_lo, n_hist, a, bk)
-    dq = jnp.zeros(dq_ref.shape, jnp.float32)
-    dq = lax.fori_loop(0, f, full, dq)
-    dq = lax.fori_loop(f, a, masked, dq)
-    dq = lax.fori_loop(c, d, masked, dq)
-    dq = jnp.where(row_valid(rows, length, q_first)[:, None], dq * (1.0 / cfg.norm), 0.0)
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dq = over_key_blocks(body, jnp.zeros(dq_ref.shape, jnp.float32), blk, cfg.bwd_block_q, cfg.bwd_block_k)
+    dq_ref[...] = blk.finish(dq, cfg).astype(dq_ref.dtype)
 
 
 def _dbias_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, do_ref, ts_ref, qts_ref, pos_ref, tsw_ref, edges_ref,

@@ -22,10 +22,11 @@ Per tile: s = q k^T (fp32 accumulation) + rab (hstu_bias.tile_bias), p = silu(s)
 acc += p.astype(v.dtype) @ v in fp32; the 1 / norm is applied once to acc (the map is linear, and
 scaling before the bf16 cast changes no relative rounding), which is stored as v.dtype.
 
-Per-element work. With d = 128 a tile element costs 2 x 128 multiply-adds on the tensor cores and,
-as written naively, ~40 instructions on the CUDA cores (a masked select of seven compares, an
-accurate expf, two IEEE divisions): more time than the matmuls on an H100, where a tensor core does
-~16x the FMAs of the CUDA cores. So:
+Per-element work. With d = 128 a tile element costs 2 x 128 multiply-adds on the tensor cores, and
+the elementwise work beside them runs on the CUDA cores, which an H100 has far less throughput on.
+Written naively that work was 15 tile operations per element in the Triton IR (a masked select of
+seven compares, an accurate expf, two IEEE divisions; `python -m benchmarks.kernel_ir`), now 5 in
+the loop over whole tiles:
   - key blocks wholly below the diagonal and inside the history ("full" blocks, all but ~1 in
     L / block of a causal row) skip the mask; rows past the length (or before the first
     candidate) are zeroed once on the accumulator;
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -205,34 +207,62 @@ def key_tile(k_ref, v_ref, ts_ref, kb, bk: int, cfg: MhaConfig):
     return k_ref[pl.ds(k_lo, bk), :], v_ref[pl.ds(k_lo, bk), :], cols, k_time
 
 
-def _forward_kernel(*refs, cfg: MhaConfig):
-    len_ref, hist_ref, (q_ref, k_ref, v_ref), ts_ref, qts_ref, bias_refs, (o_ref,) = split_refs(refs, cfg, 3)
-    bq, bk = cfg.block_q, cfg.block_k
+class QueryBlock(NamedTuple):
+    """The query block a forward or dQ program computes: rows [q_lo, q_lo + BQ) of sequence b."""
+
+    q_lo: jax.Array
+    rows: jax.Array  # int32 [BQ]
+    length: jax.Array
+    n_hist: jax.Array
+    q_first: jax.Array
+    q_time: jax.Array | None  # int32 [BQ], the rows' query timestamps (None without bias)
+
+    def mask(self, rows, cols):
+        """`tile_mask` of a tile of this block (rows, cols broadcast to the tile)."""
+        return tile_mask(rows, cols, self.length, self.n_hist, self.q_first)
+
+    def finish(self, acc: jax.Array, cfg: MhaConfig) -> jax.Array:
+        """acc [BQ, d] scaled by 1 / norm once, rows that are not queries zeroed."""
+        return jnp.where(row_valid(self.rows, self.length, self.q_first)[:, None], acc * (1.0 / cfg.norm), 0.0)
+
+
+def query_block(len_ref, hist_ref, qts_ref, block_q: int, cfg: MhaConfig) -> QueryBlock:
+    """This program's query block (grid (N / BQ, B, h), query blocks `heavy_first`)."""
     qb, b = heavy_first(pl.program_id(0), pl.num_programs(0)), pl.program_id(1)
     length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
-    q_lo = qb * bq
-    rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
+    q_lo = qb * block_q
+    rows = q_lo + lax.broadcasted_iota(jnp.int32, (block_q,), 0)
+    q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, block_q), block_q)] if cfg.has_bias else None
+    return QueryBlock(q_lo, rows, length, n_hist, q_first, q_time)
+
+
+def over_key_blocks(body, init, blk: QueryBlock, block_q: int, block_k: int):
+    """carry = body(kb, carry, masked=...) over the key blocks the query block sees (module
+    docstring): the blocks every row sees whole unmasked, then the rest masked."""
+    a, c, d = key_block_ranges(blk.q_lo, blk.length, blk.n_hist, blk.q_first, block_q, block_k)
+    f = full_key_blocks(blk.q_lo, blk.n_hist, a, block_k)
+    masked = functools.partial(body, masked=True)
+    carry = lax.fori_loop(0, f, functools.partial(body, masked=False), init)
+    carry = lax.fori_loop(f, a, masked, carry)
+    return lax.fori_loop(c, d, masked, carry)
+
+
+def _forward_kernel(*refs, cfg: MhaConfig):
+    len_ref, hist_ref, (q_ref, k_ref, v_ref), ts_ref, qts_ref, bias_refs, (o_ref,) = split_refs(refs, cfg, 3)
+    blk = query_block(len_ref, hist_ref, qts_ref, cfg.block_q, cfg)
     q = q_ref[...]
-    q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)] if cfg.has_bias else None
     fast = fast_math(q.dtype)
 
     def body(kb, acc, *, masked: bool):
-        k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, bk, cfg)
-        s, r2, c2 = scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=False)
+        k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, cfg.block_k, cfg)
+        s, r2, c2 = scores(q, k, blk.rows, cols, blk.n_hist, bias_refs, blk.q_time, k_time, cfg, key_major=False)
         p = silu(s, cfg, fast)
         if masked:
-            p = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), p, 0.0)
+            p = jnp.where(blk.mask(r2, c2), p, 0.0)
         return acc + dot(p.astype(v.dtype), v)
 
-    full, masked = functools.partial(body, masked=False), functools.partial(body, masked=True)
-    a, c, d = key_block_ranges(q_lo, length, n_hist, q_first, bq, bk)
-    f = full_key_blocks(q_lo, n_hist, a, bk)
-    acc = jnp.zeros((bq, o_ref.shape[-1]), jnp.float32)
-    acc = lax.fori_loop(0, f, full, acc)
-    acc = lax.fori_loop(f, a, masked, acc)
-    acc = lax.fori_loop(c, d, masked, acc)
-    acc = jnp.where(row_valid(rows, length, q_first)[:, None], acc * (1.0 / cfg.norm), 0.0)
-    o_ref[...] = acc.astype(o_ref.dtype)
+    acc = over_key_blocks(body, jnp.zeros((cfg.block_q, o_ref.shape[-1]), jnp.float32), blk, cfg.block_q, cfg.block_k)
+    o_ref[...] = blk.finish(acc, cfg).astype(o_ref.dtype)
 
 
 def pair_count(n: int) -> int:

@@ -32,23 +32,18 @@ from jax.sharding import NamedSharding
 from scaling.sharding.embedding import TableLayout, stored_positions
 from scaling.sharding.partitioner import OPTIMIZER_GROUPS, leaf_path
 
-# TableLayout fields that decide where a row is stored (capacity only sizes the lookup exchange).
-_STORAGE_FIELDS = ("strategy", "rows", "shards", "blocks", "singles")
-
-
 def layout_to_json(layout: TableLayout) -> dict:
-    return {"strategy": layout.strategy, "rows": layout.rows, "shards": layout.shards, "capacity": layout.capacity,
-            "blocks": list(layout.blocks), "singles": layout.singles}
+    return dataclasses.asdict(layout)
 
 
 def layout_from_json(d: dict) -> TableLayout:
-    return TableLayout(str(d["strategy"]), int(d["rows"]), int(d["shards"]), float(d.get("capacity", 2.0)),
-                       tuple(int(b) for b in d.get("blocks", ())), int(d.get("singles", 0)))
+    return TableLayout(**{**d, "blocks": tuple(d.get("blocks", ()))})
 
 
 def same_storage(a: TableLayout, b: TableLayout) -> bool:
-    """Whether two layouts put every natural row at the same stored row."""
-    return all(getattr(a, f) == getattr(b, f) for f in _STORAGE_FIELDS)
+    """Whether two layouts put every natural row at the same stored row (capacity only sizes the
+    lookup exchange)."""
+    return dataclasses.replace(a, capacity=b.capacity) == b
 
 
 def layouts_json(partitioner, abstract_state) -> dict[str, dict]:
