@@ -1,7 +1,7 @@
 """Registers, spills and shared memory of the Pallas kernels compiled for an H100, without a GPU.
 
     python -m benchmarks.kernel_compile --triton-python PY [--dims 64,128] [--length 4096]
-        [--tiles 64x64:64x64,64x64:64x32,...] [--warps 4,8] [--out FILE]
+        [--tiles 64x64:64x64,64x64:64x32,...] [--warps 4,8] [--heads 2] [--head-groups 0] [--out FILE]
 
 JAX lowers each kernel to Triton IR here (cross-lowering for an abstract H100, bf16); a child
 process of PY (any Python with the `triton` package, whose wheel carries ptxas) compiles that IR
@@ -13,14 +13,17 @@ sweep). The Triton in PY need not be the one inside jaxlib, so the counts are wh
 Triton makes of the same IR, not necessarily what XLA's build will.
 
 `--op fm` compiles the Wukong FM block's two kernels instead, for n x d x k settings (B = 4096)
-with the warps the library picks. For HSTU, tiles are forward BQxBK:backward BQxBK, or `default` (with --warps 0: the library's defaults,
-`Blocks()`); each setting is lowered with and without the relative bias, for every head dim and
-warp count.
+with the warps the library picks. For HSTU, tiles are forward BQxBK:backward BQxBK, or `default`
+(with --warps 0: the library's defaults, `Blocks()`); each setting is lowered with and without the
+relative bias, for every head dim, warp count and heads-per-program setting (--head-groups, of
+--heads heads; 0: the library's default, `Blocks.resolve`). One program
+holds G heads' accumulators, so G is bounded by registers: this is where to see the bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -71,14 +74,16 @@ def parse_tiles(text: str) -> list[tuple[int, int, int, int] | None]:
     return out
 
 
-def resolved(tiles, warps: int, dim: int):
-    """(Blocks, the four tile sizes, num_warps) as the kernels will use them; warps 0: default."""
+def resolved(tiles, warps: int, dim: int, group: int, heads: int, bias: bool):
+    """(Blocks, its `Tiles`, num_warps) as the kernels will use them; warps / group 0: the default."""
     from scaling.kernels.hstu_attention import Blocks
     from scaling.kernels.hstu_attention_fwd import MhaConfig
 
-    blocks = Blocks(num_warps=warps or None) if tiles is None else Blocks(*tiles, num_warps=warps or None)
-    sizes = (blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.backward_key_block(dim))
-    return blocks, sizes, MhaConfig(norm=1.0, num_warps=warps or None).compiler_params(dim).num_warps
+    knobs = dict(num_warps=warps or None, heads_per_program=group or None)
+    blocks = Blocks(**knobs) if tiles is None else Blocks(*tiles, **knobs)
+    tiles = blocks.resolve(heads, dim, bias)
+    config = MhaConfig(norm=1.0, num_warps=warps or None, heads_per_program=tiles.heads_per_program)
+    return blocks, tiles, config.compiler_params(dim).num_warps
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="forward BQxBK:backward BQxBK, comma-separated; 'default': the library's tiles")
     parser.add_argument("--warps", default="4,8", help="0: the library's default")
     parser.add_argument("--num-stages", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=2, help="HSTU heads (one sequence of --length tokens)")
+    parser.add_argument("--head-groups", default="0", help="heads per program, comma-separated; 0: the default")
     parser.add_argument("--op", default="hstu", choices=("hstu", "fm"), help="HSTU attention or the Wukong FM block")
     parser.add_argument("--fm-shapes", default="27x16x12,48x64x24,64x64x32,64x128x24,128x64x32",
                         help="FM block n x d x k settings (--op fm), with the library's warps")
@@ -114,16 +121,18 @@ def main(argv: list[str] | None = None) -> dict:
                              "num_stages": args.num_stages})
                 jobs.append({"ttir": path, "num_warps": warps[kernel], "num_stages": args.num_stages})
         for dim in (int(d) for d in args.dims.split(",")) if args.op == "hstu" else ():
-            for tiles in parse_tiles(args.tiles):
-                for warps in (int(w) for w in args.warps.split(",")):
-                    blocks, sizes, warps = resolved(tiles, warps, dim)
-                    for bias in (False, True):
-                        where = tempfile.mkdtemp(dir=work)
-                        for kernel, path in sorted(hstu_ttir(dim, args.length, blocks, bias, where).items()):
-                            rows.append({"kernel": kernel, "d": dim, "bias": bias, "forward_tile": list(sizes[:2]),
-                                         "backward_tile": list(sizes[2:]), "num_warps": warps,
-                                         "num_stages": args.num_stages, "defaults": tiles is None})
-                            jobs.append({"ttir": path, "num_warps": warps, "num_stages": args.num_stages})
+            for tiles, warps, group in itertools.product(parse_tiles(args.tiles), (int(w) for w in args.warps.split(",")),
+                                                         (int(g) for g in args.head_groups.split(","))):
+                for bias in (False, True):
+                    blocks, used, nw = resolved(tiles, warps, dim, group, args.heads, bias)
+                    where = tempfile.mkdtemp(dir=work)
+                    for kernel, path in sorted(hstu_ttir(dim, args.length, blocks, bias, where, args.heads).items()):
+                        rows.append({"kernel": kernel, "d": dim, "bias": bias, "forward_tile": list(used[:2]),
+                                     "backward_tile": list(used[2:4]), "num_warps": nw,
+                                     "num_stages": args.num_stages, "heads": args.heads,
+                                     "heads_per_program": used.heads_per_program,
+                                     "defaults": tiles is None and not warps and not group})
+                        jobs.append({"ttir": path, "num_warps": nw, "num_stages": args.num_stages})
         with open(os.path.join(work, "jobs.json"), "w") as f:
             json.dump(jobs, f)
         child = subprocess.run([args.triton_python, "-c", _CHILD, os.path.join(work, "jobs.json")],

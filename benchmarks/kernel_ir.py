@@ -1,6 +1,6 @@
 """Work per score element of the HSTU kernels, read from their Triton IR (no GPU needed).
 
-    python -m benchmarks.kernel_ir [--length 512] [--dim 128] [--block 64] [--out FILE]
+    python -m benchmarks.kernel_ir [--length 512] [--dim 128] [--block 64] [--heads-per-program 1] [--out FILE]
 
 Lowers value_and_grad of the `auto` HSTU attention (bf16, block x block tiles) for an abstract
 H100 (benchmarks/triton_ir.py: the Pallas -> Triton-IR step runs on any machine), with and
@@ -10,7 +10,9 @@ the per-element work the CUDA cores do beside the tensor cores. Reported per loo
 order, with the costly kinds broken out: IEEE divisions (arith.divf, ~10 instructions each),
 libdevice calls (tt.extern_elementwise: expf, logf, floorf, ...), hardware approximations
 (tt.elementwise_inline_asm: tanh.approx, lg2.approx), selects and integer compares (masking).
-A count of IR operations is a proxy for instructions, not a timing: the GPU decides the rest.
+With --heads-per-program G (of 2 heads, G = 1 or 2) one program computes G heads and the counts
+are for all G: the bias's share is paid once, the rest G times. A count of IR operations is a
+proxy for instructions, not a timing: the GPU decides the rest.
 """
 
 from __future__ import annotations
@@ -55,12 +57,13 @@ def tile_ops(body: list[str], block: int) -> dict[str, int]:
             "hw_approx": ops["tt.elementwise_inline_asm"], "select": ops["arith.select"], "int_compare": ops["arith.cmpi"]}
 
 
-def measure(length: int, dim: int, block: int, bias: bool) -> dict[str, list[dict[str, int]]]:
-    """{kernel name: per loop body counts} of the HSTU kernels at block x block tiles."""
+def measure(length: int, dim: int, block: int, bias: bool, group: int = 1) -> dict[str, list[dict[str, int]]]:
+    """{kernel name: per loop body counts} of the HSTU kernels at block x block tiles, G = group
+    heads per program (of 2)."""
     from scaling.kernels.hstu_attention import Blocks
 
     with tempfile.TemporaryDirectory() as directory:
-        paths = hstu_ttir(dim, length, Blocks(block, block, block, block), bias, directory)
+        paths = hstu_ttir(dim, length, Blocks(block, block, block, block, heads_per_program=group), bias, directory)
         out = {}
         for name, path in sorted(paths.items()):
             with open(path) as f:
@@ -75,13 +78,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--heads-per-program", type=int, default=1, choices=(1, 2))
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
+    group = args.heads_per_program
     report = {"benchmark": "kernel_ir", "dtype": "bfloat16", "length": args.length, "dim": args.dim,
-              "block": args.block, "target": "abstract H100 (cross-lowered, not compiled)",
-              "count": "ops on [block, block] tiles per loop iteration, matmuls/loads/layout ops excluded",
-              "no_bias": measure(args.length, args.dim, args.block, False),
-              "relative_bias": measure(args.length, args.dim, args.block, True)}
+              "block": args.block, "heads_per_program": group, "target": "abstract H100 (cross-lowered, not compiled)",
+              "count": "ops on [block, block] tiles per loop iteration (all the program's heads), matmuls/loads/layout "
+                       "ops excluded",
+              "no_bias": measure(args.length, args.dim, args.block, False, group),
+              "relative_bias": measure(args.length, args.dim, args.block, True, group)}
     emit(report, args.out)
     return report
 

@@ -3,11 +3,11 @@
     python -m benchmarks.kernels [--out FILE] [--smoke] [--lengths 512,1024,2048,4096,8192]
                                  [--dims 64,128] [--tokens 32768] [--heads 4] [--iters 20]
                                  [--ops hstu,fm] [--impls pallas,xla] [--block-q 64 --block-k 64
-                                 --bwd-block-q 64 --bwd-block-k 32 --num-warps 8 --num-stages 2]
+                                 --bwd-block-q 64 --bwd-block-k 32 --heads-per-program 2
+                                 --num-warps 8 --num-stages 2]
 
-The tile flags set the HSTU kernel's `Blocks` (the backward query block defaults to the forward's,
-the backward key block and the warps to the library's defaults, see `Blocks`): a tile sweep is
-one call per setting with
+The tile flags set the HSTU kernel's `Blocks` (each left at 0 takes the library's default for the
+head dim and heads per program, see `Blocks`): a tile sweep is one call per setting with
 `--ops hstu --impls pallas --lengths 4096 --dims 128` (benchmarks/gpu_session.sh does one).
 
 HSTU attention, bf16, the model's configuration (relative position + time-bucket bias, divide by
@@ -24,7 +24,8 @@ FLOPs, the same "model FLOPs" for both implementations (so TFLOP/s compare usefu
                      masked; neither is credited. Pointwise work (SiLU, bias, mask) not counted.
   forward+backward = 3.5 x forward: the backward counts 5 matmul passes (recomputed S, dV, dP,
                      dQ, dK) = 2.5 x forward, FlashAttention-2's convention. The kernel actually
-                     runs 9 passes in its backward (dK/dV: 4, dQ: 3, head-summed dbias: 2).
+                     runs 9 passes in its backward (dK/dV: 4, dQ: 3, head-summed dbias: 2), 7
+                     when one program holds every head (dK/dV then sums the bias gradient).
 The roofline is a bf16 8192^3 matmul measured in the same run (`matmul_bf16_tflops`).
 
 FM block (X (X^T Y), flatten, LayerNorm), bf16: forward and forward + backward for a few
@@ -41,11 +42,12 @@ import statistics
 import sys
 import time
 
-from benchmarks.json_report import emit
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas import next_power_of_2
 
+from benchmarks.json_report import emit
 from scaling.kernels.fm_block import fm_block
 from scaling.kernels.hstu_attention import Blocks, hstu_mha
 
@@ -102,6 +104,8 @@ def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: 
             for impl in impls:
                 row = {"op": "hstu_attention", "impl": impl, "L": length, "d": dim, "heads": heads, "batch": batch,
                        "dtype": "bfloat16", "fwd_gflop": fwd_flops / 1e9, "fwd_bwd_gflop": 3.5 * fwd_flops / 1e9}
+                if impl == "pallas":  # the tiles and heads per program this call resolves to
+                    row["tiles"] = (blocks or Blocks()).resolve(heads, max(16, next_power_of_2(dim)), True)._asdict()
                 fwd, both = hstu_functions(impl, blocks if impl == "pallas" else None, length, lengths, ts, cot)
                 try:
                     row["fwd_ms"] = 1e3 * timed(fwd, args, iters)
@@ -154,10 +158,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / L)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--block-q", type=int, default=64)
-    parser.add_argument("--block-k", type=int, default=64)
-    parser.add_argument("--bwd-block-q", type=int, default=0, help="default: --block-q")
-    parser.add_argument("--bwd-block-k", type=int, default=0, help="default: the library's (32 for d >= 128, else 64)")
+    parser.add_argument("--block-q", type=int, default=0, help="0 (every tile flag): the library's default, "
+                        "which depends on the head dim and heads per program (scaling.kernels.hstu_attention.Blocks)")
+    parser.add_argument("--block-k", type=int, default=0)
+    parser.add_argument("--bwd-block-q", type=int, default=0)
+    parser.add_argument("--bwd-block-k", type=int, default=0)
+    parser.add_argument("--heads-per-program", type=int, default=0, help="default: 2 (with the bias) where it divides "
+                        "--heads")
     parser.add_argument("--num-warps", type=int, default=0, help="default: 8, or 4 for head dims <= 32")
     parser.add_argument("--num-stages", type=int, default=2)
     parser.add_argument("--ops", default="hstu,fm", help="which kernels: hstu, fm or both")
@@ -165,8 +172,9 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes (CPU: interpret mode)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
-    blocks = Blocks(args.block_q, args.block_k, args.bwd_block_q or args.block_q, args.bwd_block_k or None,
-                    num_warps=args.num_warps or None, num_stages=args.num_stages)
+    blocks = Blocks(args.block_q or None, args.block_k or None, args.bwd_block_q or None, args.bwd_block_k or None,
+                    num_warps=args.num_warps or None, num_stages=args.num_stages,
+                    heads_per_program=args.heads_per_program or None)
     ops, impls = args.ops.split(","), tuple(args.impls.split(","))
     unknown = sorted(set(ops) - {"hstu", "fm"}) + sorted(set(impls) - {"pallas", "xla"})
     if unknown:
@@ -187,7 +195,8 @@ def main(argv=None) -> int:
         "jax": jax.__version__,
         "smoke": args.smoke,
         "tokens": tokens,
-        "blocks": [blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.bwd_block_k],  # None: per head dim
+        "blocks": [blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.bwd_block_k],  # None: the default
+        "heads_per_program": blocks.heads_per_program,
         "num_warps": blocks.num_warps,
         "num_stages": blocks.num_stages,
         "matmul_bf16_tflops": matmul_tflops(matmul_n, max(iters, 3)),

@@ -50,15 +50,16 @@ def captured(lower: Callable[[], Any], directory: str) -> dict[str, str]:
     return paths
 
 
-def hstu_ttir(dim: int, length: int, blocks, bias: bool, directory: str) -> dict[str, str]:
-    """{kernel name: path of its Triton IR} for value_and_grad of the `auto` HSTU attention."""
+def hstu_ttir(dim: int, length: int, blocks, bias: bool, directory: str, heads: int = 2) -> dict[str, str]:
+    """{kernel name: path of its Triton IR} for value_and_grad of the `auto` HSTU attention
+    (one sequence of `length` tokens, `heads` heads of width `dim`)."""
     import jax
     import jax.numpy as jnp
 
     from scaling.kernels.hstu_attention import hstu_mha
 
     s = jax.ShapeDtypeStruct
-    args = [s((1, length, 2, dim), jnp.bfloat16)] * 3 + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32),
+    args = [s((1, length, heads, dim), jnp.bfloat16)] * 3 + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32),
                                                          s((1,), jnp.int32), s((1, length), jnp.int32)]
 
     def loss(q, k, v, pos_w, ts_w, lengths, ts):

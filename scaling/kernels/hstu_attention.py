@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,39 +39,75 @@ from scaling.kernels.hstu_bias import edges_table, table_grads
 from scaling.models.hstu_attention import (candidate_attention, hstu_attention, next_timestamps, relative_bias,
                                            time_buckets)
 
-__all__ = ["Blocks", "hstu_mha", "candidate_mha", "reference_mha", "pallas_mha"]
+__all__ = ["Blocks", "Tiles", "hstu_mha", "candidate_mha", "reference_mha", "pallas_mha"]
+
+
+class Tiles(NamedTuple):
+    """The tile sizes and heads per program one call runs with (`Blocks.resolve`)."""
+
+    block_q: int
+    block_k: int
+    bwd_block_q: int
+    bwd_block_k: int
+    heads_per_program: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """Tile sizes (powers of two >= 16; capped at the padded length) and Triton launch knobs.
+    """Tile sizes (powers of two >= 16; capped at the padded length), heads per program and Triton
+    launch knobs; None picks the default for the call's heads, head dim and bias (`resolve`).
 
-    Defaults are the H100 settings that compile without register spills for head dims 64 and 128,
-    with and without the relative bias (`python -m benchmarks.kernel_compile`, Triton 3.8, sm_90a):
-    64 x 64 tiles and 8 warps, except the backward's key block, 32 for head dims >= 128 (64 x 64
-    dK/dV tiles with the bias spill there). Their speed is untuned (benchmarks/kernels.py).
+    heads_per_program G: one program computes G heads of a query (or key) block, so the relative
+    bias tile, the kernels' costliest elementwise work (31 of the 36 tile ops per element of the
+    forward's whole-tile loop at G = 1: benchmarks/kernel_ir.py), is computed once for G heads; with G = heads the
+    dK/dV kernel also sums the bias gradient over the heads, and the separate dbias pass (two more
+    matmuls per tile and head) is skipped. G must divide the heads (the largest divisor up to the
+    setting is taken). Default: 2 with the bias, 1 without (nothing to share).
+
+    The default tiles are the H100 settings that compile without register spills for head dims 32,
+    64 and 128, with and without the bias (`python -m benchmarks.kernel_compile`, Triton 3.8,
+    sm_90a), at 8 warps (4 for head dims <= 32):
+
+        G = 1   forward 64 x 64, backward 64 x 64 (64 x 32 for head dims >= 128)
+        G = 2   forward 64 x 32, backward 64 x 32 (32 x 32 for head dims <= 32 and >= 128)
+
+    G accumulators share one thread's 255 registers, so G = 2 halves a tile (G = 2 on 64 x 64
+    tiles spills at head dims 32, 64 and 128; G = 4 spilled in most kernels at 64 x 64). Their
+    speed is for a GPU to measure (benchmarks/kernels.py, gpu_session.sh's tile sweep).
     """
 
-    block_q: int = 64
-    block_k: int = 64
-    bwd_block_q: int = 64
-    bwd_block_k: int | None = None  # None: 32 for head dims >= 128, else 64
+    block_q: int | None = None
+    block_k: int | None = None
+    bwd_block_q: int | None = None
+    bwd_block_k: int | None = None
     num_warps: int | None = None  # None: 8, or 4 for head dims <= 32
     num_stages: int = 2
+    heads_per_program: int | None = None
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
             size = getattr(self, name)
-            if size is None and name == "bwd_block_k":
-                continue
-            if size < 16 or size & (size - 1):
+            if size is not None and (size < 16 or size & (size - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+        if self.heads_per_program is not None and self.heads_per_program < 1:
+            raise ValueError(f"heads_per_program must be >= 1, got {self.heads_per_program}")
 
-    def backward_key_block(self, head_dim: int) -> int:
-        """bwd_block_k, or its default for this head dim."""
-        if self.bwd_block_k is not None:
-            return self.bwd_block_k
-        return 32 if head_dim >= 128 else 64
+    def program_heads(self, heads: int, has_bias: bool) -> int:
+        """G: the largest divisor of `heads` up to heads_per_program (default 2 with the bias, else 1)."""
+        limit = self.heads_per_program or (2 if has_bias else 1)
+        return max(g for g in range(1, min(limit, heads) + 1) if heads % g == 0)
+
+    def resolve(self, heads: int, head_dim: int, has_bias: bool) -> Tiles:
+        """The tiles and G for `heads` heads of width head_dim (the larger of q/k's and v's),
+        defaults filled in (class docstring)."""
+        g = self.program_heads(heads, has_bias)
+        wide = head_dim >= 128
+        if g > 1:
+            default = (64, 32, 64 if 32 < head_dim < 128 else 32, 32)
+        else:
+            default = (64, 64, 64, 32 if wide else 64)
+        given = (self.block_q, self.block_k, self.bwd_block_q, self.bwd_block_k)
+        return Tiles(*(d if v is None else v for v, d in zip(given, default)), heads_per_program=g)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,10 +200,10 @@ def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_t
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, n)
     n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates.astype(jnp.int32), 0, lengths)
     cap = max(16, pl.next_power_of_2(n))
-    bwd_k = blocks.backward_key_block(max(dqk, dv))
-    sizes = [min(s, cap) for s in (blocks.block_q, blocks.block_k, blocks.bwd_block_q, bwd_k)]
-    npad = -(-n // max(sizes)) * max(sizes)
     dqk_p, dv_p = (max(16, pl.next_power_of_2(d)) for d in (dqk, dv))
+    tiles = blocks.resolve(heads, max(dqk_p, dv_p), has_bias)
+    sizes = [min(s, cap) for s in tiles[:4]]
+    npad = -(-n // max(sizes)) * max(sizes)
     q, k = (_pad_to(_pad_to(x, 1, npad), 3, dqk_p) for x in (q, k))
     v = _pad_to(_pad_to(v, 1, npad), 3, dv_p)
     ts = qts = None
@@ -178,7 +215,8 @@ def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_t
         norm=float(norm), block_q=sizes[0], block_k=sizes[1], bwd_block_q=sizes[2], bwd_block_k=sizes[3],
         num_pos=(pos_w.shape[0] + 1) // 2 if has_bias else 0, num_buckets=ts_w.shape[0] - 1 if has_bias else 0,
         candidates=num_candidates is not None or candidates_only, candidates_only=candidates_only,
-        interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages, seq_len=n)
+        interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages, seq_len=n,
+        heads_per_program=tiles.heads_per_program)
     out = _mha(q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts, cfg)
     return out[:, :n, :, :dv]
 

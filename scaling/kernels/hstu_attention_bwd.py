@@ -7,17 +7,22 @@ With p = silu(s) / norm (masked) and out = p v, for an output gradient dO:
 
 There is no softmax, hence no row statistics to save and no delta = rowsum(dO * O) pre-pass: the
 residuals are the inputs alone and every kernel recomputes s from q, k and the in-kernel bias.
-Three kernels, none with atomics or cross-program writes (FlashAttention-2's split):
+Three kernels, none with atomics or cross-program writes (FlashAttention-2's split), each program
+holding G heads (`heads_per_program`) that share its tiles' mask and relative bias:
 
-  dkdv   grid (N / BK, B, h): a key block accumulates dK, dV over the query blocks that see it
+  dkdv   grid (N / BK, B, h / G): a key block accumulates dK, dV over the query blocks that see it
          (`query_block_range`: from the diagonal to the length; a candidate key only its own row).
-         Computed key-major (s^T = k q^T) so no tile is transposed.
-  dq     grid (N / BQ, B, h): a query block accumulates dQ over the forward's key-block ranges
+         Computed key-major (s^T = k q^T) so no tile is transposed. When G = h (one program holds
+         every head) it also sums dS over the heads and writes each tile of the bias gradient
+         (zeros for the query blocks it does not see), and the dbias kernel does not run.
+  dq     grid (N / BQ, B, h / G): a query block accumulates dQ over the forward's key-block ranges
          (the longest rows launched first, as in the forward).
-  dbias  grid (N / BQ, N / BK, B), only with the relative bias: one program per visited tile loops
-         over the heads (recomputing s and dP per head, the bias once per tile), sums dS in fp32
-         registers and writes the tile to a float32 [B, N, N] buffer (zeros for tiles not visited);
-         hstu_bias.table_grads reduces it to the two tables' gradients (why: hstu_bias.py).
+  dbias  grid (N / BK, N / BQ, B), only with the relative bias and G < h: one program per visited
+         tile loops over all the heads (recomputing s and dP per head, the bias once per tile),
+         sums dS in fp32 registers and writes the tile.
+
+The bias gradient is a float32 [B, N keys, N queries] buffer (key-major, as dK/dV computes it);
+hstu_bias.table_grads reduces it to the two tables' gradients (why: hstu_bias.py).
 
 bf16 inputs: matmul operands in bf16 (p and dS cast, as the forward casts p), accumulation and the
 SiLU derivative in fp32, gradients stored in the input dtype. As in the forward (its docstring):
@@ -36,10 +41,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, fast_math, full_query_blocks, heavy_first,
-                                                key_block_ranges, key_tile, over_key_blocks, pair_count, query_block,
-                                                query_block_range, scores, seq_scalars, sigmoid, split_refs,
-                                                tile_mask)
-from scaling.kernels.hstu_bias import tile_bias
+                                                key_block, key_block_ranges, over_key_blocks, pair_count,
+                                                program_heads, query_block, query_block_range, scores, seq_scalars,
+                                                sigmoid, split_refs, tile_mask, tile_rab)
 from scaling.kernels.sharded import out_struct
 
 
@@ -49,66 +53,92 @@ def _silu_grad(s: jax.Array, cfg: MhaConfig, fast: bool) -> tuple[jax.Array, jax
     return sig * (1.0 + s * (1.0 - sig)), s * sig
 
 
-def _dkdv_kernel(*refs, cfg: MhaConfig):
-    len_ref, hist_ref, (q_ref, k_ref, v_ref, do_ref), ts_ref, qts_ref, bias_refs, (dk_ref, dv_ref) = (
-        split_refs(refs, cfg, 4))
+def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool):
+    len_ref, hist_ref, (q_ref, k_ref, v_ref, do_ref), ts_ref, qts_ref, bias_refs, outs = split_refs(refs, cfg, 4)
+    dk_ref, dv_ref, *drab_ref = outs
     bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
     kb, b = pl.program_id(0), pl.program_id(1)
     length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
     k_lo = kb * bk
     cols = k_lo + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-    k, v = k_ref[...], v_ref[...]
+    heads = program_heads(cfg)
+    ks, vs = [k_ref[:, g, :] for g in heads], [v_ref[:, g, :] for g in heads]
     k_time = ts_ref[pl.ds(pl.multiple_of(k_lo, bk), bk)] if cfg.has_bias else None
-    fast = fast_math(k.dtype)
+    fast = fast_math(k_ref.dtype)
 
     def body(qb, carry, *, masked: bool):
-        dk, dv = carry
         q_lo = pl.multiple_of(qb * bq, bq)
-        q, do = q_ref[pl.ds(q_lo, bq), :], do_ref[pl.ds(q_lo, bq), :]
         rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
         q_time = qts_ref[pl.ds(q_lo, bq)] if cfg.has_bias else None
-        s_t, r2, c2 = scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=True)
-        grad, p = _silu_grad(s_t, cfg, fast)
-        ds_t = dot(v, do, trans_b=True) * grad
-        if masked:
-            mask = tile_mask(r2, c2, length, n_hist, q_first)
-            p, ds_t = jnp.where(mask, p, 0.0), jnp.where(mask, ds_t, 0.0)
-        return dk + dot(ds_t.astype(q.dtype), q), dv + dot(p.astype(do.dtype), do)
+        rab, r2, c2 = tile_rab(rows, cols, n_hist, bias_refs, q_time, k_time, cfg, key_major=True)
+        mask = tile_mask(r2, c2, length, n_hist, q_first) if masked else None
+        dks, dvs, drab = [], [], None
+        for g, dk, dv in zip(heads, *carry):
+            q, do = q_ref[pl.ds(q_lo, bq), g, :], do_ref[pl.ds(q_lo, bq), g, :]
+            grad, p = _silu_grad(scores(ks[g], q, rab), cfg, fast)
+            ds_t = dot(vs[g], do, trans_b=True) * grad
+            if masked:
+                p, ds_t = jnp.where(mask, p, 0.0), jnp.where(mask, ds_t, 0.0)
+            if dbias:
+                drab = ds_t if drab is None else drab + ds_t
+            dks.append(dk + dot(ds_t.astype(q.dtype), q))
+            dvs.append(dv + dot(p.astype(do.dtype), do))
+        if dbias:
+            drab_ref[0][:, pl.ds(q_lo, bq)] = drab * (1.0 / cfg.norm)
+        return tuple(dks), tuple(dvs)
 
     full, masked = functools.partial(body, masked=False), functools.partial(body, masked=True)
     lo, hi = query_block_range(k_lo, length, n_hist, q_first, bq, bk)
     fl, fh = full_query_blocks(k_lo, length, n_hist, q_first, lo, hi, bq, bk)
-    carry = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+    zeros = tuple(jnp.zeros((bk, r.shape[-1]), jnp.float32) for r in (dk_ref, dv_ref) for _ in heads)
+    carry = (zeros[:len(heads)], zeros[len(heads):])
     carry = lax.fori_loop(lo, fl, masked, carry)
     carry = lax.fori_loop(fl, fh, full, carry)
-    dk, dv = lax.fori_loop(fh, hi, masked, carry)
-    dk_ref[...] = (dk * (1.0 / cfg.norm)).astype(dk_ref.dtype)
-    dv_ref[...] = (dv * (1.0 / cfg.norm)).astype(dv_ref.dtype)
+    dks, dvs = lax.fori_loop(fh, hi, masked, carry)
+    for g, dk, dv in zip(heads, dks, dvs):
+        dk_ref[:, g, :] = (dk * (1.0 / cfg.norm)).astype(dk_ref.dtype)
+        dv_ref[:, g, :] = (dv * (1.0 / cfg.norm)).astype(dv_ref.dtype)
+    if dbias:  # the query blocks this key block is not seen by get zeros
+        def zero(qb, carry):
+            drab_ref[0][:, pl.ds(pl.multiple_of(qb * bq, bq), bq)] = jnp.zeros((bk, bq), jnp.float32)
+            return carry
+
+        lax.fori_loop(0, lo, zero, 0)
+        lax.fori_loop(hi, drab_ref[0].shape[1] // bq, zero, 0)
 
 
 def _dq_kernel(*refs, cfg: MhaConfig):
     len_ref, hist_ref, (q_ref, k_ref, v_ref, do_ref), ts_ref, qts_ref, bias_refs, (dq_ref,) = split_refs(refs, cfg, 4)
     blk = query_block(len_ref, hist_ref, qts_ref, cfg.bwd_block_q, cfg)
-    q, do = q_ref[...], do_ref[...]
-    fast = fast_math(q.dtype)
+    heads = program_heads(cfg)
+    qs, dos = [q_ref[:, g, :] for g in heads], [do_ref[:, g, :] for g in heads]
+    fast = fast_math(q_ref.dtype)
+    bk = cfg.bwd_block_k
 
-    def body(kb, dq, *, masked: bool):
-        k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, cfg.bwd_block_k, cfg)
-        s, r2, c2 = scores(q, k, blk.rows, cols, blk.n_hist, bias_refs, blk.q_time, k_time, cfg, key_major=False)
-        grad, _ = _silu_grad(s, cfg, fast)
-        ds = dot(do, v, trans_b=True) * grad
-        if masked:
-            ds = jnp.where(blk.mask(r2, c2), ds, 0.0)
-        return dq + dot(ds.astype(k.dtype), k)
+    def body(kb, dqs, *, masked: bool):
+        k_lo, cols, k_time = key_block(ts_ref, kb, bk, cfg)
+        rab, r2, c2 = tile_rab(blk.rows, cols, blk.n_hist, bias_refs, blk.q_time, k_time, cfg, key_major=False)
+        mask = blk.mask(r2, c2) if masked else None
+        out = []
+        for g, dq in zip(heads, dqs):
+            k, v = k_ref[pl.ds(k_lo, bk), g, :], v_ref[pl.ds(k_lo, bk), g, :]
+            grad, _ = _silu_grad(scores(qs[g], k, rab), cfg, fast)
+            ds = dot(dos[g], v, trans_b=True) * grad
+            if masked:
+                ds = jnp.where(mask, ds, 0.0)
+            out.append(dq + dot(ds.astype(k.dtype), k))
+        return tuple(out)
 
-    dq = over_key_blocks(body, jnp.zeros(dq_ref.shape, jnp.float32), blk, cfg.bwd_block_q, cfg.bwd_block_k)
-    dq_ref[...] = blk.finish(dq, cfg).astype(dq_ref.dtype)
+    init = tuple(jnp.zeros((cfg.bwd_block_q, dq_ref.shape[-1]), jnp.float32) for _ in heads)
+    dqs = over_key_blocks(body, init, blk, cfg.bwd_block_q, bk)
+    for g, dq in zip(heads, dqs):
+        dq_ref[:, g, :] = blk.finish(dq, cfg).astype(dq_ref.dtype)
 
 
 def _dbias_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, do_ref, ts_ref, qts_ref, pos_ref, tsw_ref, edges_ref,
                   drab_ref, *, cfg: MhaConfig, heads: int):
     bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
-    qb, kb, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    kb, qb, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
     q_lo, k_lo = qb * bq, kb * bk
     a, c, d = key_block_ranges(q_lo, length, n_hist, q_first, bq, bk)
@@ -116,33 +146,36 @@ def _dbias_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, do_ref, ts_ref, qts_re
 
     @pl.when(visited)
     def _():
-        rows = (q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0))[:, None]
-        cols = (k_lo + lax.broadcasted_iota(jnp.int32, (bk,), 0))[None, :]
-        q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)][:, None]
-        k_time = ts_ref[pl.ds(pl.multiple_of(k_lo, bk), bk)][None, :]
-        bias = tile_bias(pos_ref, tsw_ref, edges_ref, jnp.minimum(rows, n_hist), jnp.minimum(cols, n_hist),
-                         q_time, k_time, num_pos=cfg.num_pos, num_buckets=cfg.num_buckets,
-                         interpret=cfg.interpret)
+        rows = q_lo + lax.broadcasted_iota(jnp.int32, (bq,), 0)
+        cols = k_lo + lax.broadcasted_iota(jnp.int32, (bk,), 0)
+        q_time = qts_ref[pl.ds(pl.multiple_of(q_lo, bq), bq)]
+        k_time = ts_ref[pl.ds(pl.multiple_of(k_lo, bk), bk)]
+        rab, r2, c2 = tile_rab(rows, cols, n_hist, (pos_ref, tsw_ref, edges_ref), q_time, k_time, cfg,
+                               key_major=True)
         fast = fast_math(q_ref.dtype)
 
         def head(h, g):
-            s = dot(q_ref[:, h, :], k_ref[:, h, :], trans_b=True) + bias
-            grad, _ = _silu_grad(s, cfg, fast)
-            return g + dot(do_ref[:, h, :], v_ref[:, h, :], trans_b=True) * grad
+            grad, _ = _silu_grad(scores(k_ref[:, h, :], q_ref[:, h, :], rab), cfg, fast)
+            return g + dot(v_ref[:, h, :], do_ref[:, h, :], trans_b=True) * grad
 
-        g = lax.fori_loop(0, heads, head, jnp.zeros((bq, bk), jnp.float32))  # masked once, after the heads
-        drab_ref[...] = jnp.where(tile_mask(rows, cols, length, n_hist, q_first), g * (1.0 / cfg.norm), 0.0)
+        g = lax.fori_loop(0, heads, head, jnp.zeros((bk, bq), jnp.float32))  # masked once, after the heads
+        drab_ref[...] = jnp.where(tile_mask(r2, c2, length, n_hist, q_first), g * (1.0 / cfg.norm), 0.0)
 
     @pl.when(jnp.logical_not(visited))
     def _():
-        drab_ref[...] = jnp.zeros((bq, bk), jnp.float32)
+        drab_ref[...] = jnp.zeros((bk, bq), jnp.float32)
 
 
 def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg: MhaConfig):
-    """(dq, dk, dv, drab) on padded inputs; drab float32 [B, N, N] (None without the bias)."""
+    """(dq, dk, dv, drab) on padded inputs. drab: float32 [B, N keys, N queries] (key-major, as
+    hstu_bias.table_grads reads it), the head-summed score gradient; None without the bias.
+
+    When one program holds every head (heads_per_program == h) the dK/dV kernel sums dS over its
+    heads as it goes and writes drab itself; otherwise the dbias kernel recomputes it."""
     bsz, n, heads, dqk = q.shape
     dv_dim = v.shape[-1]
-    bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
+    bq, bk, g = cfg.bwd_block_q, cfg.bwd_block_k, cfg.heads_per_program
+    fused = cfg.has_bias and g == heads
     scalar = pl.BlockSpec(lengths.shape, lambda *_: (0,))
     bias_args = (ts, qts, pos_w, ts_w, edges) if cfg.has_bias else ()
     pairs = bsz * heads * pair_count(n)
@@ -150,26 +183,33 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     tensor_bytes = itemsize * (q.size + k.size + 2 * v.size + q.size + k.size)
     params = cfg.compiler_params(max(dqk, dv_dim))
     inputs = (q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w)
+    drab_struct = out_struct((bsz, n, n), jnp.float32, *inputs)
+    rab_ops = pairs // g if cfg.has_bias else 0  # the bias, once per tile for G heads
 
     def whole(d):
-        return pl.BlockSpec((None, n, None, d), lambda i, b, h: (b, 0, h, 0))
+        return pl.BlockSpec((None, n, g, d), lambda i, b, h: (b, 0, h, 0))
 
     def block(size, d):
-        return pl.BlockSpec((None, size, None, d), lambda i, b, h: (b, i, h, 0))
+        return pl.BlockSpec((None, size, g, d), lambda i, b, h: (b, i, h, 0))
 
     def query_block(d):  # the dq grid runs its query blocks heavy_first
-        return pl.BlockSpec((None, bq, None, d), lambda i, b, h: (b, heavy_first(i, n // bq), h, 0))
+        return pl.BlockSpec((None, bq, g, d), lambda i, b, h: (b, heavy_first(i, n // bq), h, 0))
 
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=cfg),
-        out_shape=(out_struct(k.shape, k.dtype, *inputs), out_struct(v.shape, v.dtype, *inputs)),
-        grid=(n // bk, bsz, heads),
+    out_shape = (out_struct(k.shape, k.dtype, *inputs), out_struct(v.shape, v.dtype, *inputs))
+    out_specs = (block(bk, dqk), block(bk, dv_dim))
+    if fused:
+        out_shape += (drab_struct,)
+        out_specs += (pl.BlockSpec((None, bk, n), lambda i, b, h: (b, i, 0)),)
+    dk, dv, *fused_drab = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg=cfg, dbias=fused),
+        out_shape=out_shape,
+        grid=(n // bk, bsz, heads // g),
         in_specs=[scalar, scalar, whole(dqk), block(bk, dqk), block(bk, dv_dim), whole(dv_dim),
                   *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges)],
-        out_specs=(block(bk, dqk), block(bk, dv_dim)),
+        out_specs=out_specs,
         compiler_params=params,
-        cost_estimate=pl.CostEstimate(flops=4 * pairs * (dqk + dv_dim) + 12 * pairs, transcendentals=pairs,
-                                      bytes_accessed=tensor_bytes),
+        cost_estimate=pl.CostEstimate(flops=4 * pairs * (dqk + dv_dim) + 12 * pairs, transcendentals=pairs + rab_ops,
+                                      bytes_accessed=tensor_bytes + (4 * bsz * n * n if fused else 0)),
         interpret=cfg.interpret,
         name="hstu_attention_dkdv",
     )(lengths, n_hist, q, k, v, do, *bias_args)
@@ -177,31 +217,33 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         out_shape=out_struct(q.shape, q.dtype, *inputs),
-        grid=(n // bq, bsz, heads),
+        grid=(n // bq, bsz, heads // g),
         in_specs=[scalar, scalar, query_block(dqk), whole(dqk), whole(dv_dim), query_block(dv_dim),
                   *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges)],
         out_specs=query_block(dqk),
         compiler_params=params,
-        cost_estimate=pl.CostEstimate(flops=2 * pairs * (2 * dqk + dv_dim) + 10 * pairs, transcendentals=pairs,
-                                      bytes_accessed=tensor_bytes),
+        cost_estimate=pl.CostEstimate(flops=2 * pairs * (2 * dqk + dv_dim) + 10 * pairs,
+                                      transcendentals=pairs + rab_ops, bytes_accessed=tensor_bytes),
         interpret=cfg.interpret,
         name="hstu_attention_dq",
     )(lengths, n_hist, q, k, v, do, *bias_args)
 
     if not cfg.has_bias:
         return dq, dk, dv, None
+    if fused:
+        return dq, dk, dv, fused_drab[0]
 
     def tile(size, d, at):
-        return pl.BlockSpec((None, size, heads, d), lambda i, j, b: (b, at(i, j), 0, 0))
+        return pl.BlockSpec((None, size, heads, d), lambda j, i, b: (b, at(j, i), 0, 0))
 
     drab = pl.pallas_call(
         functools.partial(_dbias_kernel, cfg=cfg, heads=heads),
-        out_shape=out_struct((bsz, n, n), jnp.float32, *inputs),
-        grid=(n // bq, n // bk, bsz),
-        in_specs=[scalar, scalar, tile(bq, dqk, lambda i, j: i), tile(bk, dqk, lambda i, j: j),
-                  tile(bk, dv_dim, lambda i, j: j), tile(bq, dv_dim, lambda i, j: i),
-                  *bias_specs(cfg, n, lambda i, j, b: (b, 0), pos_w, ts_w, edges)],
-        out_specs=pl.BlockSpec((None, bq, bk), lambda i, j, b: (b, i, j)),
+        out_shape=drab_struct,
+        grid=(n // bk, n // bq, bsz),
+        in_specs=[scalar, scalar, tile(bq, dqk, lambda j, i: i), tile(bk, dqk, lambda j, i: j),
+                  tile(bk, dv_dim, lambda j, i: j), tile(bq, dv_dim, lambda j, i: i),
+                  *bias_specs(cfg, n, lambda j, i, b: (b, 0), pos_w, ts_w, edges)],
+        out_specs=pl.BlockSpec((None, bk, bq), lambda j, i, b: (b, j, i)),
         compiler_params=params,
         cost_estimate=pl.CostEstimate(flops=2 * pairs * (dqk + dv_dim) + 12 * pairs, transcendentals=2 * pairs,
                                       bytes_accessed=tensor_bytes + 4 * bsz * n * n),

@@ -2,9 +2,10 @@
 
 Layout: dense padded q, k [B, N, h, dqk], v [B, N, h, dv] (N a multiple of every block size,
 head dims powers of two >= 16: `hstu_attention.py` pads), per sequence its length L (rows >= L are
-padding) and history length n_hist = L - candidates. Grid (N / BM, B, h): one program per query
-block (the last block first: `heavy_first`), head and sequence; it holds its q tile and the whole
-sequence's K, V (a pointer on GPU) and walks the key blocks it needs:
+padding) and history length n_hist = L - candidates. Grid (N / BM, B, h / G): one program per query
+block (the last block first: `heavy_first`), sequence and group of G heads (`heads_per_program`);
+it holds its G q tiles and the whole sequence's K, V for its heads (a pointer on GPU) and walks
+the key blocks it needs, computing each tile's mask and relative bias once for its G heads:
 
     history keys [0, min(ceil(n_hist / BN), causal end))   then
     the blocks holding its own rows' keys (the diagonal)   [max(that, q_lo // BN), ceil(min(q_hi, L) / BN))
@@ -69,6 +70,7 @@ class MhaConfig:
     num_warps: int | None = None
     num_stages: int = 2
     seq_len: int = 0  # the unpadded N (the bias tables' gradient reduction skips the padding)
+    heads_per_program: int = 1  # G: one program computes G heads, the bias tile once for all of them
 
     @property
     def has_bias(self) -> bool:
@@ -172,20 +174,27 @@ def seq_scalars(len_ref, hist_ref, b, cfg: MhaConfig):
     return length, n_hist, (n_hist if cfg.candidates_only else jnp.zeros_like(n_hist))
 
 
-def scores(q, k, rows, cols, n_hist, bias_refs, q_time, k_time, cfg: MhaConfig, *, key_major: bool):
-    """fp32 scores of a tile: q k^T + rab, [BM, BN] (or k q^T, [BN, BM], when key_major)."""
+def tile_rab(rows, cols, n_hist, bias_refs, q_time, k_time, cfg: MhaConfig, *, key_major: bool):
+    """(rab, rows, cols) of a tile: its fp32 relative bias [BM, BN] ([BN, BM] when key_major; None
+    without bias) and the rows / cols broadcast to the tile. Computed once per tile and shared by
+    the program's heads (the bias does not depend on the head)."""
     if key_major:
-        s = dot(k, q, trans_b=True)
         rows, cols = rows[None, :], cols[:, None]
     else:
-        s = dot(q, k, trans_b=True)
         rows, cols = rows[:, None], cols[None, :]
-    if cfg.has_bias:
-        q_time, k_time = (q_time[None, :], k_time[:, None]) if key_major else (q_time[:, None], k_time[None, :])
-        pos_ref, tsw_ref, edges_ref = bias_refs
-        s = s + tile_bias(pos_ref, tsw_ref, edges_ref, jnp.minimum(rows, n_hist), jnp.minimum(cols, n_hist),
-                          q_time, k_time, num_pos=cfg.num_pos, num_buckets=cfg.num_buckets, interpret=cfg.interpret)
-    return s, rows, cols
+    if not cfg.has_bias:
+        return None, rows, cols
+    q_time, k_time = (q_time[None, :], k_time[:, None]) if key_major else (q_time[:, None], k_time[None, :])
+    pos_ref, tsw_ref, edges_ref = bias_refs
+    rab = tile_bias(pos_ref, tsw_ref, edges_ref, jnp.minimum(rows, n_hist), jnp.minimum(cols, n_hist),
+                    q_time, k_time, num_pos=cfg.num_pos, num_buckets=cfg.num_buckets, interpret=cfg.interpret)
+    return rab, rows, cols
+
+
+def scores(a: jax.Array, b: jax.Array, rab: jax.Array | None) -> jax.Array:
+    """fp32 scores of one head's tile: a b^T (+ rab): q k^T [BM, BN], or k q^T [BN, BM] key-major."""
+    s = dot(a, b, trans_b=True)
+    return s if rab is None else s + rab
 
 
 def split_refs(refs, cfg: MhaConfig, n_tensors: int):
@@ -198,13 +207,17 @@ def split_refs(refs, cfg: MhaConfig, n_tensors: int):
     return len_ref, hist_ref, tensors, None, None, None, list(refs)
 
 
-def key_tile(k_ref, v_ref, ts_ref, kb, bk: int, cfg: MhaConfig):
-    """Key block kb of one sequence: k, v [bk, d], their positions [bk] and timestamps [bk] (None
+def key_block(ts_ref, kb, bk: int, cfg: MhaConfig):
+    """Key block kb of one sequence: its first row, positions [bk] and timestamps [bk] (None
     without bias)."""
     k_lo = pl.multiple_of(kb * bk, bk)
     cols = k_lo + lax.broadcasted_iota(jnp.int32, (bk,), 0)
-    k_time = ts_ref[pl.ds(k_lo, bk)] if cfg.has_bias else None
-    return k_ref[pl.ds(k_lo, bk), :], v_ref[pl.ds(k_lo, bk), :], cols, k_time
+    return k_lo, cols, (ts_ref[pl.ds(k_lo, bk)] if cfg.has_bias else None)
+
+
+def program_heads(cfg: MhaConfig) -> range:
+    """The heads of a program's [.., G, d] blocks (static: the loop over them is unrolled)."""
+    return range(cfg.heads_per_program)
 
 
 class QueryBlock(NamedTuple):
@@ -250,19 +263,28 @@ def over_key_blocks(body, init, blk: QueryBlock, block_q: int, block_k: int):
 def _forward_kernel(*refs, cfg: MhaConfig):
     len_ref, hist_ref, (q_ref, k_ref, v_ref), ts_ref, qts_ref, bias_refs, (o_ref,) = split_refs(refs, cfg, 3)
     blk = query_block(len_ref, hist_ref, qts_ref, cfg.block_q, cfg)
-    q = q_ref[...]
-    fast = fast_math(q.dtype)
+    heads = program_heads(cfg)
+    qs = [q_ref[:, g, :] for g in heads]
+    fast = fast_math(q_ref.dtype)
+    bk = cfg.block_k
 
-    def body(kb, acc, *, masked: bool):
-        k, v, cols, k_time = key_tile(k_ref, v_ref, ts_ref, kb, cfg.block_k, cfg)
-        s, r2, c2 = scores(q, k, blk.rows, cols, blk.n_hist, bias_refs, blk.q_time, k_time, cfg, key_major=False)
-        p = silu(s, cfg, fast)
-        if masked:
-            p = jnp.where(blk.mask(r2, c2), p, 0.0)
-        return acc + dot(p.astype(v.dtype), v)
+    def body(kb, accs, *, masked: bool):
+        k_lo, cols, k_time = key_block(ts_ref, kb, bk, cfg)
+        rab, r2, c2 = tile_rab(blk.rows, cols, blk.n_hist, bias_refs, blk.q_time, k_time, cfg, key_major=False)
+        mask = blk.mask(r2, c2) if masked else None
+        out = []
+        for g, acc in zip(heads, accs):
+            v = v_ref[pl.ds(k_lo, bk), g, :]
+            p = silu(scores(qs[g], k_ref[pl.ds(k_lo, bk), g, :], rab), cfg, fast)
+            if masked:
+                p = jnp.where(mask, p, 0.0)
+            out.append(acc + dot(p.astype(v.dtype), v))
+        return tuple(out)
 
-    acc = over_key_blocks(body, jnp.zeros((cfg.block_q, o_ref.shape[-1]), jnp.float32), blk, cfg.block_q, cfg.block_k)
-    o_ref[...] = blk.finish(acc, cfg).astype(o_ref.dtype)
+    init = tuple(jnp.zeros((cfg.block_q, o_ref.shape[-1]), jnp.float32) for _ in heads)
+    accs = over_key_blocks(body, init, blk, cfg.block_q, bk)
+    for g, acc in zip(heads, accs):
+        o_ref[:, g, :] = blk.finish(acc, cfg).astype(o_ref.dtype)
 
 
 def pair_count(n: int) -> int:
@@ -282,14 +304,14 @@ def mha_forward(q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg: MhaC
     """The forward pallas_call on padded inputs (see `hstu_attention.py`); -> [B, N, h, dv]."""
     bsz, n, heads, dqk = q.shape
     dv = v.shape[-1]
-    bq = cfg.block_q
+    bq, g = cfg.block_q, cfg.heads_per_program
     nq = n // bq
     scalar = pl.BlockSpec(lengths.shape, lambda *_: (0,))
     in_specs = [
         scalar, scalar,
-        pl.BlockSpec((None, bq, None, dqk), lambda i, b, h: (b, heavy_first(i, nq), h, 0)),
-        pl.BlockSpec((None, n, None, dqk), lambda i, b, h: (b, 0, h, 0)),
-        pl.BlockSpec((None, n, None, dv), lambda i, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, bq, g, dqk), lambda i, b, h: (b, heavy_first(i, nq), h, 0)),
+        pl.BlockSpec((None, n, g, dqk), lambda i, b, h: (b, 0, h, 0)),
+        pl.BlockSpec((None, n, g, dv), lambda i, b, h: (b, 0, h, 0)),
         *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges),
     ]
     bias_args = (ts, qts, pos_w, ts_w, edges) if cfg.has_bias else ()
@@ -297,15 +319,15 @@ def mha_forward(q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg: MhaC
     itemsize = q.dtype.itemsize
     cost = pl.CostEstimate(
         flops=2 * pairs * (dqk + dv) + 6 * pairs,
-        transcendentals=pairs * (2 if cfg.has_bias else 1),  # the sigmoid's exp (+ the bucket's log)
+        transcendentals=pairs + (pairs // g if cfg.has_bias else 0),  # the SiLU's tanh (+ the bucket's log)
         bytes_accessed=itemsize * (q.size + k.size + v.size + q.size // dqk * dv) + 8 * bsz * n,
     )
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),
         out_shape=out_struct((bsz, n, heads, dv), v.dtype, q, k, v, lengths, n_hist, ts, qts, pos_w, ts_w),
-        grid=(n // bq, bsz, heads),
+        grid=(n // bq, bsz, heads // g),
         in_specs=in_specs,
-        out_specs=pl.BlockSpec((None, bq, None, dv), lambda i, b, h: (b, heavy_first(i, nq), h, 0)),
+        out_specs=pl.BlockSpec((None, bq, g, dv), lambda i, b, h: (b, heavy_first(i, nq), h, 0)),
         compiler_params=cfg.compiler_params(max(dqk, dv)),
         cost_estimate=cost,
         interpret=cfg.interpret,

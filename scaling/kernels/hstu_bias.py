@@ -24,10 +24,11 @@ by table entry. Gathering inside the kernel is cheap, but grouping is not: witho
 the Triton interpreter cannot even emulate for duplicate indices, and which are nondeterministic on
 GPU) a per-bucket accumulation inside a tile costs one masked reduction of the tile per table entry
 (72 buckets + 2B - 1 diagonals, ~200 passes over a tile that the attention math passes over ~20
-times). So the reduction is split: the `dbias` kernel (hstu_attention_bwd.py) sums dS over the heads
-in registers and writes one float32 partial per (batch, i, j) tile element, zero where masked, and
-XLA groups them here (`table_grads`): the position gradient as diagonal sums (a pad-and-reshape skew,
-no scatter) and the time gradient as a segment sum over buckets recomputed from the timestamps.
+times). So the reduction is split: a kernel (hstu_attention_bwd.py: dK/dV when one program holds
+every head, else `dbias`) sums dS over the heads in registers and writes one float32 partial per
+(batch, j, i) tile element, key-major and zero where masked, and XLA groups them here
+(`table_grads`): the position gradient as diagonal sums (a pad-and-reshape skew, no scatter) and
+the time gradient as a segment sum over buckets recomputed from the timestamps.
 The price is one float32 [B, N, N] buffer in the backward, the size of the [B, N, N] bias/bucket
 tensors the jnp reference path materializes anyway and 1/heads of its [B, h, N, N] scores.
 """
@@ -93,24 +94,27 @@ def diagonal_sums(m: jax.Array) -> jax.Array:
     return padded[: n * (2 * n - 1)].reshape(n, 2 * n - 1).sum(0)
 
 
-def table_grads(drab: jax.Array, n_hist: jax.Array, timestamps: jax.Array, query_timestamps: jax.Array, *,
+def table_grads(drab_t: jax.Array, n_hist: jax.Array, timestamps: jax.Array, query_timestamps: jax.Array, *,
                 num_pos: int, num_buckets: int, candidates: bool) -> tuple[jax.Array, jax.Array]:
     """(d pos_w [2P - 1], d ts_w [num_buckets + 1]) from the head-summed score gradient.
 
-    drab float32 [B, N, N] (zero where the attention mask is off), n_hist int [B] (the history
-    length: positions are clamped to it), timestamps/query_timestamps int [B, N].
+    drab_t float32 [B, N, N], key-major as the kernels write it: drab_t[b, j, i] is d rab[b, i, j]
+    for query i and key j (zero where the attention mask is off); n_hist int [B] (the history
+    length: positions are clamped to it), timestamps/query_timestamps int [B, N]. The index maps
+    are transposed instead of the buffer (they are elementwise, so XLA fuses them into the sums).
     """
-    b, n, _ = drab.shape
-    buckets = time_buckets(timestamps, num_buckets, query_timestamps)
-    d_ts = jax.ops.segment_sum(drab.reshape(-1), buckets.reshape(-1), num_segments=num_buckets + 1)
+    b, n, _ = drab_t.shape
+    buckets = jnp.swapaxes(time_buckets(timestamps, num_buckets, query_timestamps), 1, 2)
+    d_ts = jax.ops.segment_sum(drab_t.reshape(-1), buckets.reshape(-1), num_segments=num_buckets + 1)
     if not candidates and num_pos >= n:
-        # pid(i) = i for every unmasked entry: the position gradient is a diagonal sum.
-        diag = diagonal_sums(drab.sum(0))
+        # pid(i) = i for every unmasked entry: the position gradient is a diagonal sum. Summing the
+        # key-major buffer's diagonal i - j gives the entry for j - i: hence the reversal.
+        diag = diagonal_sums(drab_t.sum(0))[::-1]
         # zeros around [P - n, P + n - 1). A pad, not .at[].set: with n == P that is a scatter with
         # no index dimensions, which crashes XLA's Shardy partitioner inside shard_map (JAX 0.11.2)
         d_pos = jnp.pad(diag, (num_pos - n, num_pos - n))
     else:
         pid = jnp.minimum(jnp.arange(n)[None, :], n_hist[:, None])
-        rel = jnp.clip(num_pos - 1 + pid[:, None, :] - pid[:, :, None], 0, 2 * num_pos - 2)
-        d_pos = jax.ops.segment_sum(drab.reshape(-1), rel.reshape(-1), num_segments=2 * num_pos - 1)
+        rel = jnp.clip(num_pos - 1 + pid[:, :, None] - pid[:, None, :], 0, 2 * num_pos - 2)  # [b, j, i]
+        d_pos = jax.ops.segment_sum(drab_t.reshape(-1), rel.reshape(-1), num_segments=2 * num_pos - 1)
     return d_pos, d_ts
