@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "num_stages": args.num_stages})
                 jobs.append({"ttir": path, "num_warps": warps[kernel], "num_stages": args.num_stages})
         for dim in (int(d) for d in args.dims.split(",")) if args.op == "hstu" else ():
-            for tiles, warps, group in itertools.product(parse_tiles(args.tiles), (int(w) for w in args.warps.split(",")),
-                                                         (int(g) for g in args.head_groups.split(","))):
+            settings = itertools.product(parse_tiles(args.tiles), (int(w) for w in args.warps.split(",")),
+                                         (int(g) for g in args.head_groups.split(",")))
+            for tiles, warps, group in settings:
                 for bias in (False, True):
                     blocks, used, nw = resolved(tiles, warps, dim, group, args.heads, bias)
                     where = tempfile.mkdtemp(dir=work)

@@ -11,6 +11,7 @@ candidates cover none, a lone candidate and several.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -79,11 +80,11 @@ def test_hstu_kernel_matches_reference_fp32(candidates, blocks):
     assert np.all(np.asarray(out)[~valid] == 0)
 
 
-@pytest.mark.parametrize("group", [1, 2])
+@pytest.mark.parametrize("group", [1, 2, 4])
 def test_head_groups_share_the_bias_and_match_the_reference(group):
-    """4 heads, `group` per program: the bias tile is computed once per program for its heads, and
-    the dbias kernel (not dK/dV: a program holds only some heads) sums dS over all 4. The default
-    test above (2 heads, both in one program) covers dK/dV writing the bias gradient itself."""
+    """4 heads, `group` per program: the bias tile is computed once per program for its heads.
+    With 1 or 2 the dbias kernel sums dS over all 4 heads; with 4 (every head in one program)
+    dK/dV writes the bias gradient itself."""
     rng = np.random.default_rng(7)
     b, n, h, d = 3, 40, 4, 8
     q, k, v, cot = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(4))
@@ -110,9 +111,10 @@ def test_blocks_resolve_heads_per_program_and_tiles():
     assert Blocks().resolve(4, 128, has_bias=False) == (64, 64, 64, 32, 1)
     assert Blocks().resolve(4, 64, has_bias=True) == (64, 32, 64, 32, 2)  # G = 2: smaller tiles
     assert Blocks().resolve(8, 128, has_bias=True) == (64, 32, 32, 32, 2)
-    assert Blocks().resolve(2, 32, has_bias=True) == (64, 32, 32, 32, 2)
+    assert Blocks().resolve(2, 32, has_bias=True) == (64, 64, 64, 64, 1)  # G = 1 at d <= 32
+    assert Blocks(heads_per_program=2).resolve(2, 32, has_bias=True) == (64, 32, 32, 16, 2)
     assert Blocks().resolve(3, 128, has_bias=True).heads_per_program == 1  # 2 does not divide 3
-    assert Blocks(heads_per_program=3).program_heads(8, has_bias=False) == 2
+    assert Blocks(heads_per_program=3).program_heads(8, 16, has_bias=False) == 2
     assert Blocks(16, heads_per_program=1).resolve(2, 32, has_bias=True) == (16, 64, 64, 64, 1)
     with pytest.raises(ValueError, match="heads_per_program"):
         Blocks(heads_per_program=0)
@@ -132,13 +134,14 @@ def _err(x, ref):
     return float(np.abs(np.asarray(x, np.float64) - np.asarray(ref, np.float64)).max())
 
 
-def test_hstu_kernel_bf16_within_the_xla_reference_error():
+@pytest.mark.parametrize("group", [1, 2])  # 2: both heads in one program, dK/dV writes the bias gradient
+def test_hstu_kernel_bf16_within_the_xla_reference_error(group):
     args, ts, cot = _hstu_inputs(jnp.bfloat16, seed=2)
     lengths = jnp.asarray(LENGTHS, jnp.int32)
     cands = jnp.asarray((0, 0, 2, 1, 0), jnp.int32)
     up = [a.astype(jnp.float32) for a in args]
     exact = _vjp("xla", SMALL, lengths, ts, cot.astype(jnp.float32), cands)(*up)
-    kernel = _vjp("pallas", SMALL, lengths, ts, cot, cands)(*args)
+    kernel = _vjp("pallas", dataclasses.replace(SMALL, heads_per_program=group), lengths, ts, cot, cands)(*args)
     xla = _vjp("xla", SMALL, lengths, ts, cot, cands)(*args)
     assert kernel[0].dtype == jnp.bfloat16 and kernel[1][0].dtype == jnp.bfloat16
     pairs = [(kernel[0], xla[0], exact[0])] + list(zip(kernel[1], xla[1], exact[1]))
@@ -237,7 +240,8 @@ def test_kernels_lower_to_triton_for_a_gpu():
     With every head in one program (the default here) dK/dV writes the bias gradient; with one head
     per program a separate dbias kernel does."""
     s = jax.ShapeDtypeStruct
-    for blocks, kernels in ((None, ("fwd", "dkdv", "dq")), (Blocks(heads_per_program=1), ("fwd", "dkdv", "dq", "dbias"))):
+    one_head = Blocks(heads_per_program=1)
+    for blocks, kernels in ((None, ("fwd", "dkdv", "dq")), (one_head, ("fwd", "dkdv", "dq", "dbias"))):
         loss, args = _abstract_hstu_loss(2, 200, 2, 50, blocks)
         text = _cuda_lowering(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)), *args)
         for kernel in kernels:
@@ -485,7 +489,7 @@ def test_kernels_lower_per_device_on_an_8_gpu_mesh():
             lowering_platforms=("cuda",)).as_text()
         fm_text = jax.jit(jax.value_and_grad(fm_loss, argnums=(0, 1, 2, 3))).trace(*fm_shapes).lower(
             lowering_platforms=("cuda",)).as_text()
-    # HSTU: forward, dK/dV (with the bias gradient: one program holds both heads), dQ
-    assert hstu_text.count("__gpu$xla.gpu.triton") == 3 and fm_text.count("__gpu$xla.gpu.triton") == 2
+    # HSTU: forward, dK/dV, dQ, dbias (d = 32: one head per program)
+    assert hstu_text.count("__gpu$xla.gpu.triton") == 4 and fm_text.count("__gpu$xla.gpu.triton") == 2
     for text in (hstu_text, fm_text):
         assert "sdy.manual_computation" in text

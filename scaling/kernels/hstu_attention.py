@@ -17,9 +17,10 @@ fixed `norm` (the padded length in the research code, never the row's valid coun
 
 The kernel path (`pallas_mha`) pads N to a multiple of the blocks and the head dims to powers of
 two >= 16 (Triton's tl.dot minimum), runs the forward kernel (hstu_attention_fwd.py) under a
-custom_vjp whose backward runs the dK/dV, dQ and dbias kernels (hstu_attention_bwd.py) and reduces
-the bias tables' gradients in XLA (hstu_bias.py). Residuals are the inputs only (no statistics).
-Gradients flow to q, k, v, pos_w and ts_w; lengths, candidates and timestamps are integers.
+custom_vjp whose backward runs the dK/dV, dQ and (unless one program holds every head) dbias
+kernels (hstu_attention_bwd.py) and reduces the bias tables' gradients in XLA (hstu_bias.py).
+Residuals are the inputs only (no statistics). Gradients flow to q, k, v, pos_w and ts_w; lengths,
+candidates and timestamps are integers.
 """
 
 from __future__ import annotations
@@ -59,17 +60,19 @@ class Blocks:
 
     heads_per_program G: one program computes G heads of a query (or key) block, so the relative
     bias tile, the kernels' costliest elementwise work (31 of the 36 tile ops per element of the
-    forward's whole-tile loop at G = 1: benchmarks/kernel_ir.py), is computed once for G heads; with G = heads the
-    dK/dV kernel also sums the bias gradient over the heads, and the separate dbias pass (two more
-    matmuls per tile and head) is skipped. G must divide the heads (the largest divisor up to the
-    setting is taken). Default: 2 with the bias, 1 without (nothing to share).
+    forward's whole-tile loop at G = 1: benchmarks/kernel_ir.py), is computed once for G heads;
+    with G = heads the dK/dV kernel also sums the bias gradient over the heads, and the separate
+    dbias pass (two more matmuls per tile and head) is skipped. G must divide the heads (the
+    largest divisor up to the setting is taken). Default: 2 with the bias at head dims >= 64; 1
+    without it (nothing to share) and at head dims <= 32 (where two heads fit only on 32 x 16
+    backward tiles).
 
-    The default tiles are the H100 settings that compile without register spills for head dims 32,
-    64 and 128, with and without the bias (`python -m benchmarks.kernel_compile`, Triton 3.8,
-    sm_90a), at 8 warps (4 for head dims <= 32):
+    The default tiles are the H100 settings that compile without register spills for 2 and 4 heads
+    of dims 32, 64 and 128, with and without the bias, at L = 4096 (`python -m
+    benchmarks.kernel_compile`, Triton 3.8, sm_90a), at 8 warps (4 for head dims <= 32):
 
         G = 1   forward 64 x 64, backward 64 x 64 (64 x 32 for head dims >= 128)
-        G = 2   forward 64 x 32, backward 64 x 32 (32 x 32 for head dims <= 32 and >= 128)
+        G = 2   forward 64 x 32, backward 64 x 32 (32 x 32 for head dims >= 128, 32 x 16 for <= 32)
 
     G accumulators share one thread's 255 registers, so G = 2 halves a tile (G = 2 on 64 x 64
     tiles spills at head dims 32, 64 and 128; G = 4 spilled in most kernels at 64 x 64). Their
@@ -92,20 +95,20 @@ class Blocks:
         if self.heads_per_program is not None and self.heads_per_program < 1:
             raise ValueError(f"heads_per_program must be >= 1, got {self.heads_per_program}")
 
-    def program_heads(self, heads: int, has_bias: bool) -> int:
-        """G: the largest divisor of `heads` up to heads_per_program (default 2 with the bias, else 1)."""
-        limit = self.heads_per_program or (2 if has_bias else 1)
+    def program_heads(self, heads: int, head_dim: int, has_bias: bool) -> int:
+        """G: the largest divisor of `heads` up to heads_per_program (default: 2 with the bias at
+        head dims >= 64, else 1)."""
+        limit = self.heads_per_program or (2 if has_bias and head_dim >= 64 else 1)
         return max(g for g in range(1, min(limit, heads) + 1) if heads % g == 0)
 
     def resolve(self, heads: int, head_dim: int, has_bias: bool) -> Tiles:
         """The tiles and G for `heads` heads of width head_dim (the larger of q/k's and v's),
         defaults filled in (class docstring)."""
-        g = self.program_heads(heads, has_bias)
-        wide = head_dim >= 128
-        if g > 1:
-            default = (64, 32, 64 if 32 < head_dim < 128 else 32, 32)
+        g = self.program_heads(heads, head_dim, has_bias)
+        if g == 1:
+            default = (64, 64, 64, 32 if head_dim >= 128 else 64)
         else:
-            default = (64, 64, 64, 32 if wide else 64)
+            default = (64, 32, *((32, 16) if head_dim <= 32 else (64, 32) if head_dim < 128 else (32, 32)))
         given = (self.block_q, self.block_k, self.bwd_block_q, self.bwd_block_k)
         return Tiles(*(d if v is None else v for v, d in zip(given, default)), heads_per_program=g)
 
