@@ -11,8 +11,8 @@ A checkpoint therefore records each table's `TableLayout` (`layouts_json`). On r
 `RestorePlan` compares them with this run's: an unchanged table is read straight into its shards;
 a changed one (and its optimizer mirrors) is read in the saved shape into host memory (each
 process reads it whole: the saved row count need not divide this run's devices, and no device
-ever holds more than its shard), its rows are moved on the host to where this run's layout wants
-each natural row, and each device receives its own shard. A checkpoint without the record
+ever holds more than its shard), and each device's shard is gathered from it, every natural row
+taken to where this run's layout wants it (no second whole copy on the host). A checkpoint without the record
 (written before it existed) is restored as it is, which is right only when the layout did not
 change.
 
@@ -109,17 +109,28 @@ class RestorePlan:
             move = self.moves.get(leaf_path(keypath))
             if move is None:
                 return leaf
-            relaid = _relaid(np.asarray(leaf), move)
-            return jax.make_array_from_callback(relaid.shape, move.sharding, relaid.__getitem__)
+            saved, source = np.asarray(leaf), _source_rows(move)
+            shape = (move.new.stored_rows, *saved.shape[1:])
+            return jax.make_array_from_callback(shape, move.sharding, lambda index: _shard(saved, source, index))
 
         return jax.tree_util.tree_map_with_path(relayout, restored)
 
 
-def _relaid(saved: np.ndarray, move: _Move) -> np.ndarray:
-    """The saved stored rows [old stored rows, ...] moved to the new layout's positions (padding 0)."""
+def _source_rows(move: _Move) -> np.ndarray:
+    """int64 [new stored rows]: the saved stored row each new stored row takes (-1: padding)."""
     natural = np.arange(move.old.rows)
-    out = np.zeros((move.new.stored_rows, *saved.shape[1:]), saved.dtype)
-    out[stored_positions(natural, move.new)] = saved[stored_positions(natural, move.old)]
+    source = np.full(move.new.stored_rows, -1, np.int64)
+    source[stored_positions(natural, move.new)] = stored_positions(natural, move.old)
+    return source
+
+
+def _shard(saved: np.ndarray, source: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+    """One device's shard of the re-laid-out leaf, gathered straight from the saved rows (so the
+    host never holds a second whole copy of the table): `index` is the shard's slice of the new
+    [stored rows, ...] array; padding rows are zero."""
+    rows = source[index[0]]
+    out = saved[np.maximum(rows, 0)][(slice(None), *index[1:])]
+    out[rows < 0] = 0
     return out
 
 
