@@ -8,18 +8,20 @@
 #   env      the device (nvidia-smi, JAX and PyTorch devices) and the Python packages' versions
 #   test     JAX_DEFAULT_MATMUL_PRECISION=highest pytest -q tests/test_kernels.py (compiled Triton kernels)
 #   kernels  benchmarks/kernels.py, full grid             -> OUT/kernels.json
+#   profile  benchmarks/kernel_profile.py: device time per kernel at L=4096, d=128, with the bias
+#            and without                                   -> OUT/profile.jsonl
 #   gr       benchmarks/hstu_reference_side_by_side.py vs generative-recommenders' Triton hstu_mha
 #                                                          -> OUT/hstu_side_by_side.json
 #   tiles    HSTU tile sweep at L=4096, d=128, pallas only -> OUT/tiles.jsonl (one JSON per setting)
 #   train    benchmarks/train_step.py                      -> OUT/train_step.json
 # Everything the steps print goes to OUT/session.log (benchmark rows as JSON lines as they finish,
 # so a step cut short keeps its finished rows); OUT/summary.txt lists each step's exit status and
-# seconds (124 = timed out). At most 6 files: what a device call brings back (8 at most).
+# seconds (124 = timed out). At most 7 files: what a device call brings back (8 at most).
 #
 # Budget: a device command may run 10 minutes, so the step timeouts (seconds, override with
-# T_ENV, T_TEST, T_KERNELS, T_GR, T_TILES, T_TRAIN) sum to 560 and a global deadline (DEADLINE=570
+# T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TILES, T_TRAIN) sum to 560 and a global deadline (DEADLINE=570
 # seconds from the start) cuts the last step short rather than lose the whole call. Steps can be
-# split over two calls on a warm machine: `... OUT env test kernels gr` then `... OUT tiles train`.
+# split over two calls on a warm machine: `... OUT env test kernels profile` then `... OUT gr tiles train`.
 #
 # Packages: the device image's python3 has JAX (CUDA), flax, optax, orbax, PyTorch and Triton, but
 # not grain (train_step needs it). Carry wheels in .whl/ (installed here into /tmp/site when the
@@ -33,9 +35,9 @@
 # and carry [".whl", ".gr"]. PYTHON picks the interpreter (default python3). SMOKE=1 checks the
 # script itself anywhere (CPU included): every benchmark with --smoke, one quick test.
 set -u
-OUT=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [env test kernels gr tiles train]}
+OUT=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [env test kernels profile gr tiles train]}
 shift
-STEPS=${*:-env test kernels gr tiles train}
+STEPS=${*:-env test kernels profile gr tiles train}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -104,6 +106,17 @@ except Exception as err:
 EOF
 }
 
+profile_both() {
+  : > "$OUT/profile.jsonl"
+  for flag in "" --no-bias; do
+    "$PY" -m benchmarks.kernel_profile $flag $SMOKE_FLAG --out /tmp/gpu_session_profile.json > /dev/null \
+      || echo "profile $flag failed"
+    [ -f /tmp/gpu_session_profile.json ] && "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" \
+      /tmp/gpu_session_profile.json >> "$OUT/profile.jsonl"
+    rm -f /tmp/gpu_session_profile.json
+  done
+}
+
 tile_sweep() {
   # (block_q, block_k, bwd_block_q, bwd_block_k, num_warps, num_stages, heads_per_program).
   # Only settings that compile without register spills at d = 128 with the bias
@@ -128,15 +141,16 @@ echo "gpu_session: steps [$STEPS] -> $OUT ($(date -u +%FT%TZ), deadline ${DEADLI
 for step in $STEPS; do
   case $step in
     env) run env "${T_ENV:-30}" bash -c "$(declare -f env_report); env_report" ;;
-    test) run test "${T_TEST:-110}" env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -p no:cacheprovider \
+    test) run test "${T_TEST:-90}" env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -p no:cacheprovider \
             tests/test_kernels.py $TEST_SELECT ;;
-    kernels) run kernels "${T_KERNELS:-160}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
+    kernels) run kernels "${T_KERNELS:-140}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
+    profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f profile_both); profile_both" ;;
     gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
           --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
     tiles) run tiles "${T_TILES:-80}" bash -c "$(declare -f tile_sweep); tile_sweep" ;;
     train) run train "${T_TRAIN:-100}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
              $SMOKE_FLAG ;;
-    *) echo "unknown step $step (expected env test kernels gr tiles train)" | tee -a "$OUT/summary.txt" ;;
+    *) echo "unknown step $step (expected env test kernels profile gr tiles train)" | tee -a "$OUT/summary.txt" ;;
   esac
 done
 echo "gpu_session: done in $(($(date +%s) - START))s" | tee -a "$OUT/summary.txt"

@@ -288,6 +288,34 @@ def test_two_heads_per_program_compute_the_bias_tile_once():
         assert ops2 <= 2 * ops1 - 15, (name, ops1, ops2)  # the bias tile once, not twice
 
 
+def test_kernel_profile_sums_device_stream_time_per_kernel(tmp_path):
+    """benchmarks/kernel_profile.py reads a Perfetto trace: only the GPU's stream lines count (the
+    derived "XLA Ops" line repeats each kernel), Python frames never do, and Triton's decorated
+    kernel names map to the Pallas kernels."""
+    import gzip
+    import json
+
+    from benchmarks.kernel_profile import device_times, kernel_of
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}}]
+    events = [{"ph": "X", "pid": 1, "tid": 7, "name": "hstu_attention_dkdv_0d1d2d", "dur": 300.0},
+              {"ph": "X", "pid": 1, "tid": 7, "name": "hstu_attention_dq", "dur": 200.0},
+              {"ph": "X", "pid": 1, "tid": 7, "name": "loop_reduce_fusion", "dur": 50.0},
+              {"ph": "X", "pid": 1, "tid": 8, "name": "hstu_attention_dq", "dur": 200.0},
+              {"ph": "X", "pid": 2, "tid": 1, "name": "$train.py:10 step", "dur": 900.0}]
+    (tmp_path / "plugins").mkdir()
+    with gzip.open(tmp_path / "plugins" / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": meta + events}, f)
+    totals, source = device_times(str(tmp_path))
+    assert source == "GPU streams"
+    assert totals == {"hstu_attention_dkdv_0d1d2d": 300.0, "hstu_attention_dq": 200.0, "loop_reduce_fusion": 50.0}
+    assert kernel_of("hstu_attention_dkdv_0d1d2d") == "hstu_attention_dkdv"
+    assert kernel_of("hstu_attention_dq") == "hstu_attention_dq" and kernel_of("loop_reduce_fusion") is None
+
+
 def _fm_inputs(b, n, d, k, dtype, seed=5):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(b, n, d)), dtype)
