@@ -64,8 +64,8 @@ class Blocks:
     with G = heads the dK/dV kernel also sums the bias gradient over the heads, and the separate
     dbias pass (two more matmuls per tile and head) is skipped. G must divide the heads (the
     largest divisor up to the setting is taken). Default: 2 with the bias at head dims >= 64; 1
-    without it (nothing to share) and at head dims <= 32 (where two heads fit only on 32 x 16
-    backward tiles).
+    without it (nothing to share) and at head dims <= 32 (where two heads spill on most backward
+    tiles of 32 x 32 and up).
 
     The default tiles are the H100 settings that compile without register spills for 2 and 4 heads
     of dims 32, 64 and 128, with and without the bias, at L = 4096 (`python -m
