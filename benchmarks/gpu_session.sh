@@ -106,14 +106,18 @@ except Exception as err:
 EOF
 }
 
+append_json() {
+  # one benchmark's JSON report (SRC, if it was written) as one line of DEST, then SRC removed
+  [ -f "$1" ] && "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" "$1" >> "$2"
+  rm -f "$1"
+}
+
 profile_both() {
   : > "$OUT/profile.jsonl"
   for flag in "" --no-bias; do
     "$PY" -m benchmarks.kernel_profile $flag $SMOKE_FLAG --out /tmp/gpu_session_profile.json > /dev/null \
       || echo "profile $flag failed"
-    [ -f /tmp/gpu_session_profile.json ] && "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" \
-      /tmp/gpu_session_profile.json >> "$OUT/profile.jsonl"
-    rm -f /tmp/gpu_session_profile.json
+    append_json /tmp/gpu_session_profile.json "$OUT/profile.jsonl"
   done
 }
 
@@ -131,9 +135,7 @@ tile_sweep() {
       --block-q "$bq" --block-k "$bk" --bwd-block-q "$bbq" --bwd-block-k "$bbk" --num-warps "$nw" --num-stages "$ns" \
       --heads-per-program "$g" \
       --out /tmp/gpu_session_tile.json > /dev/null || echo "setting $s failed"
-    [ -f /tmp/gpu_session_tile.json ] && "$PY" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))))" \
-      /tmp/gpu_session_tile.json >> "$OUT/tiles.jsonl"
-    rm -f /tmp/gpu_session_tile.json
+    append_json /tmp/gpu_session_tile.json "$OUT/tiles.jsonl"
   done
 }
 
@@ -144,10 +146,10 @@ for step in $STEPS; do
     test) run test "${T_TEST:-90}" env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -p no:cacheprovider \
             tests/test_kernels.py $TEST_SELECT ;;
     kernels) run kernels "${T_KERNELS:-140}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
-    profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f profile_both); profile_both" ;;
+    profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f append_json profile_both); profile_both" ;;
     gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
           --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
-    tiles) run tiles "${T_TILES:-80}" bash -c "$(declare -f tile_sweep); tile_sweep" ;;
+    tiles) run tiles "${T_TILES:-80}" bash -c "$(declare -f append_json tile_sweep); tile_sweep" ;;
     train) run train "${T_TRAIN:-100}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
              $SMOKE_FLAG ;;
     *) echo "unknown step $step (expected env test kernels profile gr tiles train)" | tee -a "$OUT/summary.txt" ;;

@@ -45,7 +45,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas import next_power_of_2
 
 from benchmarks.json_report import emit
 from scaling.kernels.fm_block import fm_block
@@ -105,7 +104,7 @@ def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: 
                 row = {"op": "hstu_attention", "impl": impl, "L": length, "d": dim, "heads": heads, "batch": batch,
                        "dtype": "bfloat16", "fwd_gflop": fwd_flops / 1e9, "fwd_bwd_gflop": 3.5 * fwd_flops / 1e9}
                 if impl == "pallas":  # the tiles and heads per program this call resolves to
-                    row["tiles"] = (blocks or Blocks()).resolve(heads, max(16, next_power_of_2(dim)), True)._asdict()
+                    row["tiles"] = (blocks or Blocks()).resolve(heads, dim, True)._asdict()
                 fwd, both = hstu_functions(impl, blocks if impl == "pallas" else None, length, lengths, ts, cot)
                 try:
                     row["fwd_ms"] = 1e3 * timed(fwd, args, iters)

@@ -43,6 +43,11 @@ from scaling.models.hstu_attention import (candidate_attention, hstu_attention, 
 __all__ = ["Blocks", "Tiles", "hstu_mha", "candidate_mha", "reference_mha", "pallas_mha"]
 
 
+def padded_dim(d: int) -> int:
+    """The head dim the kernel computes with: a power of two >= 16 (Triton's tl.dot minimum)."""
+    return max(16, pl.next_power_of_2(d))
+
+
 class Tiles(NamedTuple):
     """The tile sizes and heads per program one call runs with (`Blocks.resolve`)."""
 
@@ -102,8 +107,9 @@ class Blocks:
         return max(g for g in range(1, min(limit, heads) + 1) if heads % g == 0)
 
     def resolve(self, heads: int, head_dim: int, has_bias: bool) -> Tiles:
-        """The tiles and G for `heads` heads of width head_dim (the larger of q/k's and v's),
-        defaults filled in (class docstring)."""
+        """The tiles and G for `heads` heads of width head_dim (the larger of q/k's and v's, as
+        given or as the kernel pads it: `padded_dim`), defaults filled in (class docstring)."""
+        head_dim = padded_dim(head_dim)
         g = self.program_heads(heads, head_dim, has_bias)
         if g == 1:
             default = (64, 64, 64, 32 if head_dim >= 128 else 64)
@@ -203,7 +209,7 @@ def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_t
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, n)
     n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates.astype(jnp.int32), 0, lengths)
     cap = max(16, pl.next_power_of_2(n))
-    dqk_p, dv_p = (max(16, pl.next_power_of_2(d)) for d in (dqk, dv))
+    dqk_p, dv_p = padded_dim(dqk), padded_dim(dv)
     tiles = blocks.resolve(heads, max(dqk_p, dv_p), has_bias)
     sizes = [min(s, cap) for s in tiles[:4]]
     npad = -(-n // max(sizes)) * max(sizes)

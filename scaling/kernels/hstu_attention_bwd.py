@@ -41,9 +41,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, fast_math, full_query_blocks, heavy_first,
-                                                key_block, key_block_ranges, over_key_blocks, pair_count,
-                                                program_heads, query_block, query_block_range, scores, seq_scalars,
-                                                sigmoid, split_refs, tile_mask, tile_rab)
+                                                key_block_ranges, pair_count, program_heads, query_block,
+                                                query_block_range, scores, seq_scalars, sigmoid, split_refs,
+                                                tile_mask, tile_rab, walk_query_block, zero_unseen)
 from scaling.kernels.sharded import out_struct
 
 
@@ -77,8 +77,7 @@ def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool):
             q, do = q_ref[pl.ds(q_lo, bq), g, :], do_ref[pl.ds(q_lo, bq), g, :]
             grad, p = _silu_grad(scores(ks[g], q, rab), cfg, fast)
             ds_t = dot(vs[g], do, trans_b=True) * grad
-            if masked:
-                p, ds_t = jnp.where(mask, p, 0.0), jnp.where(mask, ds_t, 0.0)
+            p, ds_t = zero_unseen(p, mask), zero_unseen(ds_t, mask)
             if dbias:
                 drab = ds_t if drab is None else drab + ds_t
             dks.append(dk + dot(ds_t.astype(q.dtype), q))
@@ -112,26 +111,13 @@ def _dq_kernel(*refs, cfg: MhaConfig):
     heads = program_heads(cfg)
     qs, dos = [q_ref[:, g, :] for g in heads], [do_ref[:, g, :] for g in heads]
     fast = fast_math(q_ref.dtype)
-    bk = cfg.bwd_block_k
 
-    def body(kb, dqs, *, masked: bool):
-        k_lo, cols, k_time = key_block(ts_ref, kb, bk, cfg)
-        rab, r2, c2 = tile_rab(blk.rows, cols, blk.n_hist, bias_refs, blk.q_time, k_time, cfg, key_major=False)
-        mask = blk.mask(r2, c2) if masked else None
-        out = []
-        for g, dq in zip(heads, dqs):
-            k, v = k_ref[pl.ds(k_lo, bk), g, :], v_ref[pl.ds(k_lo, bk), g, :]
-            grad, _ = _silu_grad(scores(qs[g], k, rab), cfg, fast)
-            ds = dot(dos[g], v, trans_b=True) * grad
-            if masked:
-                ds = jnp.where(mask, ds, 0.0)
-            out.append(dq + dot(ds.astype(k.dtype), k))
-        return tuple(out)
+    def head_step(g, dq, k, v, rab, mask):
+        grad, _ = _silu_grad(scores(qs[g], k, rab), cfg, fast)
+        ds = zero_unseen(dot(dos[g], v, trans_b=True) * grad, mask)
+        return dq + dot(ds.astype(k.dtype), k)
 
-    init = tuple(jnp.zeros((cfg.bwd_block_q, dq_ref.shape[-1]), jnp.float32) for _ in heads)
-    dqs = over_key_blocks(body, init, blk, cfg.bwd_block_q, bk)
-    for g, dq in zip(heads, dqs):
-        dq_ref[:, g, :] = blk.finish(dq, cfg).astype(dq_ref.dtype)
+    walk_query_block(head_step, blk, k_ref, v_ref, ts_ref, bias_refs, dq_ref, cfg.bwd_block_k, cfg)
 
 
 def _dbias_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, do_ref, ts_ref, qts_ref, pos_ref, tsw_ref, edges_ref,

@@ -260,31 +260,43 @@ def over_key_blocks(body, init, blk: QueryBlock, block_q: int, block_k: int):
     return lax.fori_loop(c, d, masked, carry)
 
 
+def zero_unseen(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """x with the tile's unseen pairs zeroed (mask None: a tile every row sees whole)."""
+    return x if mask is None else jnp.where(mask, x, 0.0)
+
+
+def walk_query_block(head_step, blk: QueryBlock, k_ref, v_ref, ts_ref, bias_refs, out_ref, block_k: int,
+                     cfg: MhaConfig):
+    """The forward and dQ programs' shared walk: over the key blocks the query block sees
+    (`over_key_blocks`), each tile's relative bias and mask computed once, then for every head g
+    of the program acc_g = head_step(g, acc_g, k [BK, d], v [BK, d], rab, mask) (mask None on
+    whole tiles); out_ref[:, g, :] = the finished acc_g ([BQ, out_ref's d] fp32, zeros to start)."""
+    heads = program_heads(cfg)
+
+    def body(kb, accs, *, masked: bool):
+        k_lo, cols, k_time = key_block(ts_ref, kb, block_k, cfg)
+        rab, r2, c2 = tile_rab(blk.rows, cols, blk.n_hist, bias_refs, blk.q_time, k_time, cfg, key_major=False)
+        mask = blk.mask(r2, c2) if masked else None
+        return tuple(head_step(g, acc, k_ref[pl.ds(k_lo, block_k), g, :], v_ref[pl.ds(k_lo, block_k), g, :], rab, mask)
+                     for g, acc in zip(heads, accs))
+
+    init = tuple(jnp.zeros((blk.rows.shape[0], out_ref.shape[-1]), jnp.float32) for _ in heads)
+    accs = over_key_blocks(body, init, blk, blk.rows.shape[0], block_k)
+    for g, acc in zip(heads, accs):
+        out_ref[:, g, :] = blk.finish(acc, cfg).astype(out_ref.dtype)
+
+
 def _forward_kernel(*refs, cfg: MhaConfig):
     len_ref, hist_ref, (q_ref, k_ref, v_ref), ts_ref, qts_ref, bias_refs, (o_ref,) = split_refs(refs, cfg, 3)
     blk = query_block(len_ref, hist_ref, qts_ref, cfg.block_q, cfg)
-    heads = program_heads(cfg)
-    qs = [q_ref[:, g, :] for g in heads]
+    qs = [q_ref[:, g, :] for g in program_heads(cfg)]
     fast = fast_math(q_ref.dtype)
-    bk = cfg.block_k
 
-    def body(kb, accs, *, masked: bool):
-        k_lo, cols, k_time = key_block(ts_ref, kb, bk, cfg)
-        rab, r2, c2 = tile_rab(blk.rows, cols, blk.n_hist, bias_refs, blk.q_time, k_time, cfg, key_major=False)
-        mask = blk.mask(r2, c2) if masked else None
-        out = []
-        for g, acc in zip(heads, accs):
-            v = v_ref[pl.ds(k_lo, bk), g, :]
-            p = silu(scores(qs[g], k_ref[pl.ds(k_lo, bk), g, :], rab), cfg, fast)
-            if masked:
-                p = jnp.where(mask, p, 0.0)
-            out.append(acc + dot(p.astype(v.dtype), v))
-        return tuple(out)
+    def head_step(g, acc, k, v, rab, mask):
+        p = zero_unseen(silu(scores(qs[g], k, rab), cfg, fast), mask)
+        return acc + dot(p.astype(v.dtype), v)
 
-    init = tuple(jnp.zeros((cfg.block_q, o_ref.shape[-1]), jnp.float32) for _ in heads)
-    accs = over_key_blocks(body, init, blk, cfg.block_q, bk)
-    for g, acc in zip(heads, accs):
-        o_ref[:, g, :] = blk.finish(acc, cfg).astype(o_ref.dtype)
+    walk_query_block(head_step, blk, k_ref, v_ref, ts_ref, bias_refs, o_ref, cfg.block_k, cfg)
 
 
 def pair_count(n: int) -> int:
