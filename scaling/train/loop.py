@@ -299,7 +299,7 @@ class _Run:
                     return out
 
                 metrics = task.evaluate(outputs)
-                return metrics, int(sum(int(x) for x in jax.device_get(dropped)))
+                return metrics, sum(int(x) for x in jax.device_get(dropped))
 
             primary = self.primary  # one process writes the run's files and draws its progress
             metrics_file = MetricsFile(self.run_dir, start_step if latest is not None else None, enabled=primary)
