@@ -1,0 +1,248 @@
+"""Compile the bf16 training steps for an NVIDIA H100 or H200 on a machine without one, and read
+what XLA made of them: whether the step fits in the GPU's memory, what it launches, and a roofline
+of where its time would go.
+
+    python -m benchmarks.gpu_aot [--gpu h100|h200] [--cases hstu,wukong,onetrans] [--impls pallas,xla]
+        [--devices 1] [--top 12] [--hlo-dir DIR] [--smoke] [--out FILE]
+
+Needs JAX's CUDA plugin (`pip install -e '.[cuda12]'`), not a GPU: JAX's compile-only client
+(`jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`) compiles for
+the GPU described below with XLA's real GPU pipeline (fusion, Triton gemms, the Pallas kernels'
+Triton lowering to PTX), without autotuning. The steps are those of benchmarks/train_step.py (its
+CASES, the same large sizes), built by scaling/train/setup.py as a run builds them, on a mesh of
+`--devices` compile-only GPUs. `--impls pallas` runs the kernels through `impl=auto`, which lowers
+the kernel branch for the CUDA target.
+
+Per case it reports:
+  memory    XLA's buffer assignment: arguments + temporaries + outputs not aliased to inputs, per
+            device, against the GPU's memory (`fits`)
+  kernels   how many launches of each kind (matmul fusions, Pallas kernels, memory-bound fusions,
+            gathers/scatters, copies, collectives)
+  roofline  benchmarks/hlo_roofline.py on the optimized HLO, at the GPU's datasheet peaks: a lower
+            bound on the step's time, its split by kind, the largest items by source line, and
+            `mfu_ceiling` = model FLOPs / (bound x peak), the most the step could reach as compiled.
+            The HSTU kernels' FLOPs count the causal pairs of the real batch's lengths.
+
+These are estimates from the compiled program, not measurements: the GPU session's
+benchmarks/train_step.py measures the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import numpy as np
+
+from benchmarks.hlo_roofline import roofline, shape_dims, top_sources
+from benchmarks.json_report import emit
+from benchmarks.kernel_profile import FLOPS_PER_PAIR
+from benchmarks.train_step import CASES, SWEEPS
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """The datasheet figures XLA's GPU compiler is given (its TargetConfig) and the roofline uses."""
+
+    description: str
+    memory_bytes: int
+    bandwidth: float          # HBM bytes/s
+    bf16_flops: float         # dense bf16 tensor-core FLOP/s
+    nvlink: float             # bytes/s each way per GPU (collectives)
+    sms: int = 132
+    clock_ghz: float = 1.98
+    l2_bytes: int = 50 * 2**20
+    compute_capability: tuple[int, int] = (9, 0)
+
+    def target_config(self) -> str:
+        """The TargetConfig text proto (xla/stream_executor/device_description.proto)."""
+        major, minor = self.compute_capability
+        return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: {self.sms}
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.bandwidth)}
+  l2_cache_size: {self.l2_bytes}
+  clock_rate_ghz: {self.clock_ghz}
+  device_memory_size: {self.memory_bytes}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{self.description}"
+"""
+
+
+GPUS = {
+    "h100": GpuTarget("NVIDIA H100 80GB HBM3", memory_bytes=80 * 10**9, bandwidth=3.35e12, bf16_flops=989.4e12,
+                      nvlink=450e9),
+    "h200": GpuTarget("NVIDIA H200", memory_bytes=141 * 10**9, bandwidth=4.8e12, bf16_flops=989.4e12, nvlink=450e9),
+}
+
+
+def pallas_flops(pair_fraction: float):
+    """kernel_flops for hlo_roofline: the matmul FLOPs of our Pallas kernels from their operands.
+
+    HSTU attention (operands lengths, n_hist, q [B, N, h, d], ...): FLOPS_PER_PAIR x d x causal
+    pairs, the pairs scaled by `pair_fraction` (the batch's sum of L (L + 1) / 2 over B N (N + 1) / 2:
+    the kernels skip blocks past a sequence's end). Wukong FM block (x [B, n, d], y [n, k], padded):
+    X^T Y and X P, 4 B n d k forward, 12 B n d k backward."""
+
+    def flops(name: str, operands: list[str]) -> float:
+        arrays = [dims for t in operands for _, dims in shape_dims(t)]
+        if name in FLOPS_PER_PAIR and len(arrays) > 2 and len(arrays[2]) == 4:
+            b, n, h, d = arrays[2]
+            return FLOPS_PER_PAIR[name] * d * b * h * n * (n + 1) / 2 * pair_fraction
+        if name.startswith("wukong_fm_block") and len(arrays) > 1:
+            (b, n, d), (_, k) = arrays[0], arrays[1]
+            return (4 if name.endswith("fwd") else 12) * b * n * d * k
+        return 0.0
+
+    return flops
+
+
+def causal_pair_fraction(batch: dict) -> float:
+    """Sum of L (L + 1) / 2 over B N (N + 1) / 2 for a sequence batch with `lengths`; 1 otherwise."""
+    if "lengths" not in batch or "items" not in batch:
+        return 1.0
+    lengths = np.asarray(batch["lengths"], np.float64)
+    n = np.asarray(batch["items"]).shape[1]
+    return float((lengths * (lengths + 1) / 2).sum() / (len(lengths) * n * (n + 1) / 2))
+
+
+def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: bool, top: int, hlo_dir: str) -> dict:
+    """Compile one case's train step for `devices` and read its memory, kernels and roofline."""
+    from scaling.config import load_run_config
+    from scaling.train.loop import dataset_of
+    from scaling.train.setup import prepare
+
+    path, knob, large, small = CASES[name]
+    overrides = [*(small if smoke else large), "train.compute_dtype=bfloat16", "train.eval_every=0",
+                 "logging.progress=false", "logging.wandb.mode=disabled"]
+    if knob:
+        overrides.append(f"{knob}={'auto' if impl == 'pallas' else impl}")
+    config = load_run_config(os.path.join(SWEEPS, path), overrides)
+    dataset = dataset_of(config.data)
+    t0 = time.perf_counter()
+    setup = prepare(config, dataset, devices=devices)
+    with setup.partitioner.activate():
+        compiled = setup.compile_train_step()
+    compile_s = time.perf_counter() - t0
+    text = compiled.as_text()
+    if hlo_dir:
+        os.makedirs(hlo_dir, exist_ok=True)
+        with open(os.path.join(hlo_dir, f"{name}_{impl}.hlo.txt"), "w") as f:
+            f.write(text)
+    batch = next(iter(setup.task.train_iterator(config.train.batch_size, config.seed)))
+    fraction = causal_pair_fraction(batch)
+    mem = compiled.memory_analysis()
+    per_device = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    bandwidth = gpu.nvlink if len(devices) > 1 else None
+    report = roofline(text, gpu.bf16_flops, gpu.bandwidth, kernel_flops=pallas_flops(fraction),
+                      collective_bandwidth=bandwidth)
+    model_flops = 3 * float(config.model.flops_per_example(dataset.spec)) * config.train.batch_size / len(devices)
+    return {
+        "model": name, "impl": impl, "devices": len(devices), "batch_size": config.train.batch_size,
+        "overrides": overrides, "compile_s": compile_s,
+        "memory": {"argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+                   "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
+                   "per_device_bytes": per_device, "device_bytes": gpu.memory_bytes,
+                   "fits": per_device <= gpu.memory_bytes},
+        "causal_pair_fraction": fraction,
+        "model_tflops_per_device_step": model_flops / 1e12,
+        "compiled_matmul_tflops": report["flops"] / 1e12,
+        "bound_ms": 1e3 * report["seconds"],
+        "mfu_ceiling": model_flops / (report["seconds"] * gpu.bf16_flops) if report["seconds"] else 0.0,
+        "by_kind": report["by_kind"],
+        "top": top_sources(report["kernels"], top),
+        "warnings": report["warnings"],
+    }
+
+
+def summary_line(row: dict) -> str:
+    if "error" in row:
+        return f"{row['model']:9s} {row['impl']:6s} error: {row['error']}"
+    mem = row["memory"]
+    kinds = ", ".join(f"{k} {v['share']:.0%}" for k, v in sorted(row["by_kind"].items(), key=lambda kv: -kv[1]["seconds"])
+                      if v["share"] >= 0.01)
+    launches = sum(v["kernels"] for v in row["by_kind"].values())
+    return (f"{row['model']:9s} {row['impl']:6s} {mem['per_device_bytes'] / 2**30:6.1f} GiB "
+            f"({'fits' if mem['fits'] else 'DOES NOT FIT'}), {launches} launches, bound {row['bound_ms']:.2f} ms "
+            f"[{kinds}], MFU ceiling {row['mfu_ceiling']:.0%}")
+
+
+def has_cuda_plugin() -> bool:
+    """Whether JAX's CUDA 12 plugin (the `cuda12` extra) is installed."""
+    try:
+        import jax_plugins.xla_cuda12  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def compile_only_devices(gpu: GpuTarget, count: int) -> list:
+    """`count` compile-only devices of the target GPU (one host), from JAX's CUDA plugin."""
+    import jax
+    from jax.experimental import topologies
+
+    jax.config.update("jax_platforms", "cpu")  # no GPU here: the CPU client runs, the GPU one only compiles
+    topology = topologies.get_topology_desc(platform="cuda", target_config=gpu.target_config(),
+                                            topology=f"1x1x{count}")
+    return list(topology.devices)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
+    parser.add_argument("--impls", default="pallas,xla", help="pallas (the kernels, via impl=auto), xla, or both")
+    parser.add_argument("--devices", type=int, default=1, help="GPUs on the mesh (one host)")
+    parser.add_argument("--top", type=int, default=12, help="largest roofline items to list per case")
+    parser.add_argument("--hlo-dir", default="", help="also write each optimized HLO text here")
+    parser.add_argument("--smoke", action="store_true", help="the tiny sizes of train_step --smoke")
+    parser.add_argument("--out", default="", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    unknown = [c for c in args.cases.split(",") if c not in CASES]
+    if unknown or args.devices < 1:
+        print(f"gpu_aot: --cases must name {', '.join(CASES)} (got {', '.join(unknown)}) and --devices be >= 1",
+              file=sys.stderr)
+        return 2
+    if not has_cuda_plugin():
+        print("gpu_aot: JAX's CUDA plugin is not installed; pip install -e '.[cuda12]' (no GPU needed)", file=sys.stderr)
+        return 2
+    gpu = GPUS[args.gpu]
+    devices = compile_only_devices(gpu, args.devices)
+    import jax
+
+    rows = []
+    for name in args.cases.split(","):
+        for impl in (args.impls.split(",") if CASES[name][1] else ["xla"]):
+            try:
+                row = compile_case(name, impl, gpu, devices, args.smoke, args.top, args.hlo_dir)
+            except Exception as err:  # noqa: BLE001 - one case failing to compile leaves the others
+                row = {"model": name, "impl": impl, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
+            rows.append(row)
+            print(summary_line(row), file=sys.stderr)
+    emit({"benchmark": "gpu_aot", "gpu": gpu.description, "devices": args.devices, "jax": jax.__version__,
+          "peak_bf16_tflops": gpu.bf16_flops / 1e12, "hbm_tb_per_s": gpu.bandwidth / 1e12,
+          "smoke": args.smoke, "estimate": "compiled without a GPU; roofline bounds, not measurements",
+          "rows": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

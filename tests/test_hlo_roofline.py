@@ -1,0 +1,150 @@
+"""The HLO roofline (benchmarks/hlo_roofline.py) and the GPU compile report around it
+(benchmarks/gpu_aot.py): FLOPs, bytes, kinds and source lines of a hand-written GPU module whose
+every figure is computed by hand, and of a program XLA compiled here."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.gpu_aot import GPUS, causal_pair_fraction, has_cuda_plugin, main as gpu_aot_main, pallas_flops
+from benchmarks.hlo_roofline import roofline, top_sources, type_bytes
+
+# A module as XLA's GPU compiler prints it: a Triton gemm fusion, a loop fusion slicing an
+# elementwise chain, a gather, an in-place dynamic-update-slice, a Pallas (Triton) custom call,
+# and the stack-frame tables (frame 2 is Flax's, called from frame 1, the project's).
+MODULE = """HloModule jit_step, is_scheduled=true
+
+FileNames
+1 "/home/u/project/scaling/models/foo.py"
+2 "/usr/lib/site-packages/flax/nnx/nn/linear.py"
+
+FunctionNames
+1 "Foo.__call__"
+2 "Linear.__call__"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=10 end_line=10 column=1 end_column=9}
+2 {file_name_id=2 function_name_id=2 line=99 end_line=99 column=1 end_column=9}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+
+
+%gemm (p0: bf16[64,128], p1: bf16[128,256]) -> bf16[64,256] {
+  %p0 = bf16[64,128]{1,0} parameter(0)
+  %p1 = bf16[128,256]{1,0} parameter(1)
+  ROOT %d = bf16[64,256]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%slice_exp (q0: bf16[64,256]) -> bf16[64,64] {
+  %q0 = bf16[64,256]{1,0} parameter(0)
+  %e = bf16[64,256]{1,0} exponential(%q0)
+  ROOT %s = bf16[64,64]{1,0} slice(%e), slice={[0:64], [0:64]}
+}
+
+%lookup (t0: f32[1000,32], i0: s32[16,1]) -> f32[16,32] {
+  %t0 = f32[1000,32]{1,0} parameter(0)
+  %i0 = s32[16,1]{1,0} parameter(1)
+  ROOT %g = f32[16,32]{1,0} gather(%t0, %i0), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,32}
+}
+
+%update (b0: f32[1000,32], u0: f32[16,32], s0: s32[]) -> f32[1000,32] {
+  %b0 = f32[1000,32]{1,0} parameter(0)
+  %u0 = f32[16,32]{1,0} parameter(1)
+  %s0 = s32[] parameter(2)
+  %z = s32[] constant(0)
+  ROOT %dus = f32[1000,32]{1,0} dynamic-update-slice(%b0, %u0, %s0, %z)
+}
+
+ENTRY %main (a: bf16[64,128], b: bf16[128,256], t: f32[1000,32], i: s32[16,1], s: s32[], q: bf16[2,256,4,32]) -> (bf16[64,64], f32[1000,32], bf16[2,256,4,32]) {
+  %a = bf16[64,128]{1,0} parameter(0)
+  %b = bf16[128,256]{1,0} parameter(1)
+  %t = f32[1000,32]{1,0} parameter(2)
+  %i = s32[16,1]{1,0} parameter(3)
+  %s = s32[] parameter(4)
+  %q = bf16[2,256,4,32]{3,2,1,0} parameter(5)
+  %mm = bf16[64,256]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm, metadata={op_name="jit(step)/dot_general" stack_frame_id=2}, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %sl = bf16[64,64]{1,0} fusion(%mm), kind=kLoop, calls=%slice_exp, metadata={op_name="jit(step)/slice" stack_frame_id=1}
+  %lk = f32[16,32]{1,0} fusion(%t, %i), kind=kInput, calls=%lookup
+  %up = f32[1000,32]{1,0} fusion(%t, %lk, %s), kind=kLoop, calls=%update
+  %k = bf16[2,256,4,32]{3,2,1,0} custom-call(%s, %s, %q, %q, /*index=4*/%q), custom_call_target="__gpu$xla.gpu.triton", backend_config={grid_x = 1 : i32, ir = "ML\\EFR(x)", name = "hstu_attention_fwd", num_warps = 4 : i32}
+  ROOT %r = (bf16[64,64]{1,0}, f32[1000,32]{1,0}, bf16[2,256,4,32]{3,2,1,0}) tuple(%sl, %up, %k)
+}
+"""
+
+PAIRS = 2 * 4 * 256 * 257 // 2  # B h N (N + 1) / 2 of q [2, 256, 4, 32]
+
+
+def test_type_bytes_reads_arrays_and_tuples():
+    assert type_bytes("bf16[64,128]{1,0}") == 64 * 128 * 2
+    assert type_bytes("(f32[3]{0}, s32[], pred[8]{0})") == 12 + 4 + 8
+
+
+def test_every_kernel_of_a_hand_written_module_is_counted_by_hand():
+    report = roofline(MODULE, peak_flops=1e12, bandwidth=1e9, launch_s=1e-6, kernel_flops=pallas_flops(1.0))
+    kernels = {k.name: k for k in report["kernels"]}
+    assert set(kernels) == {"mm", "sl", "lk", "up", "hstu_attention_fwd"}  # parameters, tuple: free
+
+    mm = kernels["mm"]
+    assert (mm.kind, mm.flops) == ("matmul", 2 * 64 * 256 * 128)
+    assert mm.bytes == 2 * (64 * 128 + 128 * 256 + 64 * 256)
+    assert mm.source == "scaling/models/foo.py:10 Foo.__call__"  # past Flax's frame to the project's
+
+    sl = kernels["sl"]  # the loop fusion computes only the slice: it reads 64 x 64 of the input
+    assert (sl.kind, sl.flops, sl.bytes) == ("memory", 0, 2 * 64 * 64 * 2)
+
+    lk = kernels["lk"]  # the gather reads 16 rows of the table, not the table
+    assert (lk.kind, lk.bytes) == ("gather/scatter", 16 * 32 * 4 + 16 * 4 + 16 * 32 * 4)
+
+    up = kernels["up"]  # in place: the update is read and written, the buffer is not
+    assert up.bytes == 16 * 32 * 4 + 4 + 16 * 32 * 4
+
+    k = kernels["hstu_attention_fwd"]
+    assert (k.kind, k.flops) == ("pallas", 4 * 32 * PAIRS)
+    assert k.bytes == 4 + 4 + 4 * (2 * 256 * 4 * 32 * 2)
+
+    for kernel in report["kernels"]:
+        assert kernel.seconds == max(kernel.flops / 1e12, kernel.bytes / 1e9, 1e-6)
+    assert report["seconds"] == pytest.approx(sum(k.seconds for k in report["kernels"]))
+    assert report["by_kind"]["matmul"]["share"] == pytest.approx(mm.seconds / report["seconds"])
+    [top, *_] = top_sources(report["kernels"], 2)
+    assert top["seconds"] == max(k.seconds for k in report["kernels"])
+
+
+def test_a_program_compiled_here_counts_its_dot_and_slice():
+    def f(a, b, t, i):
+        return jax.nn.gelu(a @ b)[:, :64], t[i]
+
+    args = (jnp.ones((128, 256)), jnp.ones((256, 512)), jnp.ones((1000, 32)), jnp.arange(16))
+    report = roofline(jax.jit(f).lower(*args).compile().as_text(), 1e12, 1e11)
+    assert report["flops"] == 2 * 128 * 256 * 512
+    by_kind = report["by_kind"]
+    assert by_kind["matmul"]["kernels"] == 1
+    assert by_kind["gather/scatter"]["bytes"] <= 2 * 16 * 32 * 4 + 16 * 4  # 16 rows, not the table
+
+
+def test_pallas_flops_and_the_causal_pair_fraction():
+    flops = pallas_flops(0.5)
+    q = "bf16[2,256,4,32]{3,2,1,0}"
+    assert flops("hstu_attention_dkdv", ["s32[2]", "s32[2]", q]) == 8 * 32 * PAIRS * 0.5
+    assert flops("wukong_fm_block_bwd", ["bf16[64,16,32]", "bf16[16,16]"]) == 12 * 64 * 16 * 32 * 16
+    assert flops("something_else", [q]) == 0.0
+    batch = {"items": jnp.zeros((2, 4), jnp.int32), "lengths": jnp.array([4, 2])}
+    assert causal_pair_fraction(batch) == pytest.approx((10 + 3) / (2 * 10))
+    assert causal_pair_fraction({"dense": jnp.zeros((2, 3))}) == 1.0
+
+
+def test_the_target_config_names_the_gpu():
+    text = GPUS["h100"].target_config()
+    assert "core_count: 132" in text and "cuda_compute_capability { major: 9 minor: 0 }" in text
+    assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+
+
+@pytest.mark.skipif(has_cuda_plugin(), reason="the CUDA plugin is installed")
+def test_gpu_aot_without_the_cuda_plugin_says_what_to_install(capsys):
+    assert gpu_aot_main(["--cases", "hstu"]) == 2
+    assert "pip install -e '.[cuda12]'" in capsys.readouterr().err
+    assert gpu_aot_main(["--cases", "nope"]) == 2
