@@ -52,13 +52,19 @@ CASES: dict[str, tuple[str, str | None, list[str], list[str]]] = {
         "model.size=xs", "model.max_len=32", "model.dropout=0.0", "data.num_users=64", "data.num_items=200",
         "data.num_negatives=8", "train.batch_size=4",
     ]),
+    # Wukong at the scale of the paper's Table 5 (l=8, n_F=n_L=48, k=48, FMB MLP 3x4096, d=160: the
+    # ladder's xl, at d=16, is memory-bound whatever the kernels do) on a 96-field CTR world.
     "wukong": ("quickstart.yaml", "model.fm_impl", [
-        "model.size=xl", "train.batch_size=16384", "data.eval_examples=4096",
+        "model.size=custom", "model.embed_dim=160", "model.num_layers=8", "model.num_fm=48", "model.num_lcb=48",
+        "model.fm_rank=48", "model.fmb_mlp_width=4096", "model.fmb_mlp_depth=3", "model.top_mlp=[1024,512]",
+        "model.dense_mlp=[512,256]", "data.num_fields=96", "train.batch_size=8192", "data.eval_examples=4096",
     ], [
         "model.size=xxs", "train.batch_size=16", "data.eval_examples=256",
     ]),
+    # OneTrans near the paper's OneTrans-L (8 layers, d=384) on 2 x 256-event sequences
     "onetrans": ("onetrans_synthetic.yaml", None, [
-        "model.size=xl", "train.batch_size=2048", "data.eval_examples=2048",
+        "model.size=custom", "model.dim=384", "model.num_layers=8", "model.num_heads=8", "model.ffn_dim=1536",
+        "model.num_ns=16", "data.seq_len=256", "train.batch_size=512", "data.eval_examples=2048",
     ], [
         "model.size=xs", "train.batch_size=8", "data.eval_examples=256",
     ]),
