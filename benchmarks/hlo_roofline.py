@@ -15,10 +15,9 @@ could do at best with XLA's fusion decisions as they are, so a large share of me
 points at what fusion left on the table, and `model FLOPs / (bound x peak)` is a ceiling on MFU.
 
 Bytes are refined where reading a whole operand would overstate the traffic: a loop fusion reads
-at most one element of each operand per output element (so a slice of an elementwise chain reads
-the slice), a fusion operand used only as the table of gathers / dynamic slices counts what those
-read, and a fusion whose root updates a buffer in place (dynamic-update-slice, scatter) counts
-the update, not the buffer.
+at most one element of each operand per output element, a fusion operand whose every use ends,
+through elementwise ops, in slices / dynamic slices / gathers counts what those read, and a fusion whose root updates a buffer in place (dynamic-update-slice, scatter) writes
+the update (at most the buffer's size: a scatter-add into a small table), not the whole buffer.
 Custom calls (Pallas / Triton kernels) report no FLOPs in HLO; `kernel_flops(name, operand
 shapes)` supplies them (benchmarks/gpu_aot.py knows ours). Loops count their body once and are
 listed in `warnings`.
@@ -41,6 +40,12 @@ FREE = {"parameter", "constant", "get-tuple-element", "bitcast", "tuple", "after
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute",
                "ragged-all-to-all", "collective-broadcast")
 READS_PART = ("gather", "dynamic-slice", "slice")
+# One output element from the same element of each operand: a fusion computes them only where a
+# later slice or gather asks, so a parameter read through them reads what the slice reads.
+ELEMENTWISE = {"add", "subtract", "multiply", "divide", "negate", "exponential", "exponential-minus-one", "log",
+               "log-plus-one", "tanh", "logistic", "maximum", "minimum", "select", "compare", "convert", "bitcast",
+               "reshape", "abs", "rsqrt", "sqrt", "cbrt", "power", "and", "or", "not", "xor", "clamp", "floor", "ceil",
+               "round-nearest-even", "round-nearest-afz", "sign", "cosine", "sine", "erf", "copy", "is-finite"}
 WRITES_PART = ("dynamic-update-slice", "scatter")
 
 
@@ -210,6 +215,26 @@ def frame_label(frames: dict, frame_id: int, marker: str = "/scaling/") -> str:
     return ""
 
 
+def _elements_read(name: str, users: dict[str, list[Instruction]], depth: int = 0) -> float | None:
+    """Elements of `name` a fusion reads when every use of it, through elementwise ops, ends as the
+    operand of a slice, dynamic slice or gather (what those produce); None when some use reads all."""
+    use = users.get(name, [])
+    if not use or depth > 64:
+        return None
+    total = 0.0
+    for u in use:
+        if u.opcode in READS_PART and u.operands[0] == name:
+            total += max((math.prod(dims) for _, dims in shape_dims(u.type)), default=0)
+        elif u.opcode in ELEMENTWISE:
+            part = _elements_read(u.name, users, depth + 1)
+            if part is None:
+                return None
+            total += part
+        else:
+            return None
+    return total
+
+
 class _Module:
     def __init__(self, text: str):
         self.computations, self.entry = parse_module(text)
@@ -270,15 +295,15 @@ class _Module:
             size = type_bytes(operand)
             if loop and (arrays := shape_dims(operand)):
                 size = min(size, out_elements * ITEMSIZE[arrays[0][0]])
-            use = users.get(pname, [])
-            if use and all(u.opcode in READS_PART and u.operands[0] == pname for u in use):
-                size = min(size, sum(u.bytes for u in use))
+            if (arrays := shape_dims(operand)) and (read := _elements_read(pname, users)) is not None:
+                size = min(size, read * ITEMSIZE[arrays[0][0]])
             if in_place and root.operands and root.operands[0] == pname:
                 size = 0.0  # the buffer updated in place is neither read nor rewritten whole
             total += size
         if in_place and len(root.operands) > 1:
+            # writes: the update, but a scatter into a small buffer (a histogram) writes no more than it
             update = root.operands[2] if root.opcode == "scatter" and len(root.operands) > 2 else root.operands[1]
-            total += type_bytes(self.shapes[computation].get(update, ""))
+            total += min(type_bytes(self.shapes[computation].get(update, "")), inst.bytes)
         else:
             total += inst.bytes
         return total

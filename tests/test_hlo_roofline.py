@@ -12,7 +12,7 @@ from benchmarks.gpu_aot import GPUS, causal_pair_fraction, has_cuda_plugin, main
 from benchmarks.hlo_roofline import roofline, top_sources, type_bytes
 
 # A module as XLA's GPU compiler prints it: a Triton gemm fusion, a loop fusion slicing an
-# elementwise chain, a gather, an in-place dynamic-update-slice, a Pallas (Triton) custom call,
+# elementwise chain, a reduction of a converted slice, a gather, an in-place dynamic-update-slice, a Pallas (Triton) custom call,
 # and the stack-frame tables (frame 2 is Flax's, called from frame 1, the project's).
 MODULE = """HloModule jit_step, is_scheduled=true
 
@@ -45,6 +45,20 @@ StackFrames
   ROOT %s = bf16[64,64]{1,0} slice(%e), slice={[0:64], [0:64]}
 }
 
+%sum (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %xy = f32[] add(%x, %y)
+}
+
+%rowsum (r0: bf16[64,256]) -> f32[64] {
+  %r0 = bf16[64,256]{1,0} parameter(0)
+  %c = f32[64,256]{1,0} convert(%r0)
+  %sl2 = f32[64,64]{1,0} slice(%c), slice={[0:64], [0:64]}
+  %zero = f32[] constant(0)
+  ROOT %red = f32[64]{0} reduce(%sl2, %zero), dimensions={1}, to_apply=%sum
+}
+
 %lookup (t0: f32[1000,32], i0: s32[16,1]) -> f32[16,32] {
   %t0 = f32[1000,32]{1,0} parameter(0)
   %i0 = s32[16,1]{1,0} parameter(1)
@@ -59,7 +73,7 @@ StackFrames
   ROOT %dus = f32[1000,32]{1,0} dynamic-update-slice(%b0, %u0, %s0, %z)
 }
 
-ENTRY %main (a: bf16[64,128], b: bf16[128,256], t: f32[1000,32], i: s32[16,1], s: s32[], q: bf16[2,256,4,32]) -> (bf16[64,64], f32[1000,32], bf16[2,256,4,32]) {
+ENTRY %main (a: bf16[64,128], b: bf16[128,256], t: f32[1000,32], i: s32[16,1], s: s32[], q: bf16[2,256,4,32]) -> (bf16[64,64], f32[64], f32[1000,32], bf16[2,256,4,32]) {
   %a = bf16[64,128]{1,0} parameter(0)
   %b = bf16[128,256]{1,0} parameter(1)
   %t = f32[1000,32]{1,0} parameter(2)
@@ -68,10 +82,11 @@ ENTRY %main (a: bf16[64,128], b: bf16[128,256], t: f32[1000,32], i: s32[16,1], s
   %q = bf16[2,256,4,32]{3,2,1,0} parameter(5)
   %mm = bf16[64,256]{1,0} fusion(%a, %b), kind=kCustom, calls=%gemm, metadata={op_name="jit(step)/dot_general" stack_frame_id=2}, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
   %sl = bf16[64,64]{1,0} fusion(%mm), kind=kLoop, calls=%slice_exp, metadata={op_name="jit(step)/slice" stack_frame_id=1}
+  %rs = f32[64]{0} fusion(%mm), kind=kInput, calls=%rowsum
   %lk = f32[16,32]{1,0} fusion(%t, %i), kind=kInput, calls=%lookup
   %up = f32[1000,32]{1,0} fusion(%t, %lk, %s), kind=kLoop, calls=%update
   %k = bf16[2,256,4,32]{3,2,1,0} custom-call(%s, %s, %q, %q, /*index=4*/%q), custom_call_target="__gpu$xla.gpu.triton", backend_config={grid_x = 1 : i32, ir = "ML\\EFR(x)", name = "hstu_attention_fwd", num_warps = 4 : i32}
-  ROOT %r = (bf16[64,64]{1,0}, f32[1000,32]{1,0}, bf16[2,256,4,32]{3,2,1,0}) tuple(%sl, %up, %k)
+  ROOT %r = (bf16[64,64]{1,0}, f32[64]{0}, f32[1000,32]{1,0}, bf16[2,256,4,32]{3,2,1,0}) tuple(%sl, %rs, %up, %k)
 }
 """
 
@@ -86,7 +101,7 @@ def test_type_bytes_reads_arrays_and_tuples():
 def test_every_kernel_of_a_hand_written_module_is_counted_by_hand():
     report = roofline(MODULE, peak_flops=1e12, bandwidth=1e9, launch_s=1e-6, kernel_flops=pallas_flops(1.0))
     kernels = {k.name: k for k in report["kernels"]}
-    assert set(kernels) == {"mm", "sl", "lk", "up", "hstu_attention_fwd"}  # parameters, tuple: free
+    assert set(kernels) == {"mm", "sl", "rs", "lk", "up", "hstu_attention_fwd"}  # parameters, tuple: free
 
     mm = kernels["mm"]
     assert (mm.kind, mm.flops) == ("matmul", 2 * 64 * 256 * 128)
@@ -95,6 +110,9 @@ def test_every_kernel_of_a_hand_written_module_is_counted_by_hand():
 
     sl = kernels["sl"]  # the loop fusion computes only the slice: it reads 64 x 64 of the input
     assert (sl.kind, sl.flops, sl.bytes) == ("memory", 0, 2 * 64 * 64 * 2)
+
+    rs = kernels["rs"]  # a reduction of a converted slice reads the slice
+    assert (rs.kind, rs.bytes) == ("memory", 64 * 64 * 2 + 64 * 4)
 
     lk = kernels["lk"]  # the gather reads 16 rows of the table, not the table
     assert (lk.kind, lk.bytes) == ("gather/scatter", 16 * 32 * 4 + 16 * 4 + 16 * 32 * 4)
