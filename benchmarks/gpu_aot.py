@@ -20,8 +20,10 @@ Per case it reports:
             gathers/scatters, copies, collectives)
   roofline  benchmarks/hlo_roofline.py on the optimized HLO, at the GPU's datasheet peaks: a lower
             bound on the step's time, its split by kind, the largest items by source line, and
-            `mfu_ceiling` = model FLOPs / (bound x peak), the most the step could reach as compiled.
-            The HSTU kernels' FLOPs count the causal pairs of the real batch's lengths.
+            `mfu_ceiling` = model FLOPs / (bound x peak), the most the step could reach as compiled,
+            and `matmul_utilization_ceiling`, the same for the matmul FLOPs the program executes.
+            The HSTU kernels' FLOPs count the causal pairs of the real batch's lengths (they skip
+            blocks past a sequence's end); HSTU's model FLOPs count every position's attention.
 
 These are estimates from the compiled program, not measurements: the GPU session's
 benchmarks/train_step.py measures the step.
@@ -167,6 +169,7 @@ def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: boo
         "compiled_matmul_tflops": report["flops"] / 1e12,
         "bound_ms": 1e3 * report["seconds"],
         "mfu_ceiling": model_flops / (report["seconds"] * gpu.bf16_flops) if report["seconds"] else 0.0,
+        "matmul_utilization_ceiling": report["flops"] / (report["seconds"] * gpu.bf16_flops) if report["seconds"] else 0.0,
         "by_kind": report["by_kind"],
         "top": top_sources(report["kernels"], top),
         "warnings": report["warnings"],
@@ -182,7 +185,7 @@ def summary_line(row: dict) -> str:
     launches = sum(v["kernels"] for v in row["by_kind"].values())
     return (f"{row['model']:9s} {row['impl']:6s} {mem['per_device_bytes'] / 2**30:6.1f} GiB "
             f"({'fits' if mem['fits'] else 'DOES NOT FIT'}), {launches} launches, bound {row['bound_ms']:.2f} ms "
-            f"[{kinds}], MFU ceiling {row['mfu_ceiling']:.0%}")
+            f"[{kinds}], MFU ceiling {row['mfu_ceiling']:.0%} (executed matmuls {row['matmul_utilization_ceiling']:.0%})")
 
 
 def has_cuda_plugin() -> bool:
