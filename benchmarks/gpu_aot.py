@@ -33,98 +33,13 @@ benchmarks/train_step.py measures the step.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
 
-import numpy as np
-
-from benchmarks.hlo_roofline import roofline, shape_dims, top_sources
+from benchmarks.gpu_targets import GPUS, GpuTarget, causal_pair_fraction, step_roofline
 from benchmarks.json_report import emit
-from benchmarks.kernel_profile import FLOPS_PER_PAIR
 from benchmarks.train_step import CASES, SWEEPS
-
-
-@dataclasses.dataclass(frozen=True)
-class GpuTarget:
-    """The datasheet figures XLA's GPU compiler is given (its TargetConfig) and the roofline uses."""
-
-    description: str
-    memory_bytes: int
-    bandwidth: float          # HBM bytes/s
-    bf16_flops: float         # dense bf16 tensor-core FLOP/s
-    nvlink: float             # bytes/s each way per GPU (collectives)
-    sms: int = 132
-    clock_ghz: float = 1.98
-    l2_bytes: int = 50 * 2**20
-    compute_capability: tuple[int, int] = (9, 0)
-
-    def target_config(self) -> str:
-        """The TargetConfig text proto (xla/stream_executor/device_description.proto)."""
-        major, minor = self.compute_capability
-        return f"""gpu_device_info {{
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: {self.sms}
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: {int(self.bandwidth)}
-  l2_cache_size: {self.l2_bytes}
-  clock_rate_ghz: {self.clock_ghz}
-  device_memory_size: {self.memory_bytes}
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability {{ major: {major} minor: {minor} }}
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 8 }}
-runtime_version {{ major: 12 minor: 8 }}
-device_description_str: "{self.description}"
-"""
-
-
-GPUS = {
-    "h100": GpuTarget("NVIDIA H100 80GB HBM3", memory_bytes=80 * 10**9, bandwidth=3.35e12, bf16_flops=989.4e12,
-                      nvlink=450e9),
-    "h200": GpuTarget("NVIDIA H200", memory_bytes=141 * 10**9, bandwidth=4.8e12, bf16_flops=989.4e12, nvlink=450e9),
-}
-
-
-def pallas_flops(pair_fraction: float):
-    """kernel_flops for hlo_roofline: the matmul FLOPs of our Pallas kernels from their operands.
-
-    HSTU attention (operands lengths, n_hist, q [B, N, h, d], ...): FLOPS_PER_PAIR x d x causal
-    pairs, the pairs scaled by `pair_fraction` (the batch's sum of L (L + 1) / 2 over B N (N + 1) / 2:
-    the kernels skip blocks past a sequence's end). Wukong FM block (x [B, n, d], y [n, k], padded):
-    X^T Y and X P, 4 B n d k forward, 12 B n d k backward."""
-
-    def flops(name: str, operands: list[str]) -> float:
-        arrays = [dims for t in operands for _, dims in shape_dims(t)]
-        if name in FLOPS_PER_PAIR and len(arrays) > 2 and len(arrays[2]) == 4:
-            b, n, h, d = arrays[2]
-            return FLOPS_PER_PAIR[name] * d * b * h * n * (n + 1) / 2 * pair_fraction
-        if name.startswith("wukong_fm_block") and len(arrays) > 1:
-            (b, n, d), (_, k) = arrays[0], arrays[1]
-            return (4 if name.endswith("fwd") else 12) * b * n * d * k
-        return 0.0
-
-    return flops
-
-
-def causal_pair_fraction(batch: dict) -> float:
-    """Sum of L (L + 1) / 2 over B N (N + 1) / 2 for a sequence batch with `lengths`; 1 otherwise."""
-    if "lengths" not in batch or "items" not in batch:
-        return 1.0
-    lengths = np.asarray(batch["lengths"], np.float64)
-    n = np.asarray(batch["items"]).shape[1]
-    return float((lengths * (lengths + 1) / 2).sum() / (len(lengths) * n * (n + 1) / 2))
 
 
 def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: bool, top: int, hlo_dir: str) -> dict:
@@ -154,9 +69,7 @@ def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: boo
     fraction = causal_pair_fraction(batch)
     mem = compiled.memory_analysis()
     per_device = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    bandwidth = gpu.nvlink if len(devices) > 1 else None
-    report = roofline(text, gpu.bf16_flops, gpu.bandwidth, kernel_flops=pallas_flops(fraction),
-                      collective_bandwidth=bandwidth)
+    report = step_roofline(text, gpu, fraction, len(devices), top)
     model_flops = 3 * float(config.model.flops_per_example(dataset.spec)) * config.train.batch_size / len(devices)
     best = report["seconds_overlapped"]
     return {
@@ -174,7 +87,7 @@ def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: boo
         "mfu_ceiling": model_flops / (best * gpu.bf16_flops) if best else 0.0,
         "matmul_utilization_ceiling": report["flops"] / (best * gpu.bf16_flops) if best else 0.0,
         "by_kind": report["by_kind"],
-        "top": top_sources(report["kernels"], top),
+        "top": report["top"],
         "warnings": report["warnings"],
     }
 

@@ -15,6 +15,11 @@ compile + warm-up step (wall clock, block_until_ready at the end).
                  records carry; HSTU's counts the full N x N attention) x examples/s
                  / the bf16 matmul TFLOP/s measured in the same process
 
+On an H100 / H200 (or any device with --roofline h100) each row also carries the roofline of the
+step XLA compiled (benchmarks/hlo_roofline.py at the GPU's datasheet peaks: its bound, the bound's
+split by kind and largest source lines) and `fraction_of_roofline` = bound / measured step time:
+how close the step ran to what its compiled program allows, and where the rest must have gone.
+
 --smoke runs tiny sizes for 5 timed steps (CPU: the kernels in interpret mode) to check the script works.
 """
 
@@ -27,11 +32,12 @@ import statistics
 import sys
 import time
 
-from benchmarks.json_report import emit
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from benchmarks.json_report import emit
+from benchmarks.gpu_targets import GPUS, GpuTarget, causal_pair_fraction, gpu_of, step_roofline
 from benchmarks.kernels import matmul_tflops
 from scaling.config import load_run_config
 from scaling.models.registry import build_model
@@ -73,9 +79,10 @@ CASES: dict[str, tuple[str, str | None, list[str], list[str]]] = {
 }
 
 
-def step_time(config, steps: int, dataset=None) -> dict:
+def step_time(config, steps: int, dataset=None, roofline_gpu: GpuTarget | None = None) -> dict:
     """Build the run's step exactly as the training loop does and time it on one batch (`dataset`:
-    the config's data, when already built)."""
+    the config's data, when already built); with `roofline_gpu`, also bound the compiled step at
+    that GPU's peaks (benchmarks/gpu_targets.py) and say what fraction of the bound it ran at."""
     dataset = dataset if dataset is not None else dataset_of(config.data)
     spec = dataset.spec
     model = build_model(config.model, spec, rngs=nnx.Rngs(config.seed))
@@ -93,8 +100,8 @@ def step_time(config, steps: int, dataset=None) -> dict:
     )
     state = jax.jit(fns.init_state)(dense, embed, rngs)
     batch = {k: jnp.asarray(v) for k, v in next(iter(task.train_iterator(tr.batch_size, config.seed))).items()}
-    step = jax.jit(fns.train_step, donate_argnums=0)
     t0 = time.perf_counter()
+    step = jax.jit(fns.train_step, donate_argnums=0).lower(state, batch).compile()
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
@@ -105,9 +112,14 @@ def step_time(config, steps: int, dataset=None) -> dict:
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
-    return {"batch_size": tr.batch_size, "gflops_per_example": flops / 1e9, "compile_and_first_step_s": compile_s,
-            "step_ms": 1e3 * seconds, "examples_per_s": tr.batch_size / seconds,
-            "train_tflops": 3 * flops * tr.batch_size / seconds / 1e12, "loss": float(metrics["loss"])}
+    row = {"batch_size": tr.batch_size, "gflops_per_example": flops / 1e9, "compile_and_first_step_s": compile_s,
+           "step_ms": 1e3 * seconds, "examples_per_s": tr.batch_size / seconds,
+           "train_tflops": 3 * flops * tr.batch_size / seconds / 1e12, "loss": float(metrics["loss"])}
+    if roofline_gpu is not None:  # the bound of the program that ran, beside its time
+        bound = step_roofline(step.as_text(), roofline_gpu, causal_pair_fraction(batch), top=6)
+        row.update(roofline_ms=1e3 * bound["seconds"], fraction_of_roofline=bound["seconds"] / seconds,
+                   roofline_shares={k: v["share"] for k, v in bound["by_kind"].items()}, roofline_top=bound["top"])
+    return row
 
 
 def main(argv=None) -> int:
@@ -116,8 +128,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case (after one warm-up)")
     parser.add_argument("--impls", default="pallas,xla")
     parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes, 5 steps (CPU: interpret mode)")
+    parser.add_argument("--roofline", choices=["auto", "none", *GPUS], default="auto",
+                        help="bound each compiled step at this GPU's datasheet peaks (auto: the device's, if an H100/H200)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
+    roofline_gpu = (gpu_of(jax.devices()[0].device_kind) if args.roofline == "auto"
+                    else None if args.roofline == "none" else GPUS[args.roofline])
     steps = 5 if args.smoke else args.steps
     peak = matmul_tflops(256 if args.smoke else 8192, 3 if args.smoke else 10)
     rows = []
@@ -134,7 +150,7 @@ def main(argv=None) -> int:
                 config = load_run_config(os.path.join(SWEEPS, path), overrides)
                 if data_of.get(name, (None,))[0] != config.data:  # the impls share one data set
                     data_of[name] = (config.data, dataset_of(config.data))
-                row.update(step_time(config, steps, data_of[name][1]))
+                row.update(step_time(config, steps, data_of[name][1], roofline_gpu))
                 row["mfu"] = row["train_tflops"] / peak
             except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large size
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"

@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks.gpu_aot import GPUS, causal_pair_fraction, has_cuda_plugin, main as gpu_aot_main, pallas_flops
+from benchmarks.gpu_aot import has_cuda_plugin, main as gpu_aot_main
+from benchmarks.gpu_targets import GPUS, causal_pair_fraction, gpu_of, pallas_flops
 from benchmarks.hlo_roofline import roofline, top_sources, type_bytes
 
 # A module as XLA's GPU compiler prints it: a Triton gemm fusion, a loop fusion slicing an
@@ -167,6 +168,8 @@ def test_the_target_config_names_the_gpu():
     text = GPUS["h100"].target_config()
     assert "core_count: 132" in text and "cuda_compute_capability { major: 9 minor: 0 }" in text
     assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+    assert gpu_of("NVIDIA H100 80GB HBM3") is GPUS["h100"] and gpu_of("NVIDIA H200") is GPUS["h200"]
+    assert gpu_of("cpu") is None
 
 
 @pytest.mark.skipif(has_cuda_plugin(), reason="the CUDA plugin is installed")

@@ -1,0 +1,110 @@
+"""What the roofline (benchmarks/hlo_roofline.py) knows about the GPUs and about this repo's kernels:
+the datasheet figures of an H100 / H200 (also the TargetConfig XLA compiles for without one), the
+matmul FLOPs of the Pallas kernels (HLO reports none for a custom call), and one call that bounds
+a compiled step. Used by benchmarks/gpu_aot.py (compiled here, no GPU) and benchmarks/train_step.py
+(compiled on the GPU, beside the measured step time)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from benchmarks.hlo_roofline import roofline, shape_dims, top_sources
+from benchmarks.kernel_profile import FLOPS_PER_PAIR
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuTarget:
+    """The datasheet figures XLA's GPU compiler is given (its TargetConfig) and the roofline uses."""
+
+    description: str
+    memory_bytes: int
+    bandwidth: float          # HBM bytes/s
+    bf16_flops: float         # dense bf16 tensor-core FLOP/s
+    nvlink: float             # bytes/s each way per GPU (collectives)
+    sms: int = 132
+    clock_ghz: float = 1.98
+    l2_bytes: int = 50 * 2**20
+    compute_capability: tuple[int, int] = (9, 0)
+
+    def target_config(self) -> str:
+        """The TargetConfig text proto (xla/stream_executor/device_description.proto)."""
+        major, minor = self.compute_capability
+        return f"""gpu_device_info {{
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: {self.sms}
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: {int(self.bandwidth)}
+  l2_cache_size: {self.l2_bytes}
+  clock_rate_ghz: {self.clock_ghz}
+  device_memory_size: {self.memory_bytes}
+  shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 12 minor: 8 }}
+device_description_str: "{self.description}"
+"""
+
+
+GPUS = {
+    "h100": GpuTarget("NVIDIA H100 80GB HBM3", memory_bytes=80 * 10**9, bandwidth=3.35e12, bf16_flops=989.4e12,
+                      nvlink=450e9),
+    "h200": GpuTarget("NVIDIA H200", memory_bytes=141 * 10**9, bandwidth=4.8e12, bf16_flops=989.4e12, nvlink=450e9),
+}
+
+
+def pallas_flops(pair_fraction: float):
+    """kernel_flops for hlo_roofline: the matmul FLOPs of our Pallas kernels from their operands.
+
+    HSTU attention (operands lengths, n_hist, q [B, N, h, d], ...): FLOPS_PER_PAIR x d x causal
+    pairs, the pairs scaled by `pair_fraction` (the batch's sum of L (L + 1) / 2 over B N (N + 1) / 2:
+    the kernels skip blocks past a sequence's end). Wukong FM block (x [B, n, d], y [n, k], padded):
+    X^T Y and X P, 4 B n d k forward, 12 B n d k backward."""
+
+    def flops(name: str, operands: list[str]) -> float:
+        arrays = [dims for t in operands for _, dims in shape_dims(t)]
+        if name in FLOPS_PER_PAIR and len(arrays) > 2 and len(arrays[2]) == 4:
+            b, n, h, d = arrays[2]
+            return FLOPS_PER_PAIR[name] * d * b * h * n * (n + 1) / 2 * pair_fraction
+        if name.startswith("wukong_fm_block") and len(arrays) > 1:
+            (b, n, d), (_, k) = arrays[0], arrays[1]
+            return (4 if name.endswith("fwd") else 12) * b * n * d * k
+        return 0.0
+
+    return flops
+
+
+def causal_pair_fraction(batch: dict) -> float:
+    """Sum of L (L + 1) / 2 over B N (N + 1) / 2 for a sequence batch with `lengths`; 1 otherwise."""
+    if "lengths" not in batch or "items" not in batch:
+        return 1.0
+    lengths = np.asarray(batch["lengths"], np.float64)
+    n = np.asarray(batch["items"]).shape[1]
+    return float((lengths * (lengths + 1) / 2).sum() / (len(lengths) * n * (n + 1) / 2))
+
+
+def gpu_of(device_kind: str) -> GpuTarget | None:
+    """The target whose name is in a JAX device_kind ('NVIDIA H100 80GB HBM3' -> h100), or None."""
+    kind = device_kind.lower()
+    return next((gpu for name, gpu in GPUS.items() if name in kind), None)
+
+
+def step_roofline(text: str, gpu: GpuTarget, pair_fraction: float = 1.0, devices: int = 1, top: int = 12) -> dict:
+    """hlo_roofline's report of a compiled step's HLO text at `gpu`'s peaks, summarised (JSON-ready)."""
+    report = roofline(text, gpu.bf16_flops, gpu.bandwidth, kernel_flops=pallas_flops(pair_fraction),
+                      collective_bandwidth=gpu.nvlink if devices > 1 else None)
+    return {"seconds": report["seconds"], "seconds_overlapped": report["seconds_overlapped"],
+            "flops": report["flops"], "bytes": report["bytes"], "by_kind": report["by_kind"],
+            "top": top_sources(report["kernels"], top), "warnings": report["warnings"]}
