@@ -16,12 +16,14 @@ could do at best with XLA's fusion decisions as they are, so a large share of me
 points at what fusion left on the table, and `model FLOPs / (bound x peak)` is a ceiling on MFU.
 
 Bytes are refined where reading a whole operand would overstate the traffic: a loop fusion reads
-at most one element of each operand per output element, a fusion operand whose every use ends,
-through elementwise ops, in slices / dynamic slices / gathers counts what those read, and a fusion whose root updates a buffer in place (dynamic-update-slice, scatter) writes
-the update (at most the buffer's size: a scatter-add into a small table), not the whole buffer.
-Custom calls (Pallas / Triton kernels) report no FLOPs in HLO; `kernel_flops(name, operand
-shapes)` supplies them (benchmarks/gpu_aot.py knows ours). Loops count their body once and are
-listed in `warnings`.
+at most one element of each operand per output element; a fusion operand whose every use ends,
+through elementwise ops, in slices / dynamic slices / gathers counts what those read; a fusion
+whose root updates a buffer in place (dynamic-update-slice, scatter) writes the update (at most
+the buffer's size: a scatter-add into a small table), not the whole buffer. Custom calls (Pallas
+/ Triton kernels) report no FLOPs in HLO: `kernel_flops(name, operand types)` supplies them
+(benchmarks/gpu_targets.py knows this repo's). Loops count their body once and are listed in
+`warnings`. Not counted: the CUDA-core work of elementwise ops (a kernel heavy in it, like HSTU
+attention's SiLU and bias, can be slower than its bound), and re-reads that miss the L2 cache.
 """
 
 from __future__ import annotations
