@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.triton_ir import abstract_h100
 from scaling.kernels.dispatch import selected_impl
-from scaling.kernels.fm_block import fm_block
+from scaling.kernels.fm_block import fm_block, kernel_fits, pallas_fm_block, reference_fm_block
 from scaling.kernels.hstu_attention import Blocks, candidate_mha, hstu_mha
 from scaling.models.hstu_attention import candidate_attention, candidate_bias
 
@@ -351,6 +351,26 @@ def test_fm_block_bf16_within_the_xla_reference_error():
     for name, (got, base, ref) in zip(("out", "x", "y", "scale", "bias"), pairs):
         scale = float(np.abs(np.asarray(ref, np.float64)).max())
         assert _err(got, ref) <= 2 * _err(base, ref) + 1e-3 * scale, name
+
+
+def test_fm_block_tiles_past_the_kernels_fall_back_to_the_reference():
+    # The envelope measured with benchmarks/kernel_compile.py --op fm (sm_90a, no spills)
+    assert kernel_fits(128, 64, 32) == (True, True) and kernel_fits(64, 128, 32) == (True, True)
+    assert kernel_fits(64, 128, 64) == (True, False) and kernel_fits(128, 256, 64) == (True, False)
+    assert kernel_fits(128, 512, 64) == (False, False)
+    # n = 40, d = 200, k = 9 -> tiles (64, 256, 16): the forward kernel, the backward through XLA
+    args, cot = _fm_inputs(6, 40, 200, 9, jnp.float32)
+    assert kernel_fits(64, 256, 16) == (True, False)
+    jaxpr = str(jax.make_jaxpr(_fm_vjp("pallas", cot))(*args))
+    assert "wukong_fm_block_fwd" in jaxpr and "wukong_fm_block_bwd" not in jaxpr
+    out, grads = _fm_vjp("pallas", cot)(*args)
+    ref_out, ref_grads = _fm_vjp("xla", cot)(*args)
+    _close(out, ref_out)
+    for g, r in zip(grads, ref_grads):
+        _close(g, r)
+    with pytest.warns(UserWarning, match="larger than the kernel holds"):  # tiles (64, 1024, 16): all XLA
+        wide, _ = _fm_inputs(2, 40, 600, 3, jnp.float32)
+        np.testing.assert_array_equal(pallas_fm_block(*wide, interpret=True), reference_fm_block(*wide))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -21,6 +21,11 @@ Backward (custom_vjp, a second kernel on the same grid, recomputing Z from X and
     dZ^ = g * scale,  dZ = rstd (dZ^ - mean(dZ^) - Z^ mean(dZ^ Z^)),
     dX = dZ P^T + Y dP^T with dP = X^T dZ,  dY = sum_b X dP,  dscale = sum_b g Z^,  dbias = sum_b g
 
+Past the tiles the backward kernel holds without spilling (`kernel_fits`: about n * d <= 8192,
+n * k and d * k <= 4096 in padded sizes), the backward is the reference's VJP (XLA), and past the
+forward's (n * d <= 32768) the whole block is. Wukong at the paper's scale (n = 96, d = 160,
+k = 48) runs the forward kernel and the XLA backward.
+
 dX is written per example; dY, dscale and dbias are accumulated per program in registers and
 written as per-program partials [B / BT, n, k] that XLA sums (no atomics).
 """
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -53,6 +59,7 @@ class _Config:
     eps: float
     block_b: int
     interpret: bool
+    kernel_backward: bool = True  # False: the backward is the reference's VJP (tiles too large)
     num_warps: int = 4  # forward
     bwd_num_warps: int = 8
     num_stages: int = 2
@@ -180,7 +187,25 @@ def _fm_fwd(x, y, scale, bias, cfg):
     return _call_forward(x, y, scale, bias, cfg), (x, y, scale)
 
 
+def _reference_bwd(cfg: _Config, residuals, g):
+    """The backward through the jnp reference, for tiles the backward kernel cannot hold. Takes and
+    returns the kernel's operand shapes (Y, scale and bias padded to [n_p, k_p])."""
+    x, y, scale = residuals
+    n, k = cfg.n, cfg.k
+
+    def forward(x, y, scale, bias):
+        return reference_fm_block(x, y, scale.reshape(-1), bias.reshape(-1), eps=cfg.eps)
+
+    bias = jnp.zeros((n, k), scale.dtype)  # the output's bias gradient does not depend on its value
+    _, pullback = jax.vjp(forward, x, y[:n, :k], scale[:n, :k], bias)
+    dx, dy, dscale, dbias = pullback(g.reshape(g.shape[0], n * k))
+    pad = functools.partial(_pad, shape=(cfg.n_p, cfg.k_p))
+    return dx, pad(dy).astype(y.dtype), pad(dscale).astype(scale.dtype), pad(dbias).astype(scale.dtype)
+
+
 def _fm_bwd(cfg: _Config, residuals, g):
+    if not cfg.kernel_backward:
+        return _reference_bwd(cfg, residuals, g)
     x, y, scale = residuals
     b = x.shape[0]
     n, d, k = cfg.n_p, cfg.d_p, cfg.k_p
@@ -213,6 +238,19 @@ def _pad(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
 
 
+def kernel_fits(n_p: int, d_p: int, k_p: int) -> tuple[bool, bool]:
+    """(forward, backward): whether each kernel holds its [n_p, d_p], [n_p, k_p] and [d_p, k_p]
+    tiles without spilling, as compiled for sm_90a (python -m benchmarks.kernel_compile --op fm).
+    The forward does up to (128, 256, 64): 174 registers, 176 KiB of shared memory. The backward holds
+    x, dX, P, dP, dZ and three [n, k] accumulators: it does (128, 64, 32) and (64, 128, 32) and
+    spills past them (40 B at (64, 128, 64), 344 B at (128, 128, 32), 1.2 KB at (256, 64, 32)); at
+    (128, 256, 64), Wukong's n = 96, d = 160, k = 48, it also needs 240 KiB of shared memory, more
+    than an H100 block may have (227 KiB), and would not launch."""
+    forward = n_p * d_p <= 32768 and n_p * k_p <= 8192 and d_p * k_p <= 16384
+    backward = n_p * d_p <= 8192 and n_p * k_p <= 4096 and d_p * k_p <= 4096
+    return forward, backward
+
+
 def launch_warps(n_p: int, d_p: int, k_p: int) -> tuple[int, int]:
     """(forward, backward) num_warps for padded sizes, by the register tiles each kernel holds.
     Compiled for sm_90a (python -m benchmarks.kernel_compile --op fm), the backward's [n, d] and
@@ -229,11 +267,16 @@ def pallas_fm_block(x, y, scale, bias, *, eps: float = 1e-5, block_b: int = 32, 
     if y.shape[0] != n or scale.shape != (n * k,) or bias.shape != (n * k,):
         raise ValueError(f"x [B, n, d], y [n, k], scale/bias [n * k] must agree: {x.shape}, {y.shape}, {scale.shape}")
     n_p, d_p, k_p = (max(16, pl.next_power_of_2(s)) for s in (n, d, k))
+    forward_fits, backward_fits = kernel_fits(n_p, d_p, k_p)
+    if not forward_fits:
+        warnings.warn(f"FM block tiles (n, d, k) = ({n_p}, {d_p}, {k_p}) are larger than the kernel holds; "
+                      "running the XLA reference", stacklevel=2)
+        return reference_fm_block(x, y, scale, bias, eps=eps)
     block_b = max(1, min(block_b, b))
     b_p = -(-b // block_b) * block_b
     fwd_warps, bwd_warps = launch_warps(n_p, d_p, k_p)
     cfg = _Config(n=n, d=d, k=k, n_p=n_p, d_p=d_p, k_p=k_p, eps=float(eps), block_b=block_b, interpret=interpret,
-                  num_warps=fwd_warps, bwd_num_warps=bwd_warps)
+                  kernel_backward=backward_fits, num_warps=fwd_warps, bwd_num_warps=bwd_warps)
     scale32, bias32 = (_pad(t.astype(jnp.float32).reshape(n, k), (n_p, k_p)) for t in (scale, bias))
     out = _fm(_pad(x, (b_p, n, d)), _pad(y, (n_p, k_p)), scale32, bias32, cfg)
     return out[:b].reshape(b, n * k)
