@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heads", type=int, default=2, help="HSTU heads (one sequence of --length tokens)")
     parser.add_argument("--head-groups", default="0", help="heads per program, comma-separated; 0: the default")
     parser.add_argument("--op", default="hstu", choices=("hstu", "fm"), help="HSTU attention or the Wukong FM block")
-    parser.add_argument("--fm-shapes", default="27x16x12,48x64x24,64x64x32,64x128x24,128x64x32",
+    parser.add_argument("--fm-shapes", default="27x16x12,48x64x24,64x64x32,64x128x24,128x64x32,96x160x48",
                         help="FM block n x d x k settings (--op fm), with the library's warps")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)

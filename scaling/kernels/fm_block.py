@@ -21,12 +21,15 @@ Backward (custom_vjp, a second kernel on the same grid, recomputing Z from X and
     dZ^ = g * scale,  dZ = rstd (dZ^ - mean(dZ^) - Z^ mean(dZ^ Z^)),
     dX = dZ P^T + Y dP^T with dP = X^T dZ,  dY = sum_b X dP,  dscale = sum_b g Z^,  dbias = sum_b g
 
-Past the tiles the backward kernel holds without spilling (`kernel_fits`: about n * d <= 8192,
-n * k and d * k <= 4096 in padded sizes), the backward is the reference's VJP (XLA), and past the
-forward's (n * d <= 32768) the whole block is. Wukong at the paper's scale (n = 96, d = 160,
-k = 48) runs the forward kernel and the XLA backward.
+walking d in column chunks of BACKWARD_D_CHUNK (Z summed over the chunks first, then dP, dX and
+dY per chunk), so x, P, dP and dX are never held whole.
 
-dX is written per example; dY, dscale and dbias are accumulated per program in registers and
+Past the tiles the backward kernel holds (`kernel_fits`: n <= 128, d <= 256, n * k <= 8192 in
+padded sizes) the backward is the reference's VJP (XLA), and past the forward's (n * d <= 32768,
+n * k <= 8192) the whole block is. Wukong at the paper's scale (n = 96, d = 160, k = 48) runs
+both kernels.
+
+dX is written per example; dY and dscale are accumulated per program in registers and
 written as per-program partials [B / BT, n, k] that XLA sums (no atomics).
 """
 
@@ -48,6 +51,9 @@ from scaling.kernels.sharded import out_struct
 __all__ = ["fm_block", "reference_fm_block", "pallas_fm_block"]
 
 
+BACKWARD_D_CHUNK = 32  # the backward holds x, P, dP and dX for this many columns of d at a time
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     n: int  # true sizes
@@ -60,6 +66,7 @@ class _Config:
     block_b: int
     interpret: bool
     kernel_backward: bool = True  # False: the backward is the reference's VJP (tiles too large)
+    d_chunk: int = 64  # the backward walks d in column chunks of this width (<= d_p)
     num_warps: int = 4  # forward
     bwd_num_warps: int = 8
     num_stages: int = 2
@@ -90,26 +97,32 @@ def _mask(rows: int, cols: int, true_rows: int, true_cols: int) -> jax.Array:
     return (lax.broadcasted_iota(jnp.int32, shape, 0) < true_rows) & (lax.broadcasted_iota(jnp.int32, shape, 1) < true_cols)
 
 
-def _load(ref, e, mask: jax.Array) -> jax.Array:
-    """Example e's [rows, cols] tile from a [BT, smaller, smaller] ref, zero outside `mask`: the
-    arrays keep their true sizes, so no padded copy of x, the output or dX is written to memory."""
-    return pltr.load(ref.at[e, pl.ds(0, mask.shape[0]), pl.ds(0, mask.shape[1])], mask=mask, other=0)
+def _load(ref, e, mask: jax.Array, col=0) -> jax.Array:
+    """Example e's [rows, cols] tile from a [BT, smaller, smaller] ref (from column `col`), zero
+    outside `mask`: the arrays keep their true sizes, so no padded copy of x, the output or dX is
+    written to memory."""
+    return pltr.load(ref.at[e, pl.ds(0, mask.shape[0]), pl.ds(col, mask.shape[1])], mask=mask, other=0)
 
 
-def _store(ref, e, value: jax.Array, mask: jax.Array) -> None:
-    pltr.store(ref.at[e, pl.ds(0, mask.shape[0]), pl.ds(0, mask.shape[1])], value, mask=mask)
+def _store(ref, e, value: jax.Array, mask: jax.Array, col=0) -> None:
+    pltr.store(ref.at[e, pl.ds(0, mask.shape[0]), pl.ds(col, mask.shape[1])], value, mask=mask)
 
 
-def _normalized(x, y, cfg: _Config):
-    """(P in the input dtype, Z^ fp32, rstd, mask) of one example x [n, d] (tile shapes)."""
-    p = _dot(x, y, (0, 0)).astype(x.dtype)  # X^T Y [d, k]
-    z = _dot(x, p, (1, 0))  # [n, k]
+def _standardized(z, cfg: _Config):
+    """(Z^ fp32, rstd, mask) of Z [n, k] (tile shape) over its true n * k entries."""
     mask = _mask(cfg.n_p, cfg.k_p, cfg.n, cfg.k)
     count = cfg.n * cfg.k
     mean = jnp.sum(z) / count  # padded entries of z are exact zeros
     centred = jnp.where(mask, z - mean, 0.0)
     rstd = lax.rsqrt(jnp.sum(centred * centred) / count + cfg.eps)
-    return p, centred * rstd, rstd, mask
+    return centred * rstd, rstd, mask
+
+
+def _normalized(x, y, cfg: _Config):
+    """(Z^ fp32, mask) of one example x [n, d] (tile shapes)."""
+    p = _dot(x, y, (0, 0)).astype(x.dtype)  # X^T Y [d, k]
+    zhat, _, mask = _standardized(_dot(x, p, (1, 0)), cfg)
+    return zhat, mask
 
 
 def _forward_kernel(x_ref, y_ref, scale_ref, bias_ref, o_ref, *, cfg: _Config):
@@ -119,37 +132,54 @@ def _forward_kernel(x_ref, y_ref, scale_ref, bias_ref, o_ref, *, cfg: _Config):
     x_mask = _mask(cfg.n_p, cfg.d_p, cfg.n, cfg.d)
 
     def example(e, carry):
-        _, zhat, _, mask = _normalized(_load(x_ref, e, x_mask), y, cfg)
+        zhat, mask = _normalized(_load(x_ref, e, x_mask), y, cfg)
         _store(o_ref, e, (zhat * scale + bias).astype(o_ref.dtype), mask)
         return carry
 
     lax.fori_loop(0, cfg.block_b, example, 0)
 
 
-def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref, dbias_ref, *, cfg: _Config):
+def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref, *, cfg: _Config):
     y = y_ref[...].astype(x_ref.dtype)
     scale = scale_ref[...]
     count = cfg.n * cfg.k
-    x_mask = _mask(cfg.n_p, cfg.d_p, cfg.n, cfg.d)
+    width = cfg.d_chunk
+
+    def x_chunk(e, c):
+        """Columns [c w, (c + 1) w) of example e's x, and their mask."""
+        start = c * width
+        mask = _mask(cfg.n_p, width, cfg.n, cfg.d - start)
+        return _load(x_ref, e, mask, start), mask, start
 
     def example(e, carry):
-        dy, dscale, dbias = carry
-        x = _load(x_ref, e, x_mask)
-        p, zhat, rstd, mask = _normalized(x, y, cfg)
+        dy, dscale = carry
+
+        def add_z(c, z):  # Z = sum over column chunks of X_c (X_c^T Y)
+            x, _, _ = x_chunk(e, c)
+            return z + _dot(x, _dot(x, y, (0, 0)).astype(x.dtype), (1, 0))
+
+        z = lax.fori_loop(0, cfg.d_p // width, add_z, jnp.zeros((cfg.n_p, cfg.k_p), jnp.float32))
+        zhat, rstd, mask = _standardized(z, cfg)
         g = _load(g_ref, e, mask).astype(jnp.float32)
         dzhat = g * scale
         dz = jnp.where(mask, rstd * (dzhat - jnp.sum(dzhat) / count - zhat * (jnp.sum(dzhat * zhat) / count)), 0.0)
-        dz = dz.astype(x.dtype)
-        dp = _dot(x, dz, (0, 0)).astype(x.dtype)  # X^T dZ [d, k]
-        dx = _dot(dz, p, (1, 1)) + _dot(y, dp, (1, 1))  # dZ P^T + Y dP^T [n, d]
-        _store(dx_ref, e, dx.astype(dx_ref.dtype), x_mask)
-        return dy + _dot(x, dp, (1, 0)), dscale + g * zhat, dbias + g
+        dz = dz.astype(x_ref.dtype)
+        dscale = dscale + g * zhat  # before the chunk loop: g and Z^ die here
+
+        def chunk_grads(c, dy):  # per column chunk: P_c, dP_c = X_c^T dZ, dX_c = dZ P_c^T + Y dP_c^T
+            x, x_mask, start = x_chunk(e, c)
+            p = _dot(x, y, (0, 0)).astype(x.dtype)
+            dp = _dot(x, dz, (0, 0)).astype(x.dtype)
+            dx = _dot(dz, p, (1, 1)) + _dot(y, dp, (1, 1))
+            _store(dx_ref, e, dx.astype(dx_ref.dtype), x_mask, start)
+            return dy + _dot(x, dp, (1, 0))
+
+        return lax.fori_loop(0, cfg.d_p // width, chunk_grads, dy), dscale
 
     zeros = jnp.zeros(dy_ref.shape, jnp.float32)
-    dy, dscale, dbias = lax.fori_loop(0, cfg.block_b, example, (zeros, zeros, zeros))
+    dy, dscale = lax.fori_loop(0, cfg.block_b, example, (zeros, zeros))
     dy_ref[...] = dy
     dscale_ref[...] = dscale
-    dbias_ref[...] = dbias
 
 
 def _specs(cfg: _Config):
@@ -213,20 +243,22 @@ def _fm_bwd(cfg: _Config, residuals, g):
     x_spec, tile, whole = _specs(cfg)
     partial = pl.BlockSpec((None, n, k), lambda i: (i, 0, 0))
     part_shape = out_struct((programs, n, k), jnp.float32, x, y, scale, g)
-    dx, dy, dscale, dbias = pl.pallas_call(
+    dx, dy, dscale = pl.pallas_call(
         functools.partial(_backward_kernel, cfg=cfg),
-        out_shape=(out_struct(x.shape, x.dtype, x, y, scale, g), part_shape, part_shape, part_shape),
+        out_shape=(out_struct(x.shape, x.dtype, x, y, scale, g), part_shape, part_shape),
         grid=(programs,),
         in_specs=[x_spec, whole, whole, tile],
-        out_specs=(x_spec, partial, partial, partial),
+        out_specs=(x_spec, partial, partial),
         compiler_params=pltr.CompilerParams(num_warps=cfg.bwd_num_warps, num_stages=cfg.num_stages),
         cost_estimate=pl.CostEstimate(flops=b * (12 * n * d * k + 20 * n * k), transcendentals=b,
                                       bytes_accessed=x.dtype.itemsize * (2 * x.size + b * cfg.n * cfg.k)
-                                      + 16 * programs * n * k),
+                                      + 12 * programs * n * k),
         interpret=cfg.interpret,
         name="wukong_fm_block_bwd",
     )(x, y, scale, g)
-    return dx, dy.sum(0).astype(y.dtype), dscale.sum(0).astype(scale.dtype), dbias.sum(0).astype(scale.dtype)
+    # dbias = sum_b g: one more register tile in the kernel, a plain reduction of g here
+    dbias = jnp.pad(g.astype(jnp.float32).sum(0), ((0, n - cfg.n), (0, k - cfg.k)))
+    return dx, dy.sum(0).astype(y.dtype), dscale.sum(0).astype(scale.dtype), dbias.astype(scale.dtype)
 
 
 _fm.defvjp(_fm_fwd, _fm_bwd)
@@ -239,22 +271,25 @@ def _pad(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 def kernel_fits(n_p: int, d_p: int, k_p: int) -> tuple[bool, bool]:
-    """(forward, backward): whether each kernel holds its [n_p, d_p], [n_p, k_p] and [d_p, k_p]
-    tiles without spilling, as compiled for sm_90a (python -m benchmarks.kernel_compile --op fm).
-    The forward does up to (128, 256, 64): 174 registers, 176 KiB of shared memory. The backward holds
-    x, dX, P, dP, dZ and three [n, k] accumulators: it does (128, 64, 32) and (64, 128, 32) and
-    spills past them (40 B at (64, 128, 64), 344 B at (128, 128, 32), 1.2 KB at (256, 64, 32)); at
-    (128, 256, 64), Wukong's n = 96, d = 160, k = 48, it also needs 240 KiB of shared memory, more
-    than an H100 block may have (227 KiB), and would not launch."""
+    """(forward, backward): whether each kernel holds its tiles in registers, as compiled for
+    sm_90a (python -m benchmarks.kernel_compile --op fm; padded sizes n_p x d_p x k_p).
+
+    The forward holds [n, d], [d, k] and [n, k] tiles: no spill up to (128, 256, 64) and
+    (256, 128, 32), at most 176 KiB of shared memory. The backward walks d in chunks of
+    BACKWARD_D_CHUNK, so d costs it little; its [n, k] tiles (Z^, dZ, dY, dscale) decide: no spill
+    up to n * k = 4096 at any d <= 256, 0-8 B at (128, 64..256, 64) (Wukong's n = 96, d = 160,
+    k = 48: none, 255 registers, 52 KiB), 240 B at n = 256. Before the chunks, (128, 256, 64) spilled
+    2.7 KB and needed 240 KiB of shared memory, more than an H100 block may have (227 KiB)."""
     forward = n_p * d_p <= 32768 and n_p * k_p <= 8192 and d_p * k_p <= 16384
-    backward = n_p * d_p <= 8192 and n_p * k_p <= 4096 and d_p * k_p <= 4096
+    backward = forward and n_p <= 128 and d_p <= 256 and n_p * k_p <= 8192
     return forward, backward
 
 
 def launch_warps(n_p: int, d_p: int, k_p: int) -> tuple[int, int]:
     """(forward, backward) num_warps for padded sizes, by the register tiles each kernel holds.
-    Compiled for sm_90a (python -m benchmarks.kernel_compile --op fm), the backward's [n, d] and
-    [d, k] tiles spill at 4 warps from (n, d, k) = (64, 128, 32) or (128, 64, 32) on; 8 do not."""
+    Compiled for sm_90a (python -m benchmarks.kernel_compile --op fm), the backward's tiles spilled
+    at 4 warps from (n, d, k) = (64, 128, 32) or (128, 64, 32) on (before its d chunks); at 8
+    warps every backward `kernel_fits` admits holds (the spills are in its docstring)."""
     return (4 if n_p * k_p <= 4096 else 8), (4 if n_p * max(d_p, k_p) <= 1024 else 8)
 
 
@@ -276,7 +311,8 @@ def pallas_fm_block(x, y, scale, bias, *, eps: float = 1e-5, block_b: int = 32, 
     b_p = -(-b // block_b) * block_b
     fwd_warps, bwd_warps = launch_warps(n_p, d_p, k_p)
     cfg = _Config(n=n, d=d, k=k, n_p=n_p, d_p=d_p, k_p=k_p, eps=float(eps), block_b=block_b, interpret=interpret,
-                  kernel_backward=backward_fits, num_warps=fwd_warps, bwd_num_warps=bwd_warps)
+                  kernel_backward=backward_fits, d_chunk=min(d_p, BACKWARD_D_CHUNK), num_warps=fwd_warps,
+                  bwd_num_warps=bwd_warps)
     scale32, bias32 = (_pad(t.astype(jnp.float32).reshape(n, k), (n_p, k_p)) for t in (scale, bias))
     out = _fm(_pad(x, (b_p, n, d)), _pad(y, (n_p, k_p)), scale32, bias32, cfg)
     return out[:b].reshape(b, n * k)
