@@ -27,7 +27,9 @@ Per case it reports:
             blocks past a sequence's end); HSTU's model FLOPs count every position's attention.
 
 These are estimates from the compiled program, not measurements: the GPU session's
-benchmarks/train_step.py measures the step.
+benchmarks/train_step.py measures the step. XLA also compiles a Triton kernel that could not
+launch (more shared memory than a block may have) without complaint: benchmarks/kernel_compile.py
+reads registers, spills and shared memory from ptxas.
 """
 
 from __future__ import annotations
@@ -138,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases.split(",") if c not in CASES]
-    if unknown or args.devices < 1:
-        print(f"gpu_aot: --cases must name {', '.join(CASES)} (got {', '.join(unknown)}) and --devices be >= 1",
-              file=sys.stderr)
+    bad_impls = [i for i in args.impls.split(",") if i not in ("pallas", "xla")]
+    if unknown or bad_impls or args.devices < 1:
+        print(f"gpu_aot: --cases must name {', '.join(CASES)} (got {', '.join(unknown) or 'ok'}), --impls "
+              f"pallas and/or xla (got {', '.join(bad_impls) or 'ok'}), --devices >= 1", file=sys.stderr)
         return 2
     if not has_cuda_plugin():
         print("gpu_aot: JAX's CUDA plugin is not installed; pip install -e '.[cuda12]' (no GPU needed)", file=sys.stderr)

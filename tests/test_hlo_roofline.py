@@ -177,3 +177,5 @@ def test_gpu_aot_without_the_cuda_plugin_says_what_to_install(capsys):
     assert gpu_aot_main(["--cases", "hstu"]) == 2
     assert "pip install -e '.[cuda12]'" in capsys.readouterr().err
     assert gpu_aot_main(["--cases", "nope"]) == 2
+    assert gpu_aot_main(["--impls", "triton"]) == 2
+    assert "--impls pallas and/or xla (got triton)" in capsys.readouterr().err
