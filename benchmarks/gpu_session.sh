@@ -149,8 +149,8 @@ for step in $STEPS; do
     profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f append_json profile_both); profile_both" ;;
     gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
           --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
-    tiles) run tiles "${T_TILES:-80}" bash -c "$(declare -f append_json tile_sweep); tile_sweep" ;;
-    train) run train "${T_TRAIN:-100}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
+    tiles) run tiles "${T_TILES:-60}" bash -c "$(declare -f append_json tile_sweep); tile_sweep" ;;
+    train) run train "${T_TRAIN:-120}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
              $SMOKE_FLAG ;;
     *) echo "unknown step $step (expected env test kernels profile gr tiles train)" | tee -a "$OUT/summary.txt" ;;
   esac
