@@ -3,7 +3,7 @@ what XLA made of them: whether the step fits in the GPU's memory, what it launch
 of where its time would go.
 
     python -m benchmarks.gpu_aot [--gpu h100|h200] [--cases hstu,wukong,onetrans] [--impls pallas,xla]
-        [--devices 1] [--top 12] [--hlo-dir DIR] [--smoke] [--out FILE]
+        [--devices 1] [--top 12] [--hlo-dir DIR] [--triton-python PY] [--smoke] [--out FILE]
 
 Needs JAX's CUDA plugin (`pip install -e '.[cuda12]'`), not a GPU: JAX's compile-only client
 (`jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`) compiles for
@@ -28,24 +28,54 @@ Per case it reports:
 
 These are estimates from the compiled program, not measurements: the GPU session's
 benchmarks/train_step.py measures the step. XLA also compiles a Triton kernel that could not
-launch (more shared memory than a block may have) without complaint: benchmarks/kernel_compile.py
-reads registers, spills and shared memory from ptxas.
+launch (more shared memory than a block may have) without complaint, so with --triton-python PY
+every Triton module the step's lowering made (the real shapes, tiles and warps) is also compiled
+by benchmarks/kernel_compile.py's ptxas path: registers, spills, shared memory and `fits`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 
 from benchmarks.gpu_targets import GPUS, GpuTarget, causal_pair_fraction, step_roofline
 from benchmarks.json_report import emit
+from benchmarks.kernel_compile import compile_ttir
+from benchmarks.triton_ir import captured
 from benchmarks.train_step import CASES, SWEEPS
 
 
-def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: bool, top: int, hlo_dir: str) -> dict:
-    """Compile one case's train step for `devices` and read its memory, kernels and roofline."""
+def launch_params(text: str) -> dict[str, tuple[int, int]]:
+    """{Pallas kernel name: (num_warps, num_stages)} from the Triton custom calls of HLO text."""
+    params = {}
+    for m in re.finditer(r'name = "([^"]+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text):
+        params.setdefault(m.group(1), (int(m.group(3)), int(m.group(2))))
+    return params
+
+
+def kernel_registers(modules: dict[str, str], text: str, triton_python: str) -> list[dict]:
+    """Each Triton module the step lowered, compiled for sm_90a by kernel_compile's child process:
+    registers, spills, shared memory and whether it fits (XLA's own compile does not check that a
+    kernel can launch)."""
+    params = launch_params(text)
+    jobs, rows = [], []
+    for key, path in sorted(modules.items()):
+        warps, stages = params.get(key.split("#")[0], (4, 2))
+        jobs.append({"ttir": path, "num_warps": warps, "num_stages": stages})
+        rows.append({"kernel": key, "num_warps": warps, "num_stages": stages})
+    _, results = compile_ttir(jobs, triton_python)
+    return [{**row, **result} for row, result in zip(rows, results, strict=True)]
+
+
+def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: bool, top: int, hlo_dir: str,
+                 triton_python: str = "") -> dict:
+    """Compile one case's train step for `devices` and read its memory, kernels and roofline (and,
+    with `triton_python`, every Pallas kernel's registers and shared memory)."""
     from scaling.config import load_run_config
     from scaling.train.loop import dataset_of
     from scaling.train.setup import prepare
@@ -59,10 +89,17 @@ def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: boo
     dataset = dataset_of(config.data)
     t0 = time.perf_counter()
     setup = prepare(config, dataset, devices=devices)
-    with setup.partitioner.activate():
-        compiled = setup.compile_train_step()
-    compile_s = time.perf_counter() - t0
-    text = compiled.as_text()
+    made: list = []
+    with setup.partitioner.activate(), tempfile.TemporaryDirectory() as where:
+        if triton_python and impl == "pallas":
+            modules = captured(lambda: made.append(setup.compile_train_step()), where, abstract_mesh=False)
+        else:
+            modules = {}
+            made.append(setup.compile_train_step())
+        compiled = made[0]
+        compile_s = time.perf_counter() - t0
+        text = compiled.as_text()
+        kernels = kernel_registers(modules, text, triton_python) if modules else None
     if hlo_dir:
         os.makedirs(hlo_dir, exist_ok=True)
         with open(os.path.join(hlo_dir, f"{name}_{impl}.hlo.txt"), "w") as f:
@@ -91,6 +128,7 @@ def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: boo
         "by_kind": report["by_kind"],
         "top": report["top"],
         "warnings": report["warnings"],
+        **({"pallas_kernels": kernels} if kernels is not None else {}),
     }
 
 
@@ -103,6 +141,10 @@ def summary_line(row: dict) -> str:
     launches = sum(v["kernels"] for v in row["by_kind"].values())
     overlap = (f" ({row['bound_overlapped_ms']:.2f} with collectives hidden)"
                if row["bound_overlapped_ms"] < row["bound_ms"] else "")
+    misfits = [k["kernel"] for k in row.get("pallas_kernels", []) if not k.get("fits")]
+    if "pallas_kernels" in row:
+        overlap += (f", kernels that would spill or not launch: {', '.join(misfits)}" if misfits
+                    else f", all {len(row['pallas_kernels'])} Pallas kernels fit")
     return (f"{row['model']:9s} {row['impl']:6s} {mem['per_device_bytes'] / 2**30:6.1f} GiB "
             f"({'fits' if mem['fits'] else 'DOES NOT FIT'}), {launches} launches, bound {row['bound_ms']:.2f} ms{overlap} "
             f"[{kinds}], MFU ceiling {row['mfu_ceiling']:.0%} (executed matmuls {row['matmul_utilization_ceiling']:.0%})")
@@ -137,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12, help="largest roofline items to list per case")
     parser.add_argument("--hlo-dir", default="", help="also write each optimized HLO text here")
     parser.add_argument("--smoke", action="store_true", help="the tiny sizes of train_step --smoke")
+    parser.add_argument("--triton-python", default="",
+                        help="a Python with the `triton` package: also compile every Pallas kernel of the step "
+                             "for sm_90a and report registers, spills and shared memory (kernel_compile)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases.split(",") if c not in CASES]
@@ -144,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or bad_impls or args.devices < 1:
         print(f"gpu_aot: --cases must name {', '.join(CASES)} (got {', '.join(unknown) or 'ok'}), --impls "
               f"pallas and/or xla (got {', '.join(bad_impls) or 'ok'}), --devices >= 1", file=sys.stderr)
+        return 2
+    if args.triton_python and shutil.which(args.triton_python) is None:
+        print(f"gpu_aot: --triton-python {args.triton_python!r} is not an executable Python", file=sys.stderr)
         return 2
     if not has_cuda_plugin():
         print("gpu_aot: JAX's CUDA plugin is not installed; pip install -e '.[cuda12]' (no GPU needed)", file=sys.stderr)
@@ -156,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases.split(","):
         for impl in (args.impls.split(",") if CASES[name][1] else ["xla"]):
             try:
-                row = compile_case(name, impl, gpu, devices, args.smoke, args.top, args.hlo_dir)
+                row = compile_case(name, impl, gpu, devices, args.smoke, args.top, args.hlo_dir, args.triton_python)
             except Exception as err:  # noqa: BLE001 - one case failing to compile leaves the others
                 row = {"model": name, "impl": impl, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
             rows.append(row)

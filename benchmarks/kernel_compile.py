@@ -62,6 +62,24 @@ print(json.dumps({"triton": triton.__version__, "results": out}))
 '''
 
 
+def compile_ttir(jobs: list[dict], triton_python: str) -> tuple[str, list[dict]]:
+    """(Triton version, one result per job): each job {"ttir": path, "num_warps", "num_stages"}
+    compiled for sm_90a in a child process of `triton_python`; a result has registers, spill
+    bytes, shared bytes and `fits` (no spill, shared memory within a block's), or an error."""
+    with tempfile.TemporaryDirectory() as work:
+        with open(os.path.join(work, "jobs.json"), "w") as f:
+            json.dump(jobs, f)
+        child = subprocess.run([triton_python, "-c", _CHILD, os.path.join(work, "jobs.json")],
+                               capture_output=True, text=True, timeout=3600)
+    if child.returncode != 0:
+        raise SystemExit(f"error: compiling with {triton_python} failed: {child.stderr.strip().splitlines()[-1]}")
+    compiled = json.loads(child.stdout.strip().splitlines()[-1])
+    for result in compiled["results"]:
+        if "error" not in result:
+            result["fits"] = result["spill_store_bytes"] == 0 and result["shared_bytes"] <= SMEM_LIMIT
+    return compiled["triton"], compiled["results"]
+
+
 def parse_tiles(text: str) -> list[tuple[int, int, int, int] | None]:
     """'64x64:64x32,default' -> [(64, 64, 64, 32), None] (None: the library's defaults)."""
     out = []
@@ -134,18 +152,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      "heads_per_program": used.heads_per_program,
                                      "defaults": tiles is None and not warps and not group})
                         jobs.append({"ttir": path, "num_warps": nw, "num_stages": args.num_stages})
-        with open(os.path.join(work, "jobs.json"), "w") as f:
-            json.dump(jobs, f)
-        child = subprocess.run([args.triton_python, "-c", _CHILD, os.path.join(work, "jobs.json")],
-                               capture_output=True, text=True, timeout=3600)
-    if child.returncode != 0:
-        raise SystemExit(f"error: compiling with {args.triton_python} failed: {child.stderr.strip().splitlines()[-1]}")
-    compiled = json.loads(child.stdout.strip().splitlines()[-1])
-    for row, result in zip(rows, compiled["results"], strict=True):
+        version, results = compile_ttir(jobs, args.triton_python)
+    for row, result in zip(rows, results, strict=True):
         row.update(result)
-        if "error" not in row:
-            row["fits"] = row["spill_store_bytes"] == 0 and row["shared_bytes"] <= SMEM_LIMIT
-    report = {"benchmark": "kernel_compile", "target": "sm_90a (H100), compiled offline", "triton": compiled["triton"],
+    report = {"benchmark": "kernel_compile", "target": "sm_90a (H100), compiled offline", "triton": version,
               "length": args.length, "dtype": "bfloat16", "rows": rows}
     emit(report, args.out)
     return report

@@ -23,25 +23,36 @@ def abstract_h100():
     return jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", platform="gpu", num_cores=132)
 
 
-def captured(lower: Callable[[], Any], directory: str) -> dict[str, str]:
-    """Run `lower()` (a cross-lowering for an abstract H100) and keep every Triton module it makes."""
+def captured(lower: Callable[[], Any], directory: str, abstract_mesh: bool = True) -> dict[str, str]:
+    """Run `lower()` and keep every distinct Triton module it makes: {name: path}, a second module
+    of the same name (other shapes) as 'name#2', and so on. With `abstract_mesh` the lowering runs
+    for an abstract H100 (a cross-lowering); without, under whatever devices the caller set up."""
+    import contextlib
+
     import jax
     from jax._src.pallas.triton import lowering
 
     paths: dict[str, str] = {}
+    texts: set[str] = set()
     real = lowering.lower_jaxpr_to_triton_module
 
     def capture(*args, **kwargs):
         result = real(*args, **kwargs)
         name = result.module.operation.attributes["sym_name"].value
-        paths[name] = os.path.join(directory, f"{name}.ttir")
-        with open(paths[name], "w") as f:
-            f.write(result.module.operation.get_asm(enable_debug_info=False))
+        text = result.module.operation.get_asm(enable_debug_info=False)
+        if text not in texts:
+            texts.add(text)
+            key = name if name not in paths else f"{name}#{sum(k.split('#')[0] == name for k in paths) + 1}"
+            paths[key] = os.path.join(directory, f"{key.replace('#', '_')}.ttir")
+            with open(paths[key], "w") as f:
+                f.write(text)
         return result
 
     lowering.lower_jaxpr_to_triton_module = capture
+    mesh = (jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=abstract_h100()))
+            if abstract_mesh else contextlib.nullcontext())
     try:
-        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=abstract_h100())):
+        with mesh:
             lower()
     finally:
         lowering.lower_jaxpr_to_triton_module = real

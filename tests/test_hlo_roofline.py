@@ -8,9 +8,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks.gpu_aot import has_cuda_plugin, main as gpu_aot_main
+from benchmarks.gpu_aot import has_cuda_plugin, launch_params, main as gpu_aot_main
 from benchmarks.gpu_targets import GPUS, causal_pair_fraction, gpu_of, pallas_flops
 from benchmarks.hlo_roofline import roofline, top_sources, type_bytes
+from benchmarks.triton_ir import captured
+from scaling.kernels.fm_block import fm_block
 
 # A module as XLA's GPU compiler prints it: a Triton gemm fusion, a loop fusion slicing an
 # elementwise chain, a reduction of a converted slice, a gather, an all-reduce, an in-place dynamic-update-slice, a Pallas (Triton) custom call,
@@ -179,3 +181,22 @@ def test_gpu_aot_without_the_cuda_plugin_says_what_to_install(capsys):
     assert gpu_aot_main(["--cases", "nope"]) == 2
     assert gpu_aot_main(["--impls", "triton"]) == 2
     assert "--impls pallas and/or xla (got triton)" in capsys.readouterr().err
+
+
+def test_launch_params_and_every_distinct_triton_module_are_captured(tmp_path):
+    text = ('%k = custom-call(), custom_call_target="__gpu$xla.gpu.triton", backend_config={grid_x = 1 : i32, '
+            'name = "wukong_fm_block_fwd", num_stages = 2 : i32, num_warps = 8 : i32}')
+    assert launch_params(text) == {"wukong_fm_block_fwd": (8, 2)}
+
+    s = jax.ShapeDtypeStruct
+
+    def two_blocks(x1, x2, y1, y2, scale1, scale2):  # two shapes: two modules of each kernel's name
+        return (fm_block(x1, y1, scale1, scale1, impl="auto").sum() + fm_block(x2, y2, scale2, scale2, impl="auto").sum())
+
+    shapes = (s((8, 5, 16), jnp.bfloat16), s((8, 20, 16), jnp.bfloat16), s((5, 3), jnp.float32),
+              s((20, 3), jnp.float32), s((15,), jnp.float32), s((60,), jnp.float32))
+    grad = jax.jit(jax.grad(two_blocks, argnums=(0, 1)))
+    modules = captured(lambda: grad.trace(*shapes).lower(lowering_platforms=("cuda",)), str(tmp_path))
+    assert sorted(modules) == ["wukong_fm_block_bwd", "wukong_fm_block_bwd#2", "wukong_fm_block_fwd",
+                               "wukong_fm_block_fwd#2"]
+    assert all(open(path).read().startswith("module") for path in modules.values())
