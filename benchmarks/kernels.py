@@ -29,7 +29,9 @@ FLOPs, the same "model FLOPs" for both implementations (so TFLOP/s compare usefu
 The roofline is a bf16 8192^3 matmul measured in the same run (`matmul_bf16_tflops`).
 
 FM block (X (X^T Y), flatten, LayerNorm), bf16: forward and forward + backward for a few
-(batch, n, d, k); FLOPs 4 n d k per example forward (two matmuls), 3x that forward + backward.
+(batch, n, d, k), the last Wukong's at the paper's scale; FLOPs 4 n d k per example forward (two
+matmuls), 3x that forward + backward. Pallas rows say which halves ran as kernels
+(`kernel_forward`, `kernel_backward`: scaling/kernels/fm_block.kernel_fits; the rest ran in XLA).
 
 --smoke runs tiny sizes (CPU: the kernels in interpret mode) to check that the script works.
 """
@@ -45,9 +47,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 
 from benchmarks.json_report import emit
-from scaling.kernels.fm_block import fm_block
+from scaling.kernels.fm_block import fm_block, kernel_fits
 from scaling.kernels.hstu_attention import Blocks, hstu_mha
 
 NUM_BUCKETS = 128
@@ -136,6 +139,9 @@ def bench_fm(shapes, iters: int, block_b: int, impls=("pallas", "xla")) -> list[
                 return out, pullback(cot)
 
             row = {"op": "fm_block", "impl": impl, "batch": batch, "n": n, "d": d, "k": k, "dtype": "bfloat16"}
+            if impl == "pallas":  # which halves run as kernels at these tiles (the rest through XLA)
+                row["kernel_forward"], row["kernel_backward"] = kernel_fits(
+                    *(max(16, pl.next_power_of_2(s)) for s in (n, d, k)))
             try:
                 row["fwd_ms"] = 1e3 * timed(jax.jit(forward), (x, y, scale, bias), iters)
                 row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
@@ -185,7 +191,9 @@ def main(argv=None) -> int:
         lengths, dims, tokens, heads, iters = ([int(x) for x in args.lengths.split(",")],
                                                [int(x) for x in args.dims.split(",")], args.tokens, args.heads,
                                                args.iters)
-        fm_shapes, matmul_n, block_b = [(16384, 32, 16, 16), (16384, 64, 128, 32), (4096, 128, 128, 64)], 8192, 32
+        # the last: Wukong at the paper's scale (benchmarks/train_step.py), tiles 128 x 256 x 64
+        fm_shapes, matmul_n, block_b = ([(16384, 32, 16, 16), (16384, 64, 128, 32), (4096, 128, 128, 64),
+                                         (8192, 96, 160, 48)], 8192, 32)
     result = {
         "benchmark": "kernels",
         "device": jax.devices()[0].device_kind,
