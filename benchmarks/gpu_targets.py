@@ -1,7 +1,7 @@
 """What the roofline (benchmarks/hlo_roofline.py) knows about the GPUs and about this repo's kernels:
 the datasheet figures of an H100 / H200 (also the TargetConfig XLA compiles for without one), the
 matmul FLOPs of the Pallas kernels (HLO reports none for a custom call), and one call that bounds
-a compiled step. Used by benchmarks/gpu_aot.py (compiled here, no GPU) and benchmarks/train_step.py
+a compiled step. Used by benchmarks/gpu_aot.py (compiled without a GPU) and benchmarks/train_step.py
 (compiled on the GPU, beside the measured step time)."""
 
 from __future__ import annotations
