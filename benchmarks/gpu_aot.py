@@ -139,14 +139,14 @@ def summary_line(row: dict) -> str:
     kinds = ", ".join(f"{k} {v['share']:.0%}" for k, v in sorted(row["by_kind"].items(), key=lambda kv: -kv[1]["seconds"])
                       if v["share"] >= 0.01)
     launches = sum(v["kernels"] for v in row["by_kind"].values())
-    overlap = (f" ({row['bound_overlapped_ms']:.2f} with collectives hidden)"
-               if row["bound_overlapped_ms"] < row["bound_ms"] else "")
-    misfits = [k["kernel"] for k in row.get("pallas_kernels", []) if not k.get("fits")]
+    extra = (f" ({row['bound_overlapped_ms']:.2f} with collectives hidden)"
+             if row["bound_overlapped_ms"] < row["bound_ms"] else "")
     if "pallas_kernels" in row:
-        overlap += (f", kernels that would spill or not launch: {', '.join(misfits)}" if misfits
-                    else f", all {len(row['pallas_kernels'])} Pallas kernels fit")
+        misfits = [k["kernel"] for k in row["pallas_kernels"] if not k.get("fits")]
+        extra += (f", kernels that would spill or not launch: {', '.join(misfits)}" if misfits
+                  else f", all {len(row['pallas_kernels'])} Pallas kernels fit")
     return (f"{row['model']:9s} {row['impl']:6s} {mem['per_device_bytes'] / 2**30:6.1f} GiB "
-            f"({'fits' if mem['fits'] else 'DOES NOT FIT'}), {launches} launches, bound {row['bound_ms']:.2f} ms{overlap} "
+            f"({'fits' if mem['fits'] else 'DOES NOT FIT'}), {launches} launches, bound {row['bound_ms']:.2f} ms{extra} "
             f"[{kinds}], MFU ceiling {row['mfu_ceiling']:.0%} (executed matmuls {row['matmul_utilization_ceiling']:.0%})")
 
 

@@ -296,10 +296,10 @@ class _Module:
                 continue
             operand = outer.get(inst.operands[index], "")
             size = type_bytes(operand)
-            if loop and (arrays := shape_dims(operand)):
-                size = min(size, out_elements * ITEMSIZE[arrays[0][0]])
-            if (arrays := shape_dims(operand)) and (read := _elements_read(pname, users)) is not None:
-                size = min(size, read * ITEMSIZE[arrays[0][0]])
+            if arrays := shape_dims(operand):
+                read = _elements_read(pname, users)
+                elements = min(out_elements if loop else math.inf, math.inf if read is None else read)
+                size = min(size, elements * ITEMSIZE[arrays[0][0]])
             if in_place and root.operands and root.operands[0] == pname:
                 size = 0.0  # the buffer updated in place is neither read nor rewritten whole
             total += size
@@ -354,7 +354,7 @@ def roofline(text: str, peak_flops: float, bandwidth: float, launch_s: float = 2
                     flops = kernel_flops(name, [shapes.get(o, "") for o in inst.operands]) if kernel_flops else 0.0
                 elif "gemm" in target or "matmul" in target:
                     kind = "matmul"
-                    lhs, rhs = (shape_dims(shapes.get(o, "")) for o in inst.operands[:2])
+                    lhs = shape_dims(shapes.get(inst.operands[0], "")) if inst.operands else []
                     result = shape_dims(inst.type)
                     if lhs and result:
                         # a gemm's result [.., M, N] from lhs [.., M, K]: K = lhs size / (batch x M)
@@ -374,14 +374,9 @@ def roofline(text: str, peak_flops: float, bandwidth: float, launch_s: float = 2
 
     visit(module.entry)
     total = sum(k.seconds for k in kernels)
-    by_kind: dict[str, dict[str, float]] = {}
-    for k in kernels:
-        row = by_kind.setdefault(k.kind, {"kernels": 0, "seconds": 0.0, "flops": 0.0, "bytes": 0.0})
-        row["kernels"] += 1
-        row["seconds"] += k.seconds
-        row["flops"] += k.flops
-        row["bytes"] += k.bytes
+    by_kind = {kind: group for (kind,), group in _summed(kernels, lambda k: (k.kind,)).items()}
     for row in by_kind.values():
+        del row["bound"]
         row["share"] = row["seconds"] / total if total else 0.0
     collective = by_kind.get("collective", {}).get("seconds", 0.0)
     # XLA's GPU collectives are asynchronous: at best they hide entirely behind the compute stream
@@ -390,17 +385,25 @@ def roofline(text: str, peak_flops: float, bandwidth: float, launch_s: float = 2
             "kernels": kernels, "by_kind": by_kind, "warnings": warnings}
 
 
-def top_sources(kernels: list[Kernel], n: int = 12) -> list[dict]:
-    """The `n` largest time bounds summed by (kind, source line, primitive): where the time goes."""
-    groups: dict[tuple[str, str, str], dict] = {}
+def _summed(kernels: list[Kernel], key: Callable[[Kernel], tuple]) -> dict[tuple, dict]:
+    """{key: launches, seconds, FLOPs, bytes summed and a count of each bound} over the kernels."""
+    groups: dict[tuple, dict] = {}
     for k in kernels:
-        primitive = k.op_name.rsplit("/", 1)[-1] if k.op_name else re.sub(r"\.\d+$", "", k.name)
-        key = (k.kind, k.source, primitive)
-        g = groups.setdefault(key, {"kind": k.kind, "source": k.source, "primitive": primitive, "kernels": 0,
-                                    "seconds": 0.0, "flops": 0.0, "bytes": 0.0, "bound": {}})
+        g = groups.setdefault(key(k), {"kernels": 0, "seconds": 0.0, "flops": 0.0, "bytes": 0.0, "bound": {}})
         g["kernels"] += 1
         g["seconds"] += k.seconds
         g["flops"] += k.flops
         g["bytes"] += k.bytes
         g["bound"][k.bound] = g["bound"].get(k.bound, 0) + 1
-    return sorted(groups.values(), key=lambda g: -g["seconds"])[:n]
+    return groups
+
+
+def top_sources(kernels: list[Kernel], n: int = 12) -> list[dict]:
+    """The `n` largest time bounds summed by (kind, source line, primitive): where the time goes."""
+
+    def key(k: Kernel) -> tuple[str, str, str]:
+        return k.kind, k.source, k.op_name.rsplit("/", 1)[-1] if k.op_name else re.sub(r"\.\d+$", "", k.name)
+
+    groups = [{"kind": kind, "source": source, "primitive": primitive, **g}
+              for (kind, source, primitive), g in _summed(kernels, key).items()]
+    return sorted(groups, key=lambda g: -g["seconds"])[:n]

@@ -127,13 +127,11 @@ def main(argv: list[str] | None = None) -> dict:
     jobs, rows = [], []
     with tempfile.TemporaryDirectory() as work:
         for shape in (args.fm_shapes.split(",") if args.op == "fm" else ()):
-            from jax.experimental.pallas import next_power_of_2
-
-            from scaling.kernels.fm_block import launch_warps
+            from scaling.kernels.fm_block import launch_warps, tile_sizes
 
             n, d, k = (int(x) for x in shape.split("x"))
             warps = dict(zip(("wukong_fm_block_fwd", "wukong_fm_block_bwd"),
-                             launch_warps(*(max(16, next_power_of_2(v)) for v in (n, d, k)))))
+                             launch_warps(*tile_sizes(n, d, k))))
             for kernel, path in sorted(fm_ttir(n, d, k, tempfile.mkdtemp(dir=work)).items()):
                 rows.append({"kernel": kernel, "n": n, "d": d, "k": k, "num_warps": warps[kernel],
                              "num_stages": args.num_stages})

@@ -47,10 +47,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
 
 from benchmarks.json_report import emit
-from scaling.kernels.fm_block import fm_block, kernel_fits
+from scaling.kernels.fm_block import fm_block, kernel_fits, tile_sizes
 from scaling.kernels.hstu_attention import Blocks, hstu_mha
 
 NUM_BUCKETS = 128
@@ -140,8 +139,7 @@ def bench_fm(shapes, iters: int, block_b: int, impls=("pallas", "xla")) -> list[
 
             row = {"op": "fm_block", "impl": impl, "batch": batch, "n": n, "d": d, "k": k, "dtype": "bfloat16"}
             if impl == "pallas":  # which halves run as kernels at these tiles (the rest through XLA)
-                row["kernel_forward"], row["kernel_backward"] = kernel_fits(
-                    *(max(16, pl.next_power_of_2(s)) for s in (n, d, k)))
+                row["kernel_forward"], row["kernel_backward"] = kernel_fits(*tile_sizes(n, d, k))
             try:
                 row["fwd_ms"] = 1e3 * timed(jax.jit(forward), (x, y, scale, bias), iters)
                 row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     steps = 5 if args.smoke else args.steps
     peak = matmul_tflops(256 if args.smoke else 8192, 3 if args.smoke else 10)
     rows = []
-    data_of: dict[str, tuple] = {}
+    datasets: dict = {}  # by data config: the impls of a model share one data set
     cases = args.cases.split(",")
     # Impl by impl (the kernels first: a run cut short by a time limit keeps what the aims need),
     # then the models that have no kernel, once
@@ -152,9 +152,9 @@ def main(argv=None) -> int:
         row = {"model": name, "impl": impl, "overrides": overrides}
         try:
             config = load_run_config(os.path.join(SWEEPS, path), overrides)
-            if data_of.get(name, (None,))[0] != config.data:  # the impls share one data set
-                data_of[name] = (config.data, dataset_of(config.data))
-            row.update(step_time(config, steps, data_of[name][1], roofline_gpu))
+            if config.data not in datasets:
+                datasets[config.data] = dataset_of(config.data)
+            row.update(step_time(config, steps, datasets[config.data], roofline_gpu))
             row["mfu"] = row["train_tflops"] / peak
         except Exception as err:  # noqa: BLE001 - e.g. out of memory at a large size
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"

@@ -333,13 +333,17 @@ def _fm_vjp(impl, cot):
     return jax.jit(run)
 
 
-def test_fm_block_matches_reference_fp32():
-    args, cot = _fm_inputs(10, 7, 5, 3, jnp.float32)  # 10 examples: a partial last tile of 4
+def _assert_fm_matches_reference(args, cot):
+    """The pallas path's output and four gradients equal the XLA reference's (fp32 tolerances)."""
     out, grads = _fm_vjp("pallas", cot)(*args)
     ref_out, ref_grads = _fm_vjp("xla", cot)(*args)
     _close(out, ref_out)
     for g, r in zip(grads, ref_grads):
         _close(g, r)
+
+
+def test_fm_block_matches_reference_fp32():
+    _assert_fm_matches_reference(*_fm_inputs(10, 7, 5, 3, jnp.float32))  # 10 examples: a partial last tile of 4
 
 
 def test_fm_block_bf16_within_the_xla_reference_error():
@@ -355,12 +359,7 @@ def test_fm_block_bf16_within_the_xla_reference_error():
 
 def test_fm_block_backward_walks_d_in_chunks():
     # d = 100 -> d_p = 128: four column chunks of 32, the last one three quarters masked
-    args, cot = _fm_inputs(6, 7, 100, 3, jnp.float32, seed=7)
-    out, grads = _fm_vjp("pallas", cot)(*args)
-    ref_out, ref_grads = _fm_vjp("xla", cot)(*args)
-    _close(out, ref_out)
-    for g, r in zip(grads, ref_grads):
-        _close(g, r)
+    _assert_fm_matches_reference(*_fm_inputs(6, 7, 100, 3, jnp.float32, seed=7))
 
 
 def test_fm_block_tiles_past_the_kernels_fall_back_to_the_reference():
@@ -372,11 +371,7 @@ def test_fm_block_tiles_past_the_kernels_fall_back_to_the_reference():
     assert kernel_fits(256, 16, 16) == (True, False)
     jaxpr = str(jax.make_jaxpr(_fm_vjp("pallas", cot))(*args))
     assert "wukong_fm_block_fwd" in jaxpr and "wukong_fm_block_bwd" not in jaxpr
-    out, grads = _fm_vjp("pallas", cot)(*args)
-    ref_out, ref_grads = _fm_vjp("xla", cot)(*args)
-    _close(out, ref_out)
-    for g, r in zip(grads, ref_grads):
-        _close(g, r)
+    _assert_fm_matches_reference(args, cot)
     with pytest.warns(UserWarning, match="larger than the kernel holds"):  # tiles (64, 1024, 16): all XLA
         wide, _ = _fm_inputs(2, 40, 600, 3, jnp.float32)
         np.testing.assert_array_equal(pallas_fm_block(*wide, interpret=True), reference_fm_block(*wide))

@@ -65,11 +65,19 @@ class _Config:
     eps: float
     block_b: int
     interpret: bool
-    kernel_backward: bool = True  # False: the backward is the reference's VJP (tiles too large)
-    d_chunk: int = 64  # the backward walks d in column chunks of this width (<= d_p)
     num_warps: int = 4  # forward
     bwd_num_warps: int = 8
     num_stages: int = 2
+
+    @property
+    def kernel_backward(self) -> bool:
+        """False: the backward is the reference's VJP (tiles too large for the backward kernel)."""
+        return kernel_fits(self.n_p, self.d_p, self.k_p)[1]
+
+    @property
+    def d_chunk(self) -> int:
+        """The width of the column chunks the backward walks d in."""
+        return min(self.d_p, BACKWARD_D_CHUNK)
 
 
 def reference_fm_block(x, y, scale, bias, *, eps: float = 1e-5) -> jax.Array:
@@ -94,7 +102,8 @@ def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
 def _mask(rows: int, cols: int, true_rows: int, true_cols: int) -> jax.Array:
     """bool [rows, cols]: True inside the true [true_rows, true_cols] corner."""
     shape = (rows, cols)
-    return (lax.broadcasted_iota(jnp.int32, shape, 0) < true_rows) & (lax.broadcasted_iota(jnp.int32, shape, 1) < true_cols)
+    rows_in = lax.broadcasted_iota(jnp.int32, shape, 0) < true_rows
+    return rows_in & (lax.broadcasted_iota(jnp.int32, shape, 1) < true_cols)
 
 
 def _load(ref, e, mask: jax.Array, col=0) -> jax.Array:
@@ -270,6 +279,11 @@ def _pad(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.pad(a, [(0, t - s) for s, t in zip(a.shape, shape)])
 
 
+def tile_sizes(n: int, d: int, k: int) -> tuple[int, int, int]:
+    """(n_p, d_p, k_p): the tile sizes the kernels compute with, powers of two >= 16 (tl.dot)."""
+    return tuple(max(16, pl.next_power_of_2(s)) for s in (n, d, k))
+
+
 def kernel_fits(n_p: int, d_p: int, k_p: int) -> tuple[bool, bool]:
     """(forward, backward): whether each kernel holds its tiles in registers, as compiled for
     sm_90a (python -m benchmarks.kernel_compile --op fm; padded sizes n_p x d_p x k_p).
@@ -278,7 +292,7 @@ def kernel_fits(n_p: int, d_p: int, k_p: int) -> tuple[bool, bool]:
     (256, 128, 32), at most 176 KiB of shared memory. The backward walks d in chunks of
     BACKWARD_D_CHUNK, so d costs it little; its [n, k] tiles (Z^, dZ, dY, dscale) decide: no spill
     up to n * k = 4096 at any d <= 256, 0-8 B at (128, 64..256, 64) (Wukong's n = 96, d = 160,
-    k = 48: none, 255 registers, 52 KiB), 240 B at n = 256. Before the chunks, (128, 256, 64) spilled
+    k = 48: none, 255 registers, 52 KiB), 240-252 B at n = 256. Before the chunks, (128, 256, 64) spilled
     2.7 KB and needed 240 KiB of shared memory, more than an H100 block may have (227 KiB)."""
     forward = n_p * d_p <= 32768 and n_p * k_p <= 8192 and d_p * k_p <= 16384
     backward = forward and n_p <= 128 and d_p <= 256 and n_p * k_p <= 8192
@@ -301,9 +315,8 @@ def pallas_fm_block(x, y, scale, bias, *, eps: float = 1e-5, block_b: int = 32, 
     k = y.shape[1]
     if y.shape[0] != n or scale.shape != (n * k,) or bias.shape != (n * k,):
         raise ValueError(f"x [B, n, d], y [n, k], scale/bias [n * k] must agree: {x.shape}, {y.shape}, {scale.shape}")
-    n_p, d_p, k_p = (max(16, pl.next_power_of_2(s)) for s in (n, d, k))
-    forward_fits, backward_fits = kernel_fits(n_p, d_p, k_p)
-    if not forward_fits:
+    n_p, d_p, k_p = tile_sizes(n, d, k)
+    if not kernel_fits(n_p, d_p, k_p)[0]:
         warnings.warn(f"FM block tiles (n, d, k) = ({n_p}, {d_p}, {k_p}) are larger than the kernel holds; "
                       "running the XLA reference", stacklevel=2)
         return reference_fm_block(x, y, scale, bias, eps=eps)
@@ -311,8 +324,7 @@ def pallas_fm_block(x, y, scale, bias, *, eps: float = 1e-5, block_b: int = 32, 
     b_p = -(-b // block_b) * block_b
     fwd_warps, bwd_warps = launch_warps(n_p, d_p, k_p)
     cfg = _Config(n=n, d=d, k=k, n_p=n_p, d_p=d_p, k_p=k_p, eps=float(eps), block_b=block_b, interpret=interpret,
-                  kernel_backward=backward_fits, d_chunk=min(d_p, BACKWARD_D_CHUNK), num_warps=fwd_warps,
-                  bwd_num_warps=bwd_warps)
+                  num_warps=fwd_warps, bwd_num_warps=bwd_warps)
     scale32, bias32 = (_pad(t.astype(jnp.float32).reshape(n, k), (n_p, k_p)) for t in (scale, bias))
     out = _fm(_pad(x, (b_p, n, d)), _pad(y, (n_p, k_p)), scale32, bias32, cfg)
     return out[:b].reshape(b, n * k)
