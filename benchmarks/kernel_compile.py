@@ -13,7 +13,9 @@ sweep). The Triton in PY need not be the one inside jaxlib, so the counts are wh
 Triton makes of the same IR, not necessarily what XLA's build will.
 
 `--op fm` compiles the Wukong FM block's two kernels instead, for n x d x k settings (B = 4096)
-with the warps the library picks. For HSTU, tiles are forward BQxBK:backward BQxBK, or `default`
+with the warps the library picks; `--op flash` the softmax attention's three (OneTrans), for
+Nq x Nk x d settings (--heads heads, causal, the queries ending at the last key) at the library's
+tiles and warps. For HSTU, tiles are forward BQxBK:backward BQxBK, or `default`
 (with --warps 0: the library's defaults, `Blocks()`); each setting is lowered with and without the
 relative bias, for every head dim, warp count and heads-per-program setting (--head-groups, of
 --heads heads; 0: the library's default, `Blocks.resolve`). One program
@@ -31,7 +33,7 @@ import subprocess
 import tempfile
 
 from benchmarks.json_report import emit
-from benchmarks.triton_ir import fm_ttir, hstu_ttir
+from benchmarks.triton_ir import flash_ttir, fm_ttir, hstu_ttir
 
 SMEM_LIMIT = 227 * 1024  # H100: the most shared memory one block may use
 
@@ -115,9 +117,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-stages", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2, help="HSTU heads (one sequence of --length tokens)")
     parser.add_argument("--head-groups", default="0", help="heads per program, comma-separated; 0: the default")
-    parser.add_argument("--op", default="hstu", choices=("hstu", "fm"), help="HSTU attention or the Wukong FM block")
+    parser.add_argument("--op", default="hstu", choices=("hstu", "fm", "flash"),
+                        help="HSTU attention, the Wukong FM block or the softmax (OneTrans) attention")
     parser.add_argument("--fm-shapes", default="27x16x12,48x64x24,64x64x32,64x128x24,128x64x32,96x160x48",
                         help="FM block n x d x k settings (--op fm), with the library's warps")
+    parser.add_argument("--flash-shapes", default="528x528x48,272x528x48,16x528x48,4096x4096x64,4096x4096x128",
+                        help="softmax attention Nq x Nk x d settings (--op flash)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
     if shutil.which(args.triton_python) is None:
@@ -136,6 +141,15 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append({"kernel": kernel, "n": n, "d": d, "k": k, "num_warps": warps[kernel],
                              "num_stages": args.num_stages})
                 jobs.append({"ttir": path, "num_warps": warps[kernel], "num_stages": args.num_stages})
+        for shape in (args.flash_shapes.split(",") if args.op == "flash" else ()):
+            from scaling.kernels.flash_attention import FlashBlocks, launch_warps
+
+            nq, nk, d = (int(x) for x in shape.split("x"))
+            warps = launch_warps(d, d, FlashBlocks())
+            for kernel, path in sorted(flash_ttir(nq, nk, d, tempfile.mkdtemp(dir=work), args.heads).items()):
+                rows.append({"kernel": kernel, "nq": nq, "nk": nk, "d": d, "heads": args.heads, "num_warps": warps,
+                             "num_stages": args.num_stages})
+                jobs.append({"ttir": path, "num_warps": warps, "num_stages": args.num_stages})
         for dim in (int(d) for d in args.dims.split(",")) if args.op == "hstu" else ():
             settings = itertools.product(parse_tiles(args.tiles), (int(w) for w in args.warps.split(",")),
                                          (int(g) for g in args.head_groups.split(",")))

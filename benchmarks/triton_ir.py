@@ -97,3 +97,22 @@ def fm_ttir(n: int, d: int, k: int, directory: str) -> dict[str, str]:
 
     return captured(lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
         lowering_platforms=("cuda",)), directory)
+
+
+def flash_ttir(nq: int, nk: int, dim: int, directory: str, heads: int = 8, blocks=None) -> dict[str, str]:
+    """{kernel name: path of its Triton IR} for value_and_grad of the `auto` softmax attention
+    (OneTrans's shape: Nq queries ending at the last of Nk keys, causal, one sequence)."""
+    import jax
+    import jax.numpy as jnp
+
+    from scaling.kernels.flash_attention import flash_mha
+
+    s = jax.ShapeDtypeStruct
+    args = [s((1, nq, heads, dim), jnp.bfloat16)] + [s((1, nk, heads, dim), jnp.bfloat16)] * 2
+
+    def loss(q, k, v):
+        out = flash_mha(q, k, v, q_offset=nk - nq, impl="auto", blocks=blocks)
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    grads = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    return captured(lambda: jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)), directory)

@@ -30,6 +30,7 @@ from flax import nnx
 
 from scaling.config_schema import ConfigError, knob
 from scaling.data.spec import RankingSpec
+from scaling.kernels.dispatch import IMPL_HELP, KernelImpl
 from scaling.models.base import CTRModel
 from scaling.models.mlp import MLP, check_widths, mlp_flops
 from scaling.models.onetrans_block import OneTransStack, onetrans_stack_flops, pyramid_schedule
@@ -72,6 +73,8 @@ class OneTransConfig(RankingModelConfig):
     pyramid_multiple: int = knob(8, ge=1, help="pyramid lengths are multiples of this")
     activation: Activation = knob("relu", help="FFN activation")
     head_mlp: tuple[int, ...] = knob((64,), help="hidden widths of the head over the final NS-tokens")
+    attention_impl: KernelImpl = knob("auto", help=f"the stack's softmax attention (scaling/kernels/flash_attention.py). "
+                                                   f"{IMPL_HELP}")
 
     def check(self) -> None:
         if self.dim % self.num_heads:
@@ -117,7 +120,7 @@ class OneTrans(CTRModel):
                            if c.merge == "separators" else None)
         self.ns_tokenizer = NSTokenizer(c.ns_width(spec), c.num_ns, c.dim, c.ns_hidden, rngs=rngs)
         self.stack = OneTransStack(c.num_layers, c.dim, c.num_heads, c.ffn_dim, c.num_ns, c.schedule(spec),
-                                   activation=c.activation, rngs=rngs)
+                                   activation=c.activation, attention_impl=c.attention_impl, rngs=rngs)
         self.head = MLP(c.num_ns * c.dim, c.head_mlp, 1, rngs=rngs)
 
     def s_tokens(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:

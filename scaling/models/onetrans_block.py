@@ -44,13 +44,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from scaling.kernels.flash_attention import flash_mha
 from scaling.models.transformer import (
     ACTIVATION_FLOPS,
     MASKED_SCORE,
     SOFTMAX_FLOPS_PER_SCORE,
     Activation,
     activate,
-    dot_product_attention,
     xavier_normal,
 )
 from scaling.sharding.annotate import logical_param
@@ -59,6 +59,7 @@ from scaling.sharding.rules import constrain
 __all__ = [
     "MixedProjection",
     "OneTransBlock",
+    "padding_count",
     "OneTransStack",
     "RMSNorm",
     "pyramid_schedule",
@@ -136,9 +137,10 @@ class MixedProjection(nnx.Module):
         return jnp.einsum(f"...n{i},n{i}{o}->...n{o}", x, self.per_token[...].astype(x.dtype))
 
 
-def _causal(q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array) -> jax.Array:
-    """Query at position p attends key at q iff q <= p and the key is valid: [B, 1, Nq, Nk]."""
-    return (k_pos[None, :] <= q_pos[:, None])[None, None] & k_valid[:, None, None, :]
+def padding_count(s_valid: jax.Array) -> jax.Array:
+    """s_valid bool [B, L] (right-aligned: padding first) -> int32 [B], the first valid position:
+    the attention's `key_start` (scaling/kernels/flash_attention.py)."""
+    return s_valid.shape[1] - s_valid.sum(axis=1, dtype=jnp.int32)
 
 
 class OneTransBlock(nnx.Module):
@@ -149,10 +151,12 @@ class OneTransBlock(nnx.Module):
     S-side query, output and FFN weights, which nothing would train, are not created."""
 
     def __init__(self, dim: int, num_heads: int, ffn_dim: int, num_ns: int, *,
-                 activation: Activation = "relu", s_queries: bool = True, rngs: nnx.Rngs):
+                 activation: Activation = "relu", s_queries: bool = True, attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.head_dim, self.activation = num_heads, dim // num_heads, activation
+        self.attention_impl = attention_impl  # auto | pallas | xla: scaling/kernels/dispatch.py
         heads = (num_heads, self.head_dim)
         self.norm_attn = RMSNorm(dim)
         self.norm_ffn = RMSNorm(dim)
@@ -175,18 +179,17 @@ class OneTransBlock(nnx.Module):
 
     def __call__(self, s: jax.Array, ns: jax.Array, s_valid: jax.Array, keep: int
                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        length, n = s.shape[1], ns.shape[1]
+        length = s.shape[1]
         if keep and not self.s_queries:
             raise ValueError("this block issues NS queries only (keep must be 0)")
         y_s, y_ns = self.norm_attn(s), self.norm_attn(ns)
         q = self.q.ns(y_ns) if not keep else jnp.concatenate([self.q.s(y_s[:, length - keep:]), self.q.ns(y_ns)], axis=1)
         k = jnp.concatenate([self.k.s(y_s), self.k.ns(y_ns)], axis=1)
         v = jnp.concatenate([self.v.s(y_s), self.v.ns(y_ns)], axis=1)
-        # Static positions: queries are S positions L-keep..L-1 then NS L..L+N-1; keys 0..L+N-1.
-        q_pos = jnp.arange(length - keep, length + n)
-        k_pos = jnp.arange(length + n)
-        k_valid = jnp.concatenate([s_valid, jnp.ones((s.shape[0], n), jnp.bool_)], axis=1)
-        a = dot_product_attention(q, k, v, _causal(q_pos, k_pos, k_valid))  # [B, keep + N, H, dh]
+        # Queries are S positions L-keep..L-1 then NS L..L+N-1, keys 0..L+N-1; the valid keys are
+        # the S-tokens from the first valid one on (right-aligned) and every NS-token.
+        a = flash_mha(q, k, v, key_start=padding_count(s_valid), q_offset=length - keep,
+                      impl=self.attention_impl)  # [B, keep + N, H, dh]
         z_ns = ns + self.o.ns(a[:, keep:])
         valid = s_valid[:, length - keep:]
         if not keep:
@@ -204,8 +207,8 @@ class OneTransBlock(nnx.Module):
         if not keep:  # the last block: no S query
             return s[:, length:], k, v
         q = self.q.s(y[:, length - keep:])
-        mask = _causal(jnp.arange(length - keep, length), jnp.arange(length), s_valid)
-        z_s = s[:, length - keep:] + self.o.s(dot_product_attention(q, k, v, mask))
+        a = flash_mha(q, k, v, key_start=padding_count(s_valid), q_offset=length - keep, impl=self.attention_impl)
+        z_s = s[:, length - keep:] + self.o.s(a)
         valid = s_valid[:, length - keep:]
         return jnp.where(valid[..., None], self._ffn_s(z_s), 0.0), k, v
 
@@ -233,12 +236,14 @@ class OneTransStack(nnx.Module):
     """`num_layers` OneTrans blocks with a pyramid schedule `keep` (one entry per layer)."""
 
     def __init__(self, num_layers: int, dim: int, num_heads: int, ffn_dim: int, num_ns: int,
-                 keep: tuple[int, ...], *, activation: Activation = "relu", rngs: nnx.Rngs):
+                 keep: tuple[int, ...], *, activation: Activation = "relu", attention_impl: str = "auto",
+                 rngs: nnx.Rngs):
         if len(keep) != num_layers:
             raise ValueError(f"the pyramid needs one entry per layer, got {len(keep)} for {num_layers}")
         self.keep = tuple(int(k) for k in keep[:-1]) + (0,)  # the last layer's S outputs are unread
         self.blocks = nnx.List([OneTransBlock(dim, num_heads, ffn_dim, num_ns, activation=activation,
-                                              s_queries=layer < num_layers - 1, rngs=rngs)
+                                              s_queries=layer < num_layers - 1, attention_impl=attention_impl,
+                                              rngs=rngs)
                                 for layer in range(num_layers)])
         self.final_norm = RMSNorm(dim)
 
