@@ -65,7 +65,8 @@ class RankingInputs(nnx.Module):
         self.fields = FieldEmbedding(spec.cardinalities[:-1], field_dim, rngs=rngs)
 
     def history(self, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-        """-> (events [B, S, L, d], gaps [B, S, L], times int32 [B, S, L], valid bool [B, S, L])."""
+        """-> (events [B, S, L, d], gaps [B, S, L] (the events' dtype), times int32 [B, S, L], valid
+        bool [B, S, L])."""
         items, actions, times = batch["history"], batch["history_actions"], batch["history_times"]
         if self.seq_len and self.seq_len < items.shape[-1]:
             items, actions, times = (a[..., -self.seq_len:] for a in (items, actions, times))
@@ -73,7 +74,9 @@ class RankingInputs(nnx.Module):
         events = lookup(self.items, items) + lookup(self.actions, actions)
         events = jnp.where(valid[..., None], events, 0.0)
         age = jnp.maximum(batch["request_time"][:, None, None] - times, 0).astype(jnp.float32)
-        gaps = jnp.where(valid, jnp.log1p(age) * (1.0 / _YEAR_LOG), 0.0)
+        # in float32, then the events' dtype: a float32 gap beside bf16 events would promote every
+        # layer after their concatenation to float32
+        gaps = jnp.where(valid, jnp.log1p(age) * (1.0 / _YEAR_LOG), 0.0).astype(events.dtype)
         return events, gaps, times, valid
 
     def candidate(self, batch: Mapping[str, jax.Array]) -> jax.Array:
