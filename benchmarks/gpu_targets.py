@@ -12,6 +12,7 @@ import numpy as np
 
 from benchmarks.hlo_roofline import roofline, shape_dims, top_sources
 from benchmarks.kernel_profile import FLOPS_PER_PAIR
+from scaling.kernels.flash_attention import flops_per_pair, visible_pairs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,14 +71,20 @@ def pallas_flops(pair_fraction: float):
 
     HSTU attention (operands lengths, n_hist, q [B, N, h, d], ...): FLOPS_PER_PAIR x d x causal
     pairs, the pairs scaled by `pair_fraction` (the batch's sum of L (L + 1) / 2 over B N (N + 1) / 2:
-    the kernels skip blocks past a sequence's end). Wukong FM block (x [B, n, d], y [n, k], padded):
-    X^T Y and X P, 4 B n d k forward, 12 B n d k backward."""
+    the kernels skip blocks past a sequence's end). Softmax attention (key_start, key_end, q [B, Nq,
+    H, d], k [B, Nk, H, d], v): `flash_attention.flops_per_pair` x the causal pairs of queries
+    ending at the last key (OneTrans's layout; key padding, which the kernels skip, is counted).
+    Wukong FM block (x [B, n, d], y [n, k], padded): X^T Y and X P, 4 B n d k forward, 12 B n d k
+    backward."""
 
     def flops(name: str, operands: list[str]) -> float:
         arrays = [dims for t in operands for _, dims in shape_dims(t)]
         if name in FLOPS_PER_PAIR and len(arrays) > 2 and len(arrays[2]) == 4:
             b, n, h, d = arrays[2]
             return FLOPS_PER_PAIR[name] * d * b * h * n * (n + 1) / 2 * pair_fraction
+        if name.startswith("flash_attention_") and len(arrays) > 4:  # key_start, key_end, q, k, v, ...
+            (b, nq, h, d), nk, dv = arrays[2], arrays[3][1], arrays[4][3]
+            return flops_per_pair(name, d, dv) * b * h * visible_pairs(nq, nk, nk - nq, True)
         if name.startswith("wukong_fm_block") and len(arrays) > 1:
             (b, n, d), (_, k) = arrays[0], arrays[1]
             return (4 if name.endswith("fwd") else 12) * b * n * d * k

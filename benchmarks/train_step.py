@@ -4,8 +4,8 @@ with the Pallas kernels (`impl=pallas`) against the XLA references (`impl=xla`).
     python -m benchmarks.train_step [--out FILE] [--smoke] [--steps 20] [--cases hstu,wukong,onetrans]
 
 Each case is a sweep config (sweeps/*.yaml) with large-size overrides, `train.compute_dtype=
-bfloat16` and the kernel knob (HSTU: model.attention_impl; Wukong: model.fm_impl; OneTrans has no
-Pallas kernel, so it runs once, as the XLA baseline). The step is the training code's own: the
+bfloat16` and the kernel knob (HSTU and OneTrans: model.attention_impl, the HSTU and the softmax
+attention kernels; Wukong: model.fm_impl). The step is the training code's own: the
 model, task, optimizers and `StepFunctions.train_step` are built as scaling/train/loop.py builds
 them (one device, state donated), and timed on one real batch repeated `--steps` times after a
 compile + warm-up step (wall clock, block_until_ready at the end).
@@ -70,7 +70,7 @@ CASES: dict[str, tuple[str, str | None, list[str], list[str]]] = {
         "model.size=xxs", "train.batch_size=16", "data.eval_examples=256",
     ]),
     # OneTrans near the paper's OneTrans-L (8 layers, d=384) on 2 x 256-event sequences
-    "onetrans": ("onetrans_synthetic.yaml", None, [
+    "onetrans": ("onetrans_synthetic.yaml", "model.attention_impl", [
         "model.size=custom", "model.dim=384", "model.num_layers=8", "model.num_heads=8", "model.ffn_dim=1536",
         "model.num_ns=16", "data.seq_len=256", "train.batch_size=512", "data.eval_examples=2048",
     ], [

@@ -47,7 +47,7 @@ from scaling.kernels.hstu_attention_fwd import cdiv, dot, heavy_first
 from scaling.kernels.sharded import out_struct
 from scaling.models.transformer import dot_product_attention
 
-__all__ = ["FlashBlocks", "flash_mha", "pallas_flash_mha", "reference_flash_mha", "visible_pairs"]
+__all__ = ["FlashBlocks", "flash_mha", "flops_per_pair", "pallas_flash_mha", "reference_flash_mha", "visible_pairs"]
 
 _LOG2E = 1.4426950408889634
 
@@ -256,13 +256,18 @@ def _lse_spec(cfg: _Config, backward: bool):
     return pl.BlockSpec((None, None, cfg.lse_len(backward)), lambda i, b, h: (b, h, 0))
 
 
-def _cost(q, k, v, cfg: _Config, passes: int) -> pl.CostEstimate:
-    """passes: 1 for the forward (q k^T and p v), 2.5 for the backward (q k^T, dO v^T, p^T dO,
-    dS^T q, dS k over two kernels: five matmuls against the forward's two)."""
+def flops_per_pair(kernel: str, d: int, dv: int) -> int:
+    """Matmul FLOPs per (query, key) pair of each kernel: forward q k^T and p v; dK/dV recomputes
+    k q^T, then p^T dO, v dO^T and dS^T q; dQ recomputes q k^T, then dO v^T and dS k."""
+    return {"flash_attention_fwd": 2 * (d + dv), "flash_attention_dkdv": 4 * (d + dv),
+            "flash_attention_dq": 2 * (2 * d + dv)}[kernel]
+
+
+def _cost(q, k, v, cfg: _Config, kernel: str) -> pl.CostEstimate:
     bsz, _, heads, _ = q.shape
     pairs = bsz * heads * visible_pairs(cfg.nq, cfg.nk, cfg.q_offset, cfg.causal)
     size = q.dtype.itemsize
-    return pl.CostEstimate(flops=int(passes * 2 * pairs * (cfg.d + cfg.dv)), transcendentals=pairs,
+    return pl.CostEstimate(flops=flops_per_pair(kernel, cfg.d, cfg.dv) * pairs, transcendentals=pairs,
                            bytes_accessed=size * (2 * q.size + k.size + v.size))
 
 
@@ -278,7 +283,7 @@ def _forward(q, k, v, key_start, key_end, cfg: _Config):
         in_specs=[_scalar_spec(key_start), _scalar_spec(key_end), *(_sequence_spec(x.shape) for x in (q, k, v))],
         out_specs=(_sequence_spec((bsz, nq, heads, cfg.dv)), _lse_spec(cfg, False)),
         compiler_params=cfg.compiler_params(),
-        cost_estimate=_cost(q, k, v, cfg, 1),
+        cost_estimate=_cost(q, k, v, cfg, "flash_attention_fwd"),
         interpret=cfg.interpret,
         name="flash_attention_fwd",
     )(*args)
@@ -365,7 +370,7 @@ def _backward(q, k, v, key_start, key_end, out, lse, do, cfg: _Config):
         out_shape=(out_struct(k.shape, k.dtype, *args), out_struct(v.shape, v.dtype, *args)),
         grid=(cdiv_static(nk, cfg.bwd_block_k), bsz, heads),
         out_specs=(_sequence_spec(k.shape), _sequence_spec(v.shape)),
-        cost_estimate=_cost(q, k, v, cfg, 1.5),
+        cost_estimate=_cost(q, k, v, cfg, "flash_attention_dkdv"),
         name="flash_attention_dkdv",
         **common,
     )(*args)
@@ -374,7 +379,7 @@ def _backward(q, k, v, key_start, key_end, out, lse, do, cfg: _Config):
         out_shape=out_struct(q.shape, q.dtype, *args),
         grid=(cdiv_static(nq, cfg.bwd_block_q), bsz, heads),
         out_specs=_sequence_spec(q.shape),
-        cost_estimate=_cost(q, k, v, cfg, 1),
+        cost_estimate=_cost(q, k, v, cfg, "flash_attention_dq"),
         name="flash_attention_dq",
         **common,
     )(*args)
