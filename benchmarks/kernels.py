@@ -1,8 +1,9 @@
-"""Kernel benchmark: the Pallas HSTU attention and Wukong FM block against their XLA references.
+"""Kernel benchmark: the Pallas HSTU attention, Wukong FM block and softmax attention against
+their XLA references.
 
     python -m benchmarks.kernels [--out FILE] [--smoke] [--lengths 512,1024,2048,4096,8192]
                                  [--dims 64,128] [--tokens 32768] [--heads 4] [--iters 20]
-                                 [--ops hstu,fm] [--impls pallas,xla] [--block-q 64 --block-k 64
+                                 [--ops hstu,fm,flash] [--impls pallas,xla] [--block-q 64 --block-k 64
                                  --bwd-block-q 64 --bwd-block-k 32 --heads-per-program 2
                                  --num-warps 8 --num-stages 2]
 
@@ -33,6 +34,11 @@ FM block (X (X^T Y), flatten, LayerNorm), bf16: forward and forward + backward f
 matmuls), 3x that forward + backward. Pallas rows say which halves ran as kernels
 (`kernel_forward`, `kernel_backward`: scaling/kernels/fm_block.kernel_fits; the rest ran in XLA).
 
+Softmax attention (OneTrans's, scaling/kernels/flash_attention.py), bf16: B sequences of Nq
+causal queries ending at the last of Nk keys, at OneTrans-L's three layer shapes (d = 48) and one
+long sequence; FLOPs 4 d per visible pair forward (Q K^T and P V), 3.5x that forward + backward
+(the same convention as HSTU's).
+
 --smoke runs tiny sizes (CPU: the kernels in interpret mode) to check that the script works.
 """
 
@@ -49,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.json_report import emit
+from scaling.kernels.flash_attention import flash_mha, visible_pairs
 from scaling.kernels.fm_block import fm_block, kernel_fits, tile_sizes
 from scaling.kernels.hstu_attention import Blocks, hstu_mha
 
@@ -154,6 +161,38 @@ def bench_fm(shapes, iters: int, block_b: int, impls=("pallas", "xla")) -> list[
     return rows
 
 
+def bench_flash(shapes, iters: int, impls=("pallas", "xla")) -> list[dict]:
+    """Softmax attention (scaling/kernels/flash_attention.py) at (B, Nq, Nk, heads, d): Nq causal
+    queries ending at the last of Nk keys, every key valid."""
+    rows = []
+    for batch, nq, nk, heads, dim in shapes:
+        rng = np.random.default_rng(2)
+        q = jnp.asarray(rng.normal(size=(batch, nq, heads, dim)), jnp.bfloat16)
+        k, v = (jnp.asarray(rng.normal(size=(batch, nk, heads, dim)), jnp.bfloat16) for _ in range(2))
+        cot = jnp.asarray(rng.normal(size=(batch, nq, heads, dim)), jnp.bfloat16)
+        fwd_flops = 4 * dim * batch * heads * visible_pairs(nq, nk, nk - nq, True)
+        for impl in impls:
+            def forward(q, k, v, impl=impl):
+                return flash_mha(q, k, v, q_offset=nk - nq, impl=impl)
+
+            def forward_backward(*args, forward=forward):
+                out, pullback = jax.vjp(forward, *args)
+                return out, pullback(cot)
+
+            row = {"op": "flash_attention", "impl": impl, "batch": batch, "Nq": nq, "Nk": nk, "heads": heads, "d": dim,
+                   "dtype": "bfloat16", "fwd_gflop": fwd_flops / 1e9, "fwd_bwd_gflop": 3.5 * fwd_flops / 1e9}
+            try:
+                row["fwd_ms"] = 1e3 * timed(jax.jit(forward), (q, k, v), iters)
+                row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+                row["fwd_bwd_ms"] = 1e3 * timed(jax.jit(forward_backward), (q, k, v), iters)
+                row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] / 1e9
+            except Exception as err:  # noqa: BLE001 - e.g. the reference's [B, h, Nq, Nk] scores out of memory
+                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
@@ -170,7 +209,7 @@ def main(argv=None) -> int:
                         "--heads")
     parser.add_argument("--num-warps", type=int, default=0, help="default: 8, or 4 for head dims <= 32")
     parser.add_argument("--num-stages", type=int, default=2)
-    parser.add_argument("--ops", default="hstu,fm", help="which kernels: hstu, fm or both")
+    parser.add_argument("--ops", default="hstu,fm,flash", help="which kernels: hstu, fm, flash (comma-separated)")
     parser.add_argument("--impls", default="pallas,xla", help="pallas, xla or both")
     parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes (CPU: interpret mode)")
     parser.add_argument("--out", default="", help="also write the JSON here")
@@ -179,12 +218,13 @@ def main(argv=None) -> int:
                     num_warps=args.num_warps or None, num_stages=args.num_stages,
                     heads_per_program=args.heads_per_program or None)
     ops, impls = args.ops.split(","), tuple(args.impls.split(","))
-    unknown = sorted(set(ops) - {"hstu", "fm"}) + sorted(set(impls) - {"pallas", "xla"})
+    unknown = sorted(set(ops) - {"hstu", "fm", "flash"}) + sorted(set(impls) - {"pallas", "xla"})
     if unknown:
         parser.error(f"unknown --ops/--impls entries: {unknown}")
     if args.smoke:
         lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 3, Blocks(16, 16, 16, 16)
         fm_shapes, matmul_n, block_b = [(16, 8, 16, 4)], 256, 4
+        flash_shapes = [(2, 24, 40, 2, 24)]
     else:
         lengths, dims, tokens, heads, iters = ([int(x) for x in args.lengths.split(",")],
                                                [int(x) for x in args.dims.split(",")], args.tokens, args.heads,
@@ -192,6 +232,9 @@ def main(argv=None) -> int:
         # the last: Wukong at the paper's scale (benchmarks/train_step.py), tiles 128 x 256 x 64
         fm_shapes, matmul_n, block_b = ([(16384, 32, 16, 16), (16384, 64, 128, 32), (4096, 128, 128, 64),
                                          (8192, 96, 160, 48)], 8192, 32)
+        # OneTrans (benchmarks/train_step.py): the first layer's 512 S + 16 NS tokens, a pyramid
+        # layer's 256 + 16 queries, the last layer's NS queries; then a long causal sequence
+        flash_shapes = [(512, 528, 528, 8, 48), (512, 272, 528, 8, 48), (512, 16, 528, 8, 48), (8, 4096, 4096, 8, 128)]
     result = {
         "benchmark": "kernels",
         "device": jax.devices()[0].device_kind,
@@ -208,6 +251,7 @@ def main(argv=None) -> int:
         "flops_convention": "causal model FLOPs: fwd = 4 d B h L(L+1)/2, fwd+bwd = 3.5 x fwd (module docstring)",
         "hstu": bench_hstu(lengths, dims, tokens, heads, iters, blocks, impls) if "hstu" in ops else [],
         "fm_block": bench_fm(fm_shapes, iters, block_b, impls) if "fm" in ops else [],
+        "flash_attention": bench_flash(flash_shapes, iters, impls) if "flash" in ops else [],
     }
     emit(result, args.out, indent=2)
     return 0

@@ -10,11 +10,12 @@ JSON line:
 Kernel cases (impl=pallas, interpreted) under jax.set_mesh + the mesh's layout rules against the
 xla reference on one device, no mesh: HSTU attention with the relative bias and candidates
 (forward and the gradients of q, k, v, pos_w, ts_w), M-FALCON's candidate attention (forward),
-and the FM block (forward and the gradients of x, y, scale, bias). `sharded`: the traced program
+the FM block (forward and the gradients of x, y, scale, bias) and the softmax attention in
+OneTrans's layout (forward and the gradients of q, k, v). `sharded`: the traced program
 runs the kernel under shard_map. `auto_traced`: impl=auto (the CUDA branch: compiled kernels,
-check_vma on) traces forward and backward on the mesh. Steps: a one-layer HSTU and Wukong trained
-two steps from the same init through the partitioner (fsdp layout, data=4 x fsdp=2) with the
-kernels on and off (the second loss sees the first step's gradients).
+check_vma on) traces forward and backward on the mesh. Steps: a one-layer HSTU, Wukong and
+OneTrans trained two steps from the same init through the partitioner (fsdp layout, data=4 x
+fsdp=2) with the kernels on and off (the second loss sees the first step's gradients).
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.kernel_sharding_cases
 """
@@ -32,8 +33,9 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 MESHES = {"data8": ((8, 1, 1), "dp"), "data4_fsdp2": ((4, 2, 1), "fsdp"), "data2_fsdp2_tensor2": ((2, 2, 2), "fsdp_tp")}
-# which kernel cases run on which mesh (the tensor mesh: HSTU's heads split over tensor by fsdp_tp)
-CASES = {"data8": ("hstu", "fm"), "data4_fsdp2": ("hstu", "candidates", "fm"), "data2_fsdp2_tensor2": ("hstu",)}
+# which kernel cases run on which mesh (the tensor mesh: the heads split over tensor by fsdp_tp)
+CASES = {"data8": ("hstu", "fm", "flash"), "data4_fsdp2": ("hstu", "candidates", "fm"),
+         "data2_fsdp2_tensor2": ("hstu", "flash")}
 N, HEADS, DIM, B = 24, 2, 8, 8
 STEPS = 2
 
@@ -88,6 +90,32 @@ def _candidate_inputs():
                                              timestamps=ts, request_time=now)
 
 
+def _flash_inputs():
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    q, cot = (jnp.asarray(rng.normal(size=(B, 12, HEADS, DIM)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.normal(size=(B, N, HEADS, DIM)), jnp.float32) for _ in range(2))
+    return (q, k, v), dict(key_start=jnp.asarray([0, 3, 24, 10, 23, 0, 7, 12], jnp.int32), cot=cot)
+
+
+def _flash_vjp(impl, fixed):
+    import jax
+
+    from scaling.kernels.flash_attention import FlashBlocks, flash_mha
+
+    def f(q, k, v):  # OneTrans's layout: 12 queries ending at the last of N keys
+        return flash_mha(q, k, v, key_start=fixed["key_start"], q_offset=N - 12, impl=impl,
+                         blocks=FlashBlocks(16, 16, 16, 16))
+
+    def run(*args):
+        out, pullback = jax.vjp(f, *args)
+        return out, pullback(fixed["cot"])
+
+    return jax.jit(run)
+
+
 def _fm_inputs():
     import jax.numpy as jnp
     import numpy as np
@@ -134,27 +162,29 @@ def kernel_cases() -> tuple[dict, dict]:
     hstu_args, fixed = _hstu_inputs()
     cand_args, cand_kw = _candidate_inputs()
     fm_args, fm_cot = _fm_inputs()
+    flash_args, flash_fixed = _flash_inputs()
 
     def candidates(impl):
         return jax.jit(functools.partial(candidate_mha, impl=impl, blocks=Blocks(16, 16, 16, 16), **cand_kw))
 
     # references: the xla path on one device, no mesh
     want = {"hstu": _hstu_vjp("xla", fixed)(*hstu_args), "candidates": candidates("xla")(*cand_args),
-            "fm": _fm_vjp("xla", fm_cot)(*fm_args)}
+            "fm": _fm_vjp("xla", fm_cot)(*fm_args), "flash": _flash_vjp("xla", flash_fixed)(*flash_args)}
     names = {"hstu": ("out", "dq", "dk", "dv", "dpos_w", "dts_w"), "candidates": ("out",),
-             "fm": ("out", "dx", "dy", "dscale", "dbias")}
+             "fm": ("out", "dx", "dy", "dscale", "dbias"), "flash": ("out", "dq", "dk", "dv")}
     results, traced = {}, {}
     for mesh_name, (shape, layout) in MESHES.items():
         mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
         with jax.set_mesh(mesh), use_rules(load_layout(layout)):
             fns = {"hstu": (_hstu_vjp("pallas", fixed), hstu_args), "candidates": (candidates("pallas"), cand_args),
-                   "fm": (_fm_vjp("pallas", fm_cot), fm_args)}
+                   "fm": (_fm_vjp("pallas", fm_cot), fm_args), "flash": (_flash_vjp("pallas", flash_fixed), flash_args)}
             for case in CASES[mesh_name]:
                 fn, args = fns[case]
                 sharded = "shard_map" in str(fn.trace(*args).jaxpr)
                 results[f"{mesh_name}/{case}"] = {"sharded": sharded, "errors": _errors(names[case], fn(*args), want[case])}
             if mesh_name == "data4_fsdp2":  # the CUDA branch (compiled kernels, check_vma on): traced, fwd + bwd
-                auto = [_hstu_vjp("auto", fixed).trace(*hstu_args), _fm_vjp("auto", fm_cot).trace(*fm_args)]
+                auto = [_hstu_vjp("auto", fixed).trace(*hstu_args), _fm_vjp("auto", fm_cot).trace(*fm_args),
+                        _flash_vjp("auto", flash_fixed).trace(*flash_args)]
                 traced[mesh_name] = all(str(t.jaxpr).count("shard_map") >= 2 for t in auto)
     return results, traced
 
@@ -168,7 +198,8 @@ def train_steps() -> dict:
 
     mesh = ["sharding.layout=fsdp", "sharding.mesh.data=4", "sharding.mesh.fsdp=2", "model.num_layers=1"]
     out = {}
-    for family, knob in {"hstu": "model.attention_impl", "wukong": "model.fm_impl"}.items():
+    for family, knob in {"hstu": "model.attention_impl", "wukong": "model.fm_impl",
+                         "onetrans": "model.attention_impl"}.items():
         setups = {impl: prepare(cfg, dataset_of(cfg.data))
                   for impl, cfg in ((impl, config(family, [*mesh, f"{knob}={impl}"])) for impl in ("pallas", "xla"))}
         first = setups["xla"]

@@ -1,7 +1,7 @@
 """The softmax attention kernel (scaling/kernels/flash_attention.py) against its jnp reference,
-interpreted on CPU: forward and the q, k, v gradients in fp32 and bf16, hand-computed cases, the
-block ranges against the mask they stand for, the dispatcher, the Triton lowering for a GPU, and
-OneTrans with the kernel on."""
+interpreted on CPU (compiled on a GPU): forward and the q, k, v gradients in fp32 and bf16,
+hand-computed cases, the block ranges against the mask they stand for, the dispatcher, the Triton
+lowering for a GPU, and OneTrans with the kernel on."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import pytest
 
 from benchmarks.triton_ir import flash_ttir
 from scaling.kernels import flash_attention as fa
+from scaling.kernels.dispatch import interpret_default
 from scaling.kernels.flash_attention import FlashBlocks, flash_mha, pallas_flash_mha, reference_flash_mha
 
+INTERPRET = interpret_default()  # compiled through Triton on a GPU (gpu_session.sh's test step)
 SMALL = FlashBlocks(16, 16, 16, 16)
 MIXED = FlashBlocks(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=32)  # BQ != BK in every kernel
 
@@ -40,7 +42,7 @@ def _vjp(fn, key_start, key_end, cot, **static):
 
 def _kernel(blocks):
     def run(q, k, v, key_start, key_end, **static):
-        return pallas_flash_mha(q, k, v, key_start, key_end, blocks=blocks, interpret=True, **static)
+        return pallas_flash_mha(q, k, v, key_start, key_end, blocks=blocks, interpret=INTERPRET, **static)
 
     return run
 
@@ -81,13 +83,13 @@ def test_hand_computed_uniform_scores_average_the_visible_values():
     v = jnp.arange(6, dtype=jnp.float32).reshape(1, 6, 1, 1) * jnp.ones((1, 1, 1, 16))
     q = jnp.zeros((1, 4, 1, 16))
     k = jnp.asarray(np.random.default_rng(0).normal(size=(1, 6, 1, 16)), jnp.float32)
-    out = pallas_flash_mha(q, k, v, jnp.asarray([3]), jnp.asarray([6]), q_offset=2, interpret=True)
+    out = pallas_flash_mha(q, k, v, jnp.asarray([3]), jnp.asarray([6]), q_offset=2, interpret=INTERPRET)
     # row 0 at position 2 sees nothing (keys start at 3); rows at 3, 4, 5 see keys 3..p
     np.testing.assert_allclose(out[0, :, 0, 0], [0.0, 3.0, 3.5, 4.0], atol=1e-6)
     # a key with a score log(3) higher than the others gets weight 3/(3 + n - 1)
     k2 = jnp.zeros((1, 6, 1, 16)).at[0, 5, 0, 0].set(np.log(3.0) * 4.0)  # 1/sqrt(16) scale
     q2 = jnp.zeros((1, 1, 1, 16)).at[0, 0, 0, 0].set(1.0)
-    out = pallas_flash_mha(q2, k2, v, jnp.asarray([3]), jnp.asarray([6]), q_offset=5, interpret=True)
+    out = pallas_flash_mha(q2, k2, v, jnp.asarray([3]), jnp.asarray([6]), q_offset=5, interpret=INTERPRET)
     np.testing.assert_allclose(out[0, 0, 0, 0], (3 + 4 + 3 * 5) / 5, rtol=1e-6)
 
 

@@ -1,10 +1,11 @@
 """The Pallas kernels on a multi-device mesh (scaling/kernels/sharded.py).
 
 The 8-device cases run in one subprocess (tests/kernel_sharding_cases.py: XLA_FLAGS must be set
-before JAX starts): HSTU attention, M-FALCON's candidate attention and the FM block with
-impl=pallas (interpreted) under data=8, data=4 x fsdp=2 and data=2 x fsdp=2 x tensor=2 meshes equal
-the single-device xla path in fp32 (forward and every gradient, rtol 1e-5), and a one-layer HSTU
-and Wukong trained through the partitioner give the same losses with the kernels on and off.
+before JAX starts): HSTU attention, M-FALCON's candidate attention, the FM block and the softmax
+attention with impl=pallas (interpreted) under data=8, data=4 x fsdp=2 and data=2 x fsdp=2 x
+tensor=2 meshes equal the single-device xla path in fp32 (forward and every gradient, rtol 1e-5),
+and a one-layer HSTU, Wukong and OneTrans trained through the partitioner give the same losses
+with the kernels on and off.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def test_kernels_on_8_devices_equal_the_single_device_reference(cases):
     for mesh in ("data8", "data4_fsdp2", "data2_fsdp2_tensor2"):
         assert f"{mesh}/hstu" in kernels, mesh
     assert "data8/fm" in kernels and "data4_fsdp2/fm" in kernels and "data4_fsdp2/candidates" in kernels
+    assert "data8/flash" in kernels and "data2_fsdp2_tensor2/flash" in kernels
     for name, case in kernels.items():
         assert case["sharded"], f"{name}: the kernel did not run under shard_map"
         for tensor, err in case["errors"].items():
@@ -44,6 +46,7 @@ def test_the_compiled_kernel_branch_traces_on_the_mesh(cases):
 
 
 def test_train_steps_with_and_without_the_kernels_agree(cases):
+    assert set(cases["steps"]) == {"hstu", "wukong", "onetrans"}
     for family, losses in cases["steps"].items():
         assert len(losses["pallas"]) == len(losses["xla"]) >= 2
         for got, want in zip(losses["pallas"], losses["xla"]):
