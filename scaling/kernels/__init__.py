@@ -6,6 +6,8 @@
     hstu_attention_bwd.py  its backward kernels: dK/dV, dQ, and the head-summed bias gradient
     hstu_bias.py           the in-kernel relative bias and the bias tables' gradient reduction
     fm_block.py            Wukong's FM block X (X^T Y) -> flatten -> LayerNorm, forward and backward
+    flash_attention.py     softmax attention (FlashAttention-2), causal by position with a valid key
+                           range per sequence: OneTrans's attention, forward and backward
     sharded.py             under a multi-device mesh: the kernel per device under shard_map (batch
                            over data x fsdp, heads over tensor where the layout splits heads)
 
