@@ -54,8 +54,8 @@ _LOG2E = 1.4426950408889634
 
 @dataclasses.dataclass(frozen=True)
 class FlashBlocks:
-    """Tile sizes (powers of two >= 16, capped at the padded lengths) and Triton launch knobs.
-    None picks 8 warps at head dims >= 128, else 4."""
+    """Tile sizes (powers of two >= 16, capped at the lengths rounded up to powers of two) and
+    Triton launch knobs; num_warps None: 8 at head dims over 64, else 4 (`launch_warps`)."""
 
     block_q: int = 64
     block_k: int = 64
@@ -104,6 +104,11 @@ class _Config:
 
     def compiler_params(self) -> pltr.CompilerParams:
         return pltr.CompilerParams(num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+def _blocks(n: int, block: int) -> int:
+    """Blocks of `block` rows covering n (static ints)."""
+    return -(-n // block)
 
 
 def visible_pairs(nq: int, nk: int, q_offset: int, causal: bool) -> int:
@@ -180,7 +185,7 @@ def _key_ranges(q_lo, start, end, block_q: int, block_k: int, cfg: _Config):
 def _query_ranges(k_lo, start, end, block_q: int, block_k: int, cfg: _Config):
     """Query blocks that see the key rows [k_lo, k_lo + block_k): [lo, hi), of which [f_lo, hi)
     see the whole block (none when the block crosses an end of the key range)."""
-    count = jnp.int32(cdiv_static(cfg.nq, block_q))
+    count = jnp.int32(_blocks(cfg.nq, block_q))
     inside = (k_lo + block_k > start) & (k_lo < end)
     whole = (k_lo >= start) & (k_lo + block_k <= end)
     if cfg.causal:
@@ -279,7 +284,7 @@ def _forward(q, k, v, key_start, key_end, cfg: _Config):
         functools.partial(_forward_kernel, cfg=cfg),
         out_shape=(out_struct((bsz, nq, heads, cfg.dv), v.dtype, *args),
                    out_struct((bsz, heads, cfg.lse_len(False)), jnp.float32, *args)),
-        grid=(cdiv_static(nq, cfg.block_q), bsz, heads),
+        grid=(_blocks(nq, cfg.block_q), bsz, heads),
         in_specs=[_scalar_spec(key_start), _scalar_spec(key_end), *(_sequence_spec(x.shape) for x in (q, k, v))],
         out_specs=(_sequence_spec((bsz, nq, heads, cfg.dv)), _lse_spec(cfg, False)),
         compiler_params=cfg.compiler_params(),
@@ -287,10 +292,6 @@ def _forward(q, k, v, key_start, key_end, cfg: _Config):
         interpret=cfg.interpret,
         name="flash_attention_fwd",
     )(*args)
-
-
-def cdiv_static(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +369,7 @@ def _backward(q, k, v, key_start, key_end, out, lse, do, cfg: _Config):
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
         out_shape=(out_struct(k.shape, k.dtype, *args), out_struct(v.shape, v.dtype, *args)),
-        grid=(cdiv_static(nk, cfg.bwd_block_k), bsz, heads),
+        grid=(_blocks(nk, cfg.bwd_block_k), bsz, heads),
         out_specs=(_sequence_spec(k.shape), _sequence_spec(v.shape)),
         cost_estimate=_cost(q, k, v, cfg, "flash_attention_dkdv"),
         name="flash_attention_dkdv",
@@ -377,7 +378,7 @@ def _backward(q, k, v, key_start, key_end, out, lse, do, cfg: _Config):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         out_shape=out_struct(q.shape, q.dtype, *args),
-        grid=(cdiv_static(nq, cfg.bwd_block_q), bsz, heads),
+        grid=(_blocks(nq, cfg.bwd_block_q), bsz, heads),
         out_specs=_sequence_spec(q.shape),
         cost_estimate=_cost(q, k, v, cfg, "flash_attention_dq"),
         name="flash_attention_dq",
