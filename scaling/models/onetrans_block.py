@@ -169,6 +169,13 @@ class OneTransBlock(nnx.Module):
         self.w_1 = MixedProjection(num_ns, *embed, (ffn_dim,), ("mlp",), shared=s_queries, rngs=rngs)
         self.w_2 = MixedProjection(num_ns, (ffn_dim,), ("mlp",), *embed, shared=s_queries, rngs=rngs)
 
+    def _kv_s(self, y: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """S-token keys and values [B, L, H, dh] of y [B, L, d], as one matmul over the two shared
+        weights stacked: y is read once, and once in the backward's dX."""
+        w = jnp.stack([self.k.shared[...], self.v.shared[...]], axis=1).astype(y.dtype)  # [d, 2, H, dh]
+        kv = jnp.einsum("bla,aphk->blphk", y, w)
+        return kv[:, :, 0], kv[:, :, 1]
+
     def _ffn_s(self, z: jax.Array) -> jax.Array:
         """Pre-norm residual FFN on S-tokens (the shared weights)."""
         return z + self.w_2.s(activate(self.w_1.s(self.norm_ffn(z)), self.activation))
@@ -184,8 +191,9 @@ class OneTransBlock(nnx.Module):
             raise ValueError("this block issues NS queries only (keep must be 0)")
         y_s, y_ns = self.norm_attn(s), self.norm_attn(ns)
         q = self.q.ns(y_ns) if not keep else jnp.concatenate([self.q.s(y_s[:, length - keep:]), self.q.ns(y_ns)], axis=1)
-        k = jnp.concatenate([self.k.s(y_s), self.k.ns(y_ns)], axis=1)
-        v = jnp.concatenate([self.v.s(y_s), self.v.ns(y_ns)], axis=1)
+        k_s, v_s = self._kv_s(y_s)
+        k = jnp.concatenate([k_s, self.k.ns(y_ns)], axis=1)
+        v = jnp.concatenate([v_s, self.v.ns(y_ns)], axis=1)
         # Queries are S positions L-keep..L-1 then NS L..L+N-1, keys 0..L+N-1; the valid keys are
         # the S-tokens from the first valid one on (right-aligned) and every NS-token.
         a = flash_mha(q, k, v, key_start=padding_count(s_valid), q_offset=length - keep,
@@ -203,7 +211,7 @@ class OneTransBlock(nnx.Module):
         [B, keep, d], and their keys and values [B, L, H, dh], which the cache keeps)."""
         length = s.shape[1]
         y = self.norm_attn(s)
-        k, v = self.k.s(y), self.v.s(y)
+        k, v = self._kv_s(y)
         if not keep:  # the last block: no S query
             return s[:, length:], k, v
         q = self.q.s(y[:, length - keep:])
