@@ -1,9 +1,12 @@
 """Registers, spills and shared memory of the Pallas kernels compiled for an H100, without a GPU.
 
     python -m benchmarks.kernel_compile --triton-python PY [--dims 64,128] [--length 4096]
-        [--tiles 64x64:64x64,64x64:64x32,...] [--warps 4,8] [--heads 2] [--head-groups 0] [--out FILE]
+        [--tiles 64x64:64x64,64x64:64x32,...] [--warps 4,8] [--heads 2] [--head-groups 0]
+        [--op hstu|fm|flash] [--dtype bfloat16|float32] [--out FILE]
 
-JAX lowers each kernel to Triton IR here (cross-lowering for an abstract H100, bf16); a child
+JAX lowers each kernel to Triton IR here (cross-lowering for an abstract H100, bf16 unless
+--dtype float32: the fp32 dots then lower at JAX's default matmul precision, TF32, or IEEE fp32
+with JAX_DEFAULT_MATMUL_PRECISION=highest); a child
 process of PY (any Python with the `triton` package, whose wheel carries ptxas) compiles that IR
 to sm_90a PTX and a cubin with the same num_warps / num_stages, and `ptxas -v` reports registers
 per thread, spill bytes and the kernel's shared memory. Spills (local-memory traffic in the inner
@@ -64,6 +67,13 @@ print(json.dumps({"triton": triton.__version__, "results": out}))
 '''
 
 
+def jax_precision():
+    """JAX's default matmul precision (what the kernels' fp32 dots lower with)."""
+    import jax
+
+    return jax.config.jax_default_matmul_precision or "default"
+
+
 def compile_ttir(jobs: list[dict], triton_python: str) -> tuple[str, list[dict]]:
     """(Triton version, one result per job): each job {"ttir": path, "num_warps", "num_stages"}
     compiled for sm_90a in a child process of `triton_python`; a result has registers, spill
@@ -94,14 +104,14 @@ def parse_tiles(text: str) -> list[tuple[int, int, int, int] | None]:
     return out
 
 
-def resolved(tiles, warps: int, dim: int, group: int, heads: int, bias: bool):
+def resolved(tiles, warps: int, dim: int, group: int, heads: int, bias: bool, itemsize: int = 2):
     """(Blocks, its `Tiles`, num_warps) as the kernels will use them; warps / group 0: the default."""
     from scaling.kernels.hstu_attention import Blocks
     from scaling.kernels.hstu_attention_fwd import MhaConfig
 
     knobs = dict(num_warps=warps or None, heads_per_program=group or None)
     blocks = Blocks(**knobs) if tiles is None else Blocks(*tiles, **knobs)
-    tiles = blocks.resolve(heads, dim, bias)
+    tiles = blocks.resolve(heads, dim, bias, itemsize)
     config = MhaConfig(norm=1.0, num_warps=warps or None, heads_per_program=tiles.heads_per_program)
     return blocks, tiles, config.compiler_params(dim).num_warps
 
@@ -123,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="FM block n x d x k settings (--op fm), with the library's warps")
     parser.add_argument("--flash-shapes", default="528x528x48,272x528x48,16x528x48,4096x4096x64,4096x4096x128",
                         help="softmax attention Nq x Nk x d settings (--op flash)")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="the kernels' inputs; float32 dots at JAX's default matmul precision (TF32) "
+                             "or, with JAX_DEFAULT_MATMUL_PRECISION=highest, IEEE fp32")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
     if shutil.which(args.triton_python) is None:
@@ -137,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             n, d, k = (int(x) for x in shape.split("x"))
             warps = dict(zip(("wukong_fm_block_fwd", "wukong_fm_block_bwd"),
                              launch_warps(*tile_sizes(n, d, k))))
-            for kernel, path in sorted(fm_ttir(n, d, k, tempfile.mkdtemp(dir=work)).items()):
+            for kernel, path in sorted(fm_ttir(n, d, k, tempfile.mkdtemp(dir=work), args.dtype).items()):
                 rows.append({"kernel": kernel, "n": n, "d": d, "k": k, "num_warps": warps[kernel],
                              "num_stages": args.num_stages})
                 jobs.append({"ttir": path, "num_warps": warps[kernel], "num_stages": args.num_stages})
@@ -145,19 +158,24 @@ def main(argv: list[str] | None = None) -> dict:
             from scaling.kernels.flash_attention import FlashBlocks, launch_warps
 
             nq, nk, d = (int(x) for x in shape.split("x"))
-            warps = launch_warps(d, d, FlashBlocks())
-            for kernel, path in sorted(flash_ttir(nq, nk, d, tempfile.mkdtemp(dir=work), args.heads).items()):
+            itemsize = 2 if args.dtype == "bfloat16" else 4
+            warps = launch_warps(d, d, FlashBlocks(), itemsize)
+            where = tempfile.mkdtemp(dir=work)
+            for kernel, path in sorted(flash_ttir(nq, nk, d, where, args.heads, dtype=args.dtype).items()):
                 rows.append({"kernel": kernel, "nq": nq, "nk": nk, "d": d, "heads": args.heads, "num_warps": warps,
-                             "num_stages": args.num_stages})
+                             "num_stages": args.num_stages,
+                             "tiles": list(FlashBlocks().resolve(itemsize))})
                 jobs.append({"ttir": path, "num_warps": warps, "num_stages": args.num_stages})
         for dim in (int(d) for d in args.dims.split(",")) if args.op == "hstu" else ():
             settings = itertools.product(parse_tiles(args.tiles), (int(w) for w in args.warps.split(",")),
                                          (int(g) for g in args.head_groups.split(",")))
             for tiles, warps, group in settings:
                 for bias in (False, True):
-                    blocks, used, nw = resolved(tiles, warps, dim, group, args.heads, bias)
+                    blocks, used, nw = resolved(tiles, warps, dim, group, args.heads, bias,
+                                                2 if args.dtype == "bfloat16" else 4)
                     where = tempfile.mkdtemp(dir=work)
-                    for kernel, path in sorted(hstu_ttir(dim, args.length, blocks, bias, where, args.heads).items()):
+                    ttir = hstu_ttir(dim, args.length, blocks, bias, where, args.heads, dtype=args.dtype)
+                    for kernel, path in sorted(ttir.items()):
                         rows.append({"kernel": kernel, "d": dim, "bias": bias, "forward_tile": list(used[:2]),
                                      "backward_tile": list(used[2:4]), "num_warps": nw,
                                      "num_stages": args.num_stages, "heads": args.heads,
@@ -168,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     for row, result in zip(rows, results, strict=True):
         row.update(result)
     report = {"benchmark": "kernel_compile", "target": "sm_90a (H100), compiled offline", "triton": version,
-              "length": args.length, "dtype": "bfloat16", "rows": rows}
+              "length": args.length, "dtype": args.dtype,
+              "matmul_precision": str(jax_precision()), "rows": rows}
     emit(report, args.out)
     return report
 

@@ -146,7 +146,7 @@ def bench_fm(shapes, iters: int, block_b: int, impls=("pallas", "xla")) -> list[
 
             row = {"op": "fm_block", "impl": impl, "batch": batch, "n": n, "d": d, "k": k, "dtype": "bfloat16"}
             if impl == "pallas":  # which halves run as kernels at these tiles (the rest through XLA)
-                row["kernel_forward"], row["kernel_backward"] = kernel_fits(*tile_sizes(n, d, k))
+                row["kernel_forward"], row["kernel_backward"] = kernel_fits(*tile_sizes(n, d, k), x.dtype.itemsize)
             try:
                 row["fwd_ms"] = 1e3 * timed(jax.jit(forward), (x, y, scale, bias), iters)
                 row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9

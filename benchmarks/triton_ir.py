@@ -4,8 +4,8 @@
     # {"hstu_attention_fwd": "tmp/hstu_attention_fwd.ttir", "..._dkdv": ..., "..._dq": ..., "..._dbias": ...}
 
 Each function cross-lowers the gradient of the kernel's `auto` entry point for an abstract H100
-(bf16 inputs; the Pallas -> Triton-IR step needs no GPU) and writes every Triton module the
-lowering makes to DIRECTORY as text. benchmarks/kernel_ir.py counts their per-element operations,
+(bf16 inputs unless told; the Pallas -> Triton-IR step needs no GPU) and writes every Triton
+module the lowering makes to DIRECTORY as text. benchmarks/kernel_ir.py counts their per-element operations,
 benchmarks/kernel_compile.py compiles them to sm_90a.
 """
 
@@ -61,17 +61,18 @@ def captured(lower: Callable[[], Any], directory: str, abstract_mesh: bool = Tru
     return paths
 
 
-def hstu_ttir(dim: int, length: int, blocks, bias: bool, directory: str, heads: int = 2) -> dict[str, str]:
+def hstu_ttir(dim: int, length: int, blocks, bias: bool, directory: str, heads: int = 2,
+              dtype: str = "bfloat16") -> dict[str, str]:
     """{kernel name: path of its Triton IR} for value_and_grad of the `auto` HSTU attention
-    (one sequence of `length` tokens, `heads` heads of width `dim`)."""
+    (one sequence of `length` tokens, `heads` heads of width `dim`, q/k/v in `dtype`)."""
     import jax
     import jax.numpy as jnp
 
     from scaling.kernels.hstu_attention import hstu_mha
 
     s = jax.ShapeDtypeStruct
-    args = [s((1, length, heads, dim), jnp.bfloat16)] * 3 + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32),
-                                                         s((1,), jnp.int32), s((1, length), jnp.int32)]
+    args = [s((1, length, heads, dim), dtype)] * 3 + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32),
+                                                  s((1,), jnp.int32), s((1, length), jnp.int32)]
 
     def loss(q, k, v, pos_w, ts_w, lengths, ts):
         extra = dict(pos_w=pos_w, ts_w=ts_w, timestamps=ts) if bias else {}
@@ -82,15 +83,16 @@ def hstu_ttir(dim: int, length: int, blocks, bias: bool, directory: str, heads: 
     return captured(lambda: jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)), directory)
 
 
-def fm_ttir(n: int, d: int, k: int, directory: str) -> dict[str, str]:
-    """{kernel name: path of its Triton IR} for the gradient of the `auto` Wukong FM block."""
+def fm_ttir(n: int, d: int, k: int, directory: str, dtype: str = "bfloat16") -> dict[str, str]:
+    """{kernel name: path of its Triton IR} for the gradient of the `auto` Wukong FM block (x in
+    `dtype`)."""
     import jax
     import jax.numpy as jnp
 
     from scaling.kernels.fm_block import fm_block
 
     s = jax.ShapeDtypeStruct
-    args = (s((4096, n, d), jnp.bfloat16), s((n, k), jnp.float32), s((n * k,), jnp.float32), s((n * k,), jnp.float32))
+    args = (s((4096, n, d), dtype), s((n, k), jnp.float32), s((n * k,), jnp.float32), s((n * k,), jnp.float32))
 
     def loss(x, y, scale, bias):
         return jnp.sum(fm_block(x, y, scale, bias, impl="auto").astype(jnp.float32) ** 2)
@@ -99,16 +101,17 @@ def fm_ttir(n: int, d: int, k: int, directory: str) -> dict[str, str]:
         lowering_platforms=("cuda",)), directory)
 
 
-def flash_ttir(nq: int, nk: int, dim: int, directory: str, heads: int = 8, blocks=None) -> dict[str, str]:
+def flash_ttir(nq: int, nk: int, dim: int, directory: str, heads: int = 8, blocks=None,
+               dtype: str = "bfloat16") -> dict[str, str]:
     """{kernel name: path of its Triton IR} for value_and_grad of the `auto` softmax attention
-    (OneTrans's shape: Nq queries ending at the last of Nk keys, causal, one sequence)."""
+    (OneTrans's shape: Nq queries ending at the last of Nk keys, causal, one sequence; `dtype`)."""
     import jax
     import jax.numpy as jnp
 
     from scaling.kernels.flash_attention import flash_mha
 
     s = jax.ShapeDtypeStruct
-    args = [s((1, nq, heads, dim), jnp.bfloat16)] + [s((1, nk, heads, dim), jnp.bfloat16)] * 2
+    args = [s((1, nq, heads, dim), dtype)] + [s((1, nk, heads, dim), dtype)] * 2
 
     def loss(q, k, v):
         out = flash_mha(q, k, v, q_offset=nk - nq, impl="auto", blocks=blocks)

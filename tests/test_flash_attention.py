@@ -187,6 +187,9 @@ def test_blocks_validate_and_warps_follow_the_head_dim():
         FlashBlocks(block_k=48)
     assert fa.launch_warps(48, 48, FlashBlocks()) == 4 and fa.launch_warps(128, 128, FlashBlocks()) == 8
     assert fa.launch_warps(96, 64, FlashBlocks()) == 8 and fa.launch_warps(64, 64, FlashBlocks(num_warps=2)) == 2
+    assert fa.launch_warps(48, 48, FlashBlocks(), itemsize=4) == 8  # float32: 8 warps, half-size tiles
+    assert FlashBlocks().resolve(2) == (64, 64, 64, 64) and FlashBlocks().resolve(4) == (32, 32, 32, 32)
+    assert FlashBlocks(block_k=128).resolve(4) == (32, 128, 32, 32)
     assert fa.visible_pairs(3, 5, 2, True) == 3 + 4 + 5 and fa.visible_pairs(3, 5, 0, False) == 15
 
 

@@ -116,6 +116,9 @@ def test_blocks_resolve_heads_per_program_and_tiles():
     assert Blocks().resolve(3, 128, has_bias=True).heads_per_program == 1  # 2 does not divide 3
     assert Blocks(heads_per_program=3).program_heads(8, 16, has_bias=False) == 2
     assert Blocks(16, heads_per_program=1).resolve(2, 32, has_bias=True) == (16, 64, 64, 64, 1)
+    # float32 inputs: one head per program and half-size tiles (the bf16 ones spill in fp32)
+    assert Blocks().resolve(8, 128, has_bias=True, itemsize=4) == (32, 32, 32, 16, 1)
+    assert Blocks(64, heads_per_program=2).resolve(8, 64, has_bias=True, itemsize=4) == (64, 32, 32, 16, 2)
     with pytest.raises(ValueError, match="heads_per_program"):
         Blocks(heads_per_program=0)
 
@@ -366,9 +369,12 @@ def test_fm_block_tiles_past_the_kernels_fall_back_to_the_reference():
     # The envelope measured with benchmarks/kernel_compile.py --op fm (sm_90a, no spills)
     assert kernel_fits(128, 64, 32) == (True, True) and kernel_fits(128, 256, 64) == (True, True)
     assert kernel_fits(256, 128, 32) == (True, False) and kernel_fits(128, 512, 64) == (False, False)
+    # float32 x: half the tiles (Wukong's paper shape, padded (128, 256, 64), runs through XLA)
+    assert kernel_fits(128, 256, 64, itemsize=4) == (False, False)
+    assert kernel_fits(128, 128, 64, itemsize=4) == (True, False) and kernel_fits(64, 256, 32, 4) == (True, True)
     # n = 150, d = 10, k = 9 -> tiles (256, 16, 16): the forward kernel, the backward through XLA
     args, cot = _fm_inputs(6, 150, 10, 9, jnp.float32)
-    assert kernel_fits(256, 16, 16) == (True, False)
+    assert kernel_fits(256, 16, 16, itemsize=4) == (True, False)
     jaxpr = str(jax.make_jaxpr(_fm_vjp("pallas", cot))(*args))
     assert "wukong_fm_block_fwd" in jaxpr and "wukong_fm_block_bwd" not in jaxpr
     _assert_fm_matches_reference(args, cot)

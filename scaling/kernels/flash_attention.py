@@ -55,20 +55,33 @@ _LOG2E = 1.4426950408889634
 @dataclasses.dataclass(frozen=True)
 class FlashBlocks:
     """Tile sizes (powers of two >= 16, capped at the lengths rounded up to powers of two) and
-    Triton launch knobs; num_warps None: 8 at head dims over 64, else 4 (`launch_warps`)."""
+    Triton launch knobs; None picks the default (`resolve`, `launch_warps`).
 
-    block_q: int = 64
-    block_k: int = 64
-    bwd_block_q: int = 64
-    bwd_block_k: int = 64
+    Defaults: 64 x 64 tiles for 16-bit inputs; 32 x 32 and 8 warps for float32 (twice the bytes
+    per tile: at 64 x 64 the fp32 dK/dV kernel spilled, 132 B per thread with TF32 dots, 53 KB with
+    IEEE fp32, and at 4 warps IEEE still spilled 1 KB); 8 warps at head dims over 64, else 4.
+    `python -m benchmarks.kernel_compile --op flash [--dtype float32]`: no spill in bf16, or in
+    fp32 with TF32 dots (JAX's default); IEEE fp32 (matmul precision 'highest') spills 12-596 B per
+    thread at head dim 128."""
+
+    block_q: int | None = None
+    block_k: int | None = None
+    bwd_block_q: int | None = None
+    bwd_block_k: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
 
     def __post_init__(self):
         for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
             size = getattr(self, name)
-            if size < 16 or size & (size - 1):
+            if size is not None and (size < 16 or size & (size - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+
+    def resolve(self, itemsize: int) -> tuple[int, int, int, int]:
+        """(block_q, block_k, bwd_block_q, bwd_block_k) for inputs of `itemsize` bytes."""
+        default = 64 if itemsize <= 2 else 32
+        given = (self.block_q, self.block_k, self.bwd_block_q, self.bwd_block_k)
+        return tuple(default if size is None else size for size in given)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,9 +419,9 @@ def _flash_bwd(cfg: _Config, residuals, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def launch_warps(d: int, dv: int, blocks: FlashBlocks) -> int:
-    """The kernels' num_warps: the setting, else 8 at (padded) head dims >= 128 and 4 below."""
-    return blocks.num_warps or (8 if max(d, dv) > 64 else 4)
+def launch_warps(d: int, dv: int, blocks: FlashBlocks, itemsize: int = 2) -> int:
+    """The kernels' num_warps: the setting, else 8 at head dims over 64 or float32 inputs, 4 below."""
+    return blocks.num_warps or (8 if max(d, dv) > 64 or itemsize > 2 else 4)
 
 
 def _tile(size: int, n: int) -> int:
@@ -428,10 +441,11 @@ def pallas_flash_mha(q, k, v, key_start, key_end, *, q_offset: int = 0, causal: 
     if q_offset < 0:
         raise ValueError(f"q_offset must be >= 0, got {q_offset}")
     d_p, dv_p = (max(16, pl.next_power_of_2(x)) for x in (d, dv))
+    bq, bk, bbq, bbk = blocks.resolve(jnp.dtype(q.dtype).itemsize)
     cfg = _Config(nq=nq, nk=nk, d=d, dv=dv, d_p=d_p, dv_p=dv_p, q_offset=int(q_offset), causal=bool(causal),
-                  block_q=_tile(blocks.block_q, nq), block_k=_tile(blocks.block_k, nk),
-                  bwd_block_q=_tile(blocks.bwd_block_q, nq), bwd_block_k=_tile(blocks.bwd_block_k, nk),
-                  num_warps=launch_warps(d, dv, blocks), num_stages=blocks.num_stages,
+                  block_q=_tile(bq, nq), block_k=_tile(bk, nk), bwd_block_q=_tile(bbq, nq),
+                  bwd_block_k=_tile(bbk, nk),
+                  num_warps=launch_warps(d, dv, blocks, jnp.dtype(q.dtype).itemsize), num_stages=blocks.num_stages,
                   interpret=interpret)
     key_start = jnp.clip(key_start.astype(jnp.int32), 0, nk)
     key_end = jnp.clip(key_end.astype(jnp.int32), 0, nk)

@@ -27,7 +27,8 @@ dY per chunk), so x, P, dP and dX are never held whole.
 Past the tiles the backward kernel holds (`kernel_fits`: n <= 128, d <= 256, n * k <= 8192 in
 padded sizes) the backward is the reference's VJP (XLA), and past the forward's (n * d <= 32768,
 n * k <= 8192) the whole block is. Wukong at the paper's scale (n = 96, d = 160, k = 48) runs
-both kernels.
+both kernels in bf16; float32 tiles hold half as much (`kernel_fits`), and at that shape fp32 runs
+through XLA.
 
 dX is written per example; dY and dscale are accumulated per program in registers and
 written as per-program partials [B / BT, n, k] that XLA sums (no atomics).
@@ -68,11 +69,12 @@ class _Config:
     num_warps: int = 4  # forward
     bwd_num_warps: int = 8
     num_stages: int = 2
+    itemsize: int = 2  # x's bytes per element (float32 tiles hold half as many: `kernel_fits`)
 
     @property
     def kernel_backward(self) -> bool:
         """False: the backward is the reference's VJP (tiles too large for the backward kernel)."""
-        return kernel_fits(self.n_p, self.d_p, self.k_p)[1]
+        return kernel_fits(self.n_p, self.d_p, self.k_p, self.itemsize)[1]
 
     @property
     def d_chunk(self) -> int:
@@ -94,9 +96,9 @@ def reference_fm_block(x, y, scale, bias, *, eps: float = 1e-5) -> jax.Array:
 
 
 def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    """fp32-accumulated 2-D dot; fp32 operands at JAX's default matmul precision (as
+    hstu_attention_fwd.dot)."""
+    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _mask(rows: int, cols: int, true_rows: int, true_cols: int) -> jax.Array:
@@ -284,16 +286,26 @@ def tile_sizes(n: int, d: int, k: int) -> tuple[int, int, int]:
     return tuple(max(16, pl.next_power_of_2(s)) for s in (n, d, k))
 
 
-def kernel_fits(n_p: int, d_p: int, k_p: int) -> tuple[bool, bool]:
+def kernel_fits(n_p: int, d_p: int, k_p: int, itemsize: int = 2) -> tuple[bool, bool]:
     """(forward, backward): whether each kernel holds its tiles in registers, as compiled for
-    sm_90a (python -m benchmarks.kernel_compile --op fm; padded sizes n_p x d_p x k_p).
+    sm_90a (python -m benchmarks.kernel_compile --op fm; padded sizes n_p x d_p x k_p; x of
+    `itemsize` bytes).
 
     The forward holds [n, d], [d, k] and [n, k] tiles: no spill up to (128, 256, 64) and
     (256, 128, 32), at most 176 KiB of shared memory. The backward walks d in chunks of
     BACKWARD_D_CHUNK, so d costs it little; its [n, k] tiles (Z^, dZ, dY, dscale) decide: no spill
     up to n * k = 4096 at any d <= 256, 0-8 B at (128, 64..256, 64) (Wukong's n = 96, d = 160,
     k = 48: none, 255 registers, 52 KiB), 240-252 B at n = 256. Before the chunks, (128, 256, 64) spilled
-    2.7 KB and needed 240 KiB of shared memory, more than an H100 block may have (227 KiB)."""
+    2.7 KB and needed 240 KiB of shared memory, more than an H100 block may have (227 KiB).
+
+    float32 x (`kernel_compile --op fm --dtype float32`, TF32 dots) holds half as much: the
+    forward at (128, 256, 16..64) needed 264-288 KiB of shared memory (Wukong's paper shape among
+    them: it would not launch) and spilled 8 B at (64, 256, 64); the backward spilled 344-440 B at
+    every n * k = 8192. Within n * d <= 16384, d * k <= 8192 and (backward) n * k <= 4096 none
+    spills, at most 160 KiB."""
+    if itemsize > 2:
+        forward = n_p * d_p <= 16384 and n_p * k_p <= 8192 and d_p * k_p <= 8192
+        return forward, forward and n_p <= 128 and n_p * k_p <= 4096
     forward = n_p * d_p <= 32768 and n_p * k_p <= 8192 and d_p * k_p <= 16384
     backward = forward and n_p <= 128 and d_p <= 256 and n_p * k_p <= 8192
     return forward, backward
@@ -316,7 +328,8 @@ def pallas_fm_block(x, y, scale, bias, *, eps: float = 1e-5, block_b: int = 32, 
     if y.shape[0] != n or scale.shape != (n * k,) or bias.shape != (n * k,):
         raise ValueError(f"x [B, n, d], y [n, k], scale/bias [n * k] must agree: {x.shape}, {y.shape}, {scale.shape}")
     n_p, d_p, k_p = tile_sizes(n, d, k)
-    if not kernel_fits(n_p, d_p, k_p)[0]:
+    itemsize = jnp.dtype(x.dtype).itemsize
+    if not kernel_fits(n_p, d_p, k_p, itemsize)[0]:
         warnings.warn(f"FM block tiles (n, d, k) = ({n_p}, {d_p}, {k_p}) are larger than the kernel holds; "
                       "running the XLA reference", stacklevel=2)
         return reference_fm_block(x, y, scale, bias, eps=eps)
@@ -324,7 +337,7 @@ def pallas_fm_block(x, y, scale, bias, *, eps: float = 1e-5, block_b: int = 32, 
     b_p = -(-b // block_b) * block_b
     fwd_warps, bwd_warps = launch_warps(n_p, d_p, k_p)
     cfg = _Config(n=n, d=d, k=k, n_p=n_p, d_p=d_p, k_p=k_p, eps=float(eps), block_b=block_b, interpret=interpret,
-                  num_warps=fwd_warps, bwd_num_warps=bwd_warps)
+                  num_warps=fwd_warps, bwd_num_warps=bwd_warps, itemsize=itemsize)
     scale32, bias32 = (_pad(t.astype(jnp.float32).reshape(n, k), (n_p, k_p)) for t in (scale, bias))
     out = _fm(_pad(x, (b_p, n, d)), _pad(y, (n_p, k_p)), scale32, bias32, cfg)
     return out[:b].reshape(b, n * k)

@@ -82,6 +82,12 @@ class Blocks:
     G accumulators share one thread's 255 registers, so G = 2 halves a tile (G = 2 on 64 x 64
     tiles spills at head dims 32, 64 and 128; G = 4 spilled in most kernels at 64 x 64). Their
     speed is for a GPU to measure (benchmarks/kernels.py, gpu_session.sh's tile sweep).
+
+    float32 inputs (train.compute_dtype's default) hold twice the bytes per tile: the bf16
+    defaults spilled up to 4.4 KB per thread in fp32, so fp32 takes G = 1 and 32 x 32 forward,
+    32 x 16 backward tiles. With TF32 dots (JAX's default matmul precision) they compile without
+    spills at head dims 32, 64 and 128, with and without the bias; with IEEE fp32 ('highest') two
+    kernels spill 4 B and 32 B (`kernel_compile --dtype float32 --tiles default --warps 0`).
     """
 
     block_q: int | None = None
@@ -100,18 +106,21 @@ class Blocks:
         if self.heads_per_program is not None and self.heads_per_program < 1:
             raise ValueError(f"heads_per_program must be >= 1, got {self.heads_per_program}")
 
-    def program_heads(self, heads: int, head_dim: int, has_bias: bool) -> int:
+    def program_heads(self, heads: int, head_dim: int, has_bias: bool, itemsize: int = 2) -> int:
         """G: the largest divisor of `heads` up to heads_per_program (default: 2 with the bias at
-        head dims >= 64, else 1)."""
-        limit = self.heads_per_program or (2 if has_bias and head_dim >= 64 else 1)
+        head dims >= 64 for 16-bit inputs, else 1)."""
+        limit = self.heads_per_program or (2 if has_bias and head_dim >= 64 and itemsize == 2 else 1)
         return max(g for g in range(1, min(limit, heads) + 1) if heads % g == 0)
 
-    def resolve(self, heads: int, head_dim: int, has_bias: bool) -> Tiles:
+    def resolve(self, heads: int, head_dim: int, has_bias: bool, itemsize: int = 2) -> Tiles:
         """The tiles and G for `heads` heads of width head_dim (the larger of q/k's and v's, as
-        given or as the kernel pads it: `padded_dim`), defaults filled in (class docstring)."""
+        given or as the kernel pads it: `padded_dim`) and inputs of `itemsize` bytes, defaults
+        filled in (class docstring)."""
         head_dim = padded_dim(head_dim)
-        g = self.program_heads(heads, head_dim, has_bias)
-        if g == 1:
+        g = self.program_heads(heads, head_dim, has_bias, itemsize)
+        if itemsize > 2:  # fp32 tiles hold twice the bytes: half-size tiles (class docstring)
+            default = (32, 32, 32, 16)
+        elif g == 1:
             default = (64, 64, 64, 32 if head_dim >= 128 else 64)
         else:
             default = (64, 32, *((32, 16) if head_dim <= 32 else (64, 32) if head_dim < 128 else (32, 32)))
@@ -210,7 +219,7 @@ def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_t
     n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates.astype(jnp.int32), 0, lengths)
     cap = max(16, pl.next_power_of_2(n))
     dqk_p, dv_p = padded_dim(dqk), padded_dim(dv)
-    tiles = blocks.resolve(heads, max(dqk_p, dv_p), has_bias)
+    tiles = blocks.resolve(heads, max(dqk_p, dv_p), has_bias, jnp.dtype(q.dtype).itemsize)
     sizes = [min(s, cap) for s in tiles[:4]]
     npad = -(-n // max(sizes)) * max(sizes)
     q, k = (_pad_to(_pad_to(x, 1, npad), 3, dqk_p) for x in (q, k))

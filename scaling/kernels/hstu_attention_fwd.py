@@ -93,11 +93,11 @@ def cdiv(a, b: int):
 
 
 def dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
-    """2-D a @ b (or a @ b^T) accumulated in fp32; full fp32 precision for fp32 operands (Triton
-    would otherwise use TF32), the native tensor-core path for bf16."""
-    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    """2-D a @ b (or a @ b^T) accumulated in fp32: the tensor cores' bf16 path for bf16 operands;
+    fp32 operands follow JAX's default matmul precision as XLA's own fp32 matmuls on a GPU do (TF32
+    by default, IEEE fp32 under jax_default_matmul_precision=highest, which the tests set)."""
     dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def key_block_ranges(q_lo, length, n_hist, q_first, block_q: int, block_k: int):
