@@ -302,7 +302,9 @@ def kernel_fits(n_p: int, d_p: int, k_p: int, itemsize: int = 2) -> tuple[bool, 
     forward at (128, 256, 16..64) needed 264-288 KiB of shared memory (Wukong's paper shape among
     them: it would not launch) and spilled 8 B at (64, 256, 64); the backward spilled 344-440 B at
     every n * k = 8192. Within n * d <= 16384, d * k <= 8192 and (backward) n * k <= 4096 none
-    spills, at most 160 KiB."""
+    spills, at most 160 KiB. That is with TF32 dots, JAX's default; IEEE fp32 dots (matmul
+    precision 'highest', a checking mode) spill from (64, 64, 32) on, 260 B to 25 KB per thread:
+    correct there, not fast."""
     if itemsize > 2:
         forward = n_p * d_p <= 16384 and n_p * k_p <= 8192 and d_p * k_p <= 8192
         return forward, forward and n_p <= 128 and n_p * k_p <= 4096
