@@ -3,7 +3,12 @@ what XLA made of them: whether the step fits in the GPU's memory, what it launch
 of where its time would go.
 
     python -m benchmarks.gpu_aot [--gpu h100|h200] [--cases hstu,wukong,onetrans] [--impls pallas,xla]
-        [--devices 1] [--top 12] [--hlo-dir DIR] [--triton-python PY] [--smoke] [--out FILE]
+        [--devices 1] [--top 12] [--hlo-dir DIR] [--triton-python PY] [--dtype bfloat16|float32]
+        [--smoke] [--out FILE]
+
+`--dtype float32` compiles the steps at the project's default compute dtype instead (the roofline
+then takes the dots at the TF32 peak, 494.7 TFLOP/s, which is how XLA and the kernels run fp32
+dots by default).
 
 Needs JAX's CUDA plugin (`pip install -e '.[cuda12]'`), not a GPU: JAX's compile-only client
 (`jax.experimental.topologies.get_topology_desc(platform="cuda", target_config=...)`) compiles for
@@ -73,7 +78,7 @@ def kernel_registers(modules: dict[str, str], text: str, triton_python: str) -> 
 
 
 def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: bool, top: int, hlo_dir: str,
-                 triton_python: str = "") -> dict:
+                 triton_python: str = "", dtype: str = "bfloat16") -> dict:
     """Compile one case's train step for `devices` and read its memory, kernels and roofline (and,
     with `triton_python`, every Pallas kernel's registers and shared memory)."""
     from scaling.config import load_run_config
@@ -81,7 +86,7 @@ def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: boo
     from scaling.train.setup import prepare
 
     path, knob, large, small = CASES[name]
-    overrides = [*(small if smoke else large), "train.compute_dtype=bfloat16", "train.eval_every=0",
+    overrides = [*(small if smoke else large), f"train.compute_dtype={dtype}", "train.eval_every=0",
                  "logging.progress=false", "logging.wandb.mode=disabled"]
     if knob:
         overrides.append(f"{knob}={'auto' if impl == 'pallas' else impl}")
@@ -108,11 +113,12 @@ def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: boo
     fraction = causal_pair_fraction(batch)
     mem = compiled.memory_analysis()
     per_device = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-    report = step_roofline(text, gpu, fraction, len(devices), top)
+    report = step_roofline(text, gpu, fraction, len(devices), top, dtype)
+    peak = gpu.peak_flops(dtype)
     model_flops = 3 * float(config.model.flops_per_example(dataset.spec)) * config.train.batch_size / len(devices)
     best = report["seconds_overlapped"]
     return {
-        "model": name, "impl": impl, "devices": len(devices), "batch_size": config.train.batch_size,
+        "model": name, "impl": impl, "dtype": dtype, "devices": len(devices), "batch_size": config.train.batch_size,
         "overrides": overrides, "compile_s": compile_s,
         "memory": {"argument_bytes": mem.argument_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
                    "output_bytes": mem.output_size_in_bytes, "alias_bytes": mem.alias_size_in_bytes,
@@ -123,8 +129,8 @@ def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: boo
         "compiled_matmul_tflops": report["flops"] / 1e12,
         "bound_ms": 1e3 * report["seconds"],
         "bound_overlapped_ms": 1e3 * report["seconds_overlapped"],
-        "mfu_ceiling": model_flops / (best * gpu.bf16_flops) if best else 0.0,
-        "matmul_utilization_ceiling": report["flops"] / (best * gpu.bf16_flops) if best else 0.0,
+        "mfu_ceiling": model_flops / (best * peak) if best else 0.0,
+        "matmul_utilization_ceiling": report["flops"] / (best * peak) if best else 0.0,
         "by_kind": report["by_kind"],
         "top": report["top"],
         "warnings": report["warnings"],
@@ -182,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--triton-python", default="",
                         help="a Python with the `triton` package: also compile every Pallas kernel of the step "
                              "for sm_90a and report registers, spills and shared memory (kernel_compile)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="train.compute_dtype (float32: the dots at the TF32 peak, as XLA runs them by default)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases.split(",") if c not in CASES]
@@ -204,13 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.cases.split(","):
         for impl in (args.impls.split(",") if CASES[name][1] else ["xla"]):
             try:
-                row = compile_case(name, impl, gpu, devices, args.smoke, args.top, args.hlo_dir, args.triton_python)
+                row = compile_case(name, impl, gpu, devices, args.smoke, args.top, args.hlo_dir, args.triton_python,
+                                   args.dtype)
             except Exception as err:  # noqa: BLE001 - one case failing to compile leaves the others
                 row = {"model": name, "impl": impl, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"}
             rows.append(row)
             print(summary_line(row), file=sys.stderr)
     emit({"benchmark": "gpu_aot", "gpu": gpu.description, "devices": args.devices, "jax": jax.__version__,
-          "peak_bf16_tflops": gpu.bf16_flops / 1e12, "hbm_tb_per_s": gpu.bandwidth / 1e12,
+          "dtype": args.dtype, "peak_tflops": gpu.peak_flops(args.dtype) / 1e12, "hbm_tb_per_s": gpu.bandwidth / 1e12,
           "smoke": args.smoke, "estimate": "compiled without a GPU; roofline bounds, not measurements",
           "rows": rows}, args.out)
     return 0

@@ -24,10 +24,15 @@ class GpuTarget:
     bandwidth: float          # HBM bytes/s
     bf16_flops: float         # dense bf16 tensor-core FLOP/s
     nvlink: float             # bytes/s each way per GPU (collectives)
+    tf32_flops: float = 494.7e12  # dense TF32 tensor-core FLOP/s: what float32 dots run at by default
     sms: int = 132
     clock_ghz: float = 1.98
     l2_bytes: int = 50 * 2**20
     compute_capability: tuple[int, int] = (9, 0)
+
+    def peak_flops(self, dtype: str) -> float:
+        """The matmul peak for a step computing in `dtype` (bfloat16, or float32's TF32 dots)."""
+        return self.tf32_flops if dtype == "float32" else self.bf16_flops
 
     def target_config(self) -> str:
         """The TargetConfig text proto (xla/stream_executor/device_description.proto)."""
@@ -108,9 +113,11 @@ def gpu_of(device_kind: str) -> GpuTarget | None:
     return next((gpu for name, gpu in GPUS.items() if name in kind), None)
 
 
-def step_roofline(text: str, gpu: GpuTarget, pair_fraction: float = 1.0, devices: int = 1, top: int = 12) -> dict:
-    """hlo_roofline's report of a compiled step's HLO text at `gpu`'s peaks, summarised (JSON-ready)."""
-    report = roofline(text, gpu.bf16_flops, gpu.bandwidth, kernel_flops=pallas_flops(pair_fraction),
+def step_roofline(text: str, gpu: GpuTarget, pair_fraction: float = 1.0, devices: int = 1, top: int = 12,
+                  dtype: str = "bfloat16") -> dict:
+    """hlo_roofline's report of a compiled step's HLO text at `gpu`'s peaks for `dtype`,
+    summarised (JSON-ready)."""
+    report = roofline(text, gpu.peak_flops(dtype), gpu.bandwidth, kernel_flops=pallas_flops(pair_fraction),
                       collective_bandwidth=gpu.nvlink if devices > 1 else None)
     return {"seconds": report["seconds"], "seconds_overlapped": report["seconds_overlapped"],
             "flops": report["flops"], "bytes": report["bytes"], "by_kind": report["by_kind"],

@@ -161,6 +161,11 @@ def test_pallas_flops_and_the_causal_pair_fraction():
     assert flops("hstu_attention_dkdv", ["s32[2]", "s32[2]", q]) == 8 * 32 * PAIRS * 0.5
     assert flops("wukong_fm_block_bwd", ["bf16[64,16,32]", "bf16[16,16]"]) == 12 * 64 * 16 * 32 * 16
     assert flops("something_else", [q]) == 0.0
+    # softmax attention (key_start, key_end, q [B, Nq, H, d], k, v): Nq = 2 queries ending at the
+    # last of Nk = 3 keys see 2 + 3 pairs; forward 2 (d + dv) per pair
+    kv = "bf16[2,3,4,32]{3,2,1,0}"
+    assert flops("flash_attention_fwd", ["s32[2]", "s32[2]", "bf16[2,2,4,32]", kv, kv]) == 2 * 64 * 2 * 4 * 5
+    assert flops("flash_attention_dkdv", ["s32[2]", "s32[2]", "bf16[2,2,4,32]", kv, kv]) == 4 * 64 * 2 * 4 * 5
     batch = {"items": jnp.zeros((2, 4), jnp.int32), "lengths": jnp.array([4, 2])}
     assert causal_pair_fraction(batch) == pytest.approx((10 + 3) / (2 * 10))
     assert causal_pair_fraction({"dense": jnp.zeros((2, 3))}) == 1.0
@@ -172,6 +177,7 @@ def test_the_target_config_names_the_gpu():
     assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
     assert gpu_of("NVIDIA H100 80GB HBM3") is GPUS["h100"] and gpu_of("NVIDIA H200") is GPUS["h200"]
     assert gpu_of("cpu") is None
+    assert GPUS["h100"].peak_flops("bfloat16") == 989.4e12 and GPUS["h100"].peak_flops("float32") == 494.7e12
 
 
 @pytest.mark.skipif(has_cuda_plugin(), reason="the CUDA plugin is installed")
