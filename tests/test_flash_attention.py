@@ -59,6 +59,7 @@ CASES = [
     (16, 48, 24, 24, 32, True, (0, 47, 48, 31), (48, 48, 48, 48)),   # NS queries only (keep 0)
     (37, 50, 8, 8, 0, False, (0, 5, 16, 7), (50, 17, 16, 7)),        # bidirectional, key_end < Nk, empty
     (1, 20, 16, 16, 19, True, (0, 19, 20, 3), (20, 20, 20, 20)),     # one query
+    (30, 20, 16, 16, 4, True, (0, 2, 17, 0), (20, 20, 20, 9)),       # rows past the last key's position
 ]
 
 
@@ -128,7 +129,7 @@ def test_block_ranges_cover_every_seen_pair_and_skip_masks_only_on_whole_tiles(c
     """For every query block, the key blocks outside [lo, hi) hold no seen pair and the unmasked
     range [f_lo, f_hi) only seen pairs; the same for every key block's query blocks (backward)."""
     nq, nk, bq, bk = 40, 72, 16, 8
-    for q_offset, start, end in itertools.product((0, 5, 32), (0, 3, 8, 40, 72), (72, 50, 8)):
+    for q_offset, start, end in itertools.product((0, 5, 32, 45), (0, 3, 8, 40, 72), (72, 50, 8)):
         cfg = fa._Config(nq=nq, nk=nk, d=16, dv=16, d_p=16, dv_p=16, q_offset=q_offset, causal=causal,
                          block_q=bq, block_k=bk, bwd_block_q=bq, bwd_block_k=bk, num_warps=4, num_stages=2,
                          interpret=True)
