@@ -16,7 +16,10 @@ No biases (the norms carry the scales).
 
 Causal mask: position p attends position q iff q <= p and q is a valid token. An S-token therefore
 sees only earlier S-tokens (never an NS-token), and an NS-token sees every valid S-token, the NS
-tokens before it, and itself. The S side is candidate-independent: the basis of caching.
+tokens before it, and itself. The S side is candidate-independent: the basis of caching. The
+attention is `flash_mha` (scaling/kernels/flash_attention.py: a Pallas kernel on NVIDIA GPUs,
+`attention_impl`), which takes the valid keys as a range from the first valid S-token on: hence
+the S-tokens must be right-aligned (`padding_count`).
 
 Pyramid: layer l lets only the last `keep[l]` S-tokens (the most recent, next to the NS-tokens)
 issue queries; keys and values cover all current tokens; only the query positions' outputs go on,
