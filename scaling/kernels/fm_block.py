@@ -11,8 +11,8 @@ saves the [B, d, k] and [B, n, k] round trips to memory (the block is memory-bou
 Grid (B / BT,): a program holds Y, scale and bias and walks its BT examples with 2-D dots (Triton
 has no batched 3-D dot): P = X^T Y [d, k] (fp32 accumulation, cast to the input dtype as the
 reference's einsum rounds it), Z = X P [n, k] in fp32, statistics and the affine in fp32 over the
-true n * k entries. Tiles are [n_p, d_p] and [n_p, k_p], n, d, k rounded up to powers of two
->= 16 for tl.dot; x, the output and dX stay at their true sizes in memory and are read and
+true n * k entries. Tiles are [n_p, D_CHUNK] column chunks of x and [n_p, k_p], n, d, k rounded
+up to powers of two >= 16 for tl.dot; x, the output and dX stay at their true sizes in memory and are read and
 written with masked loads and stores (zero outside), so XLA never writes a padded copy of them
 (at Wukong's d = 160 that copy was 2.1x x). The padding is masked out of the statistics.
 
@@ -21,14 +21,14 @@ Backward (custom_vjp, a second kernel on the same grid, recomputing Z from X and
     dZ^ = g * scale,  dZ = rstd (dZ^ - mean(dZ^) - Z^ mean(dZ^ Z^)),
     dX = dZ P^T + Y dP^T with dP = X^T dZ,  dY = sum_b X dP,  dscale = sum_b g Z^,  dbias = sum_b g
 
-walking d in column chunks of BACKWARD_D_CHUNK (Z summed over the chunks first, then dP, dX and
-dY per chunk), so x, P, dP and dX are never held whole.
+walking d in column chunks of D_CHUNK (Z summed over the chunks first, then dP, dX and dY per
+chunk), so x, P, dP and dX are never held whole. The forward sums Z over the same chunks
+(Z = sum_c X_c (X_c^T Y): P's rows are per column of x), so neither kernel holds a [n, d] tile.
 
-Past the tiles the backward kernel holds (`kernel_fits`: n <= 128, d <= 256, n * k <= 8192 in
-padded sizes) the backward is the reference's VJP (XLA), and past the forward's (n * d <= 32768,
-n * k <= 8192) the whole block is. Wukong at the paper's scale (n = 96, d = 160, k = 48) runs
-both kernels in bf16; float32 tiles hold half as much (`kernel_fits`), and at that shape fp32 runs
-through XLA.
+Past the tiles the backward kernel holds (`kernel_fits`: n <= 128, n * k <= 8192 in bf16, 4096
+in fp32, padded sizes) the backward is the reference's VJP (XLA), and past the forward's
+(n * k <= 8192, d <= 1024) the whole block is. Wukong at the paper's scale (n = 96, d = 160,
+k = 48) runs both kernels in bf16, and the forward kernel in fp32.
 
 dX is written per example; dY and dscale are accumulated per program in registers and
 written as per-program partials [B / BT, n, k] that XLA sums (no atomics).
@@ -52,7 +52,7 @@ from scaling.kernels.sharded import out_struct
 __all__ = ["fm_block", "reference_fm_block", "pallas_fm_block"]
 
 
-BACKWARD_D_CHUNK = 32  # the backward holds x, P, dP and dX for this many columns of d at a time
+D_CHUNK = 32  # both kernels hold x (and P, dP, dX) for this many columns of d at a time
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +78,8 @@ class _Config:
 
     @property
     def d_chunk(self) -> int:
-        """The width of the column chunks the backward walks d in."""
-        return min(self.d_p, BACKWARD_D_CHUNK)
+        """The width of the column chunks the kernels walk d in."""
+        return min(self.d_p, D_CHUNK)
 
 
 def reference_fm_block(x, y, scale, bias, *, eps: float = 1e-5) -> jax.Array:
@@ -129,21 +129,32 @@ def _standardized(z, cfg: _Config):
     return centred * rstd, rstd, mask
 
 
-def _normalized(x, y, cfg: _Config):
-    """(Z^ fp32, mask) of one example x [n, d] (tile shapes)."""
-    p = _dot(x, y, (0, 0)).astype(x.dtype)  # X^T Y [d, k]
-    zhat, _, mask = _standardized(_dot(x, p, (1, 0)), cfg)
-    return zhat, mask
+def _x_chunk(x_ref, e, c, cfg: _Config):
+    """(columns [c w, (c + 1) w) of example e's x [n_p, w] (zero outside the true [n, d]), their
+    mask, the first column)."""
+    start = c * cfg.d_chunk
+    mask = _mask(cfg.n_p, cfg.d_chunk, cfg.n, cfg.d - start)
+    return _load(x_ref, e, mask, start), mask, start
+
+
+def _z(x_ref, y, e, cfg: _Config) -> jax.Array:
+    """Z = X (X^T Y) [n_p, k_p] fp32 of example e, summed over x's column chunks: P's rows are
+    per column of x, so Z = sum_c X_c P_c with P_c = X_c^T Y (cast to x's dtype, as the reference
+    rounds P)."""
+
+    def add(c, z):
+        x, _, _ = _x_chunk(x_ref, e, c, cfg)
+        return z + _dot(x, _dot(x, y, (0, 0)).astype(x.dtype), (1, 0))
+
+    return lax.fori_loop(0, cfg.d_p // cfg.d_chunk, add, jnp.zeros((cfg.n_p, cfg.k_p), jnp.float32))
 
 
 def _forward_kernel(x_ref, y_ref, scale_ref, bias_ref, o_ref, *, cfg: _Config):
     y = y_ref[...].astype(x_ref.dtype)
     scale, bias = scale_ref[...], bias_ref[...]
 
-    x_mask = _mask(cfg.n_p, cfg.d_p, cfg.n, cfg.d)
-
     def example(e, carry):
-        zhat, mask = _normalized(_load(x_ref, e, x_mask), y, cfg)
+        zhat, _, mask = _standardized(_z(x_ref, y, e, cfg), cfg)
         _store(o_ref, e, (zhat * scale + bias).astype(o_ref.dtype), mask)
         return carry
 
@@ -154,23 +165,10 @@ def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref,
     y = y_ref[...].astype(x_ref.dtype)
     scale = scale_ref[...]
     count = cfg.n * cfg.k
-    width = cfg.d_chunk
-
-    def x_chunk(e, c):
-        """Columns [c w, (c + 1) w) of example e's x, and their mask."""
-        start = c * width
-        mask = _mask(cfg.n_p, width, cfg.n, cfg.d - start)
-        return _load(x_ref, e, mask, start), mask, start
 
     def example(e, carry):
         dy, dscale = carry
-
-        def add_z(c, z):  # Z = sum over column chunks of X_c (X_c^T Y)
-            x, _, _ = x_chunk(e, c)
-            return z + _dot(x, _dot(x, y, (0, 0)).astype(x.dtype), (1, 0))
-
-        z = lax.fori_loop(0, cfg.d_p // width, add_z, jnp.zeros((cfg.n_p, cfg.k_p), jnp.float32))
-        zhat, rstd, mask = _standardized(z, cfg)
+        zhat, rstd, mask = _standardized(_z(x_ref, y, e, cfg), cfg)
         g = _load(g_ref, e, mask).astype(jnp.float32)
         dzhat = g * scale
         dz = jnp.where(mask, rstd * (dzhat - jnp.sum(dzhat) / count - zhat * (jnp.sum(dzhat * zhat) / count)), 0.0)
@@ -178,14 +176,14 @@ def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref,
         dscale = dscale + g * zhat  # before the chunk loop: g and Z^ die here
 
         def chunk_grads(c, dy):  # per column chunk: P_c, dP_c = X_c^T dZ, dX_c = dZ P_c^T + Y dP_c^T
-            x, x_mask, start = x_chunk(e, c)
+            x, x_mask, start = _x_chunk(x_ref, e, c, cfg)
             p = _dot(x, y, (0, 0)).astype(x.dtype)
             dp = _dot(x, dz, (0, 0)).astype(x.dtype)
             dx = _dot(dz, p, (1, 1)) + _dot(y, dp, (1, 1))
             _store(dx_ref, e, dx.astype(dx_ref.dtype), x_mask, start)
             return dy + _dot(x, dp, (1, 0))
 
-        return lax.fori_loop(0, cfg.d_p // width, chunk_grads, dy), dscale
+        return lax.fori_loop(0, cfg.d_p // cfg.d_chunk, chunk_grads, dy), dscale
 
     zeros = jnp.zeros(dy_ref.shape, jnp.float32)
     dy, dscale = lax.fori_loop(0, cfg.block_b, example, (zeros, zeros))
@@ -291,25 +289,22 @@ def kernel_fits(n_p: int, d_p: int, k_p: int, itemsize: int = 2) -> tuple[bool, 
     sm_90a (python -m benchmarks.kernel_compile --op fm; padded sizes n_p x d_p x k_p; x of
     `itemsize` bytes).
 
-    The forward holds [n, d], [d, k] and [n, k] tiles: no spill up to (128, 256, 64) and
-    (256, 128, 32), at most 176 KiB of shared memory. The backward walks d in chunks of
-    BACKWARD_D_CHUNK, so d costs it little; its [n, k] tiles (Z^, dZ, dY, dscale) decide: no spill
-    up to n * k = 4096 at any d <= 256, 0-8 B at (128, 64..256, 64) (Wukong's n = 96, d = 160,
-    k = 48: none, 255 registers, 52 KiB), 240-252 B at n = 256. Before the chunks, (128, 256, 64) spilled
-    2.7 KB and needed 240 KiB of shared memory, more than an H100 block may have (227 KiB).
+    Both kernels walk d in chunks of D_CHUNK columns, so d costs them loop trips, not registers;
+    their [n, k] tiles (Z, Z^, dZ, dY, dscale) decide. bf16: the forward spills nothing up to
+    n * k = 8192 at any d <= 1024 (at most 34 KiB of shared memory) and 88-188 B at
+    n * k = 16384; the backward nothing up to n * k = 4096 and at Wukong's n = 96, d = 160, k = 48
+    (255 registers, 52 KiB), 4-8 B at (128, 128..512, 64), 240-264 B at n = 256. float32 (TF32
+    dots): the forward likewise (at most 68 KiB); the backward nothing up to n * k = 4096,
+    344-428 B at n * k = 8192. Before the chunks the forward held [n, d] whole: in bf16 176 KiB at
+    (128, 256, 64), in fp32 288 KiB there, more than an H100 block may have (227 KiB), so fp32
+    Wukong at the paper's scale could not have launched; and the backward at (128, 256, 64)
+    spilled 2.7 KB and needed 240 KiB.
 
-    float32 x (`kernel_compile --op fm --dtype float32`, TF32 dots) holds half as much: the
-    forward at (128, 256, 16..64) needed 264-288 KiB of shared memory (Wukong's paper shape among
-    them: it would not launch) and spilled 8 B at (64, 256, 64); the backward spilled 344-440 B at
-    every n * k = 8192. Within n * d <= 16384, d * k <= 8192 and (backward) n * k <= 4096 none
-    spills, at most 160 KiB. That is with TF32 dots, JAX's default; IEEE fp32 dots (matmul
-    precision 'highest', a checking mode) spill from (64, 64, 32) on, 260 B to 25 KB per thread:
-    correct there, not fast."""
-    if itemsize > 2:
-        forward = n_p * d_p <= 16384 and n_p * k_p <= 8192 and d_p * k_p <= 8192
-        return forward, forward and n_p <= 128 and n_p * k_p <= 4096
-    forward = n_p * d_p <= 32768 and n_p * k_p <= 8192 and d_p * k_p <= 16384
-    backward = forward and n_p <= 128 and d_p <= 256 and n_p * k_p <= 8192
+    IEEE fp32 dots (matmul precision 'highest', a checking mode) need far more registers: the
+    unchunked kernels spilled from (64, 64, 32) on, 260 B to 25 KB per thread; correct there, not
+    fast."""
+    forward = n_p * k_p <= 8192 and d_p <= 1024
+    backward = forward and n_p <= 128 and n_p * k_p <= (8192 if itemsize <= 2 else 4096)
     return forward, backward
 
 
