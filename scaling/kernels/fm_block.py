@@ -301,8 +301,8 @@ def kernel_fits(n_p: int, d_p: int, k_p: int, itemsize: int = 2) -> tuple[bool, 
     spilled 2.7 KB and needed 240 KiB.
 
     IEEE fp32 dots (matmul precision 'highest', a checking mode) need far more registers: the
-    unchunked kernels spilled from (64, 64, 32) on, 260 B to 25 KB per thread; correct there, not
-    fast."""
+    backward spills 348-1124 B per thread from (48, 64, 24) on, the forward 640-724 B at n = 128
+    (25 KB before its chunks); correct there, not fast."""
     forward = n_p * k_p <= 8192 and d_p <= 1024
     backward = forward and n_p <= 128 and n_p * k_p <= (8192 if itemsize <= 2 else 4096)
     return forward, backward
