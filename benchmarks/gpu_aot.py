@@ -52,7 +52,7 @@ from benchmarks.gpu_targets import GPUS, GpuTarget, causal_pair_fraction, step_r
 from benchmarks.json_report import emit
 from benchmarks.kernel_compile import compile_ttir
 from benchmarks.triton_ir import captured
-from benchmarks.train_step import CASES, SWEEPS
+from benchmarks.train_step import CASES, case_overrides
 
 
 def launch_params(text: str) -> dict[str, tuple[int, int]]:
@@ -85,12 +85,9 @@ def compile_case(name: str, impl: str, gpu: GpuTarget, devices: list, smoke: boo
     from scaling.train.loop import dataset_of
     from scaling.train.setup import prepare
 
-    path, knob, large, small = CASES[name]
-    overrides = [*(small if smoke else large), f"train.compute_dtype={dtype}", "train.eval_every=0",
-                 "logging.progress=false", "logging.wandb.mode=disabled"]
-    if knob:
-        overrides.append(f"{knob}={'auto' if impl == 'pallas' else impl}")
-    config = load_run_config(os.path.join(SWEEPS, path), overrides)
+    # the kernels through impl=auto: its CUDA branch lowers for the compile-only GPU
+    path, overrides = case_overrides(name, "auto" if impl == "pallas" else impl, smoke=smoke, dtype=dtype)
+    config = load_run_config(path, overrides)
     dataset = dataset_of(config.data)
     t0 = time.perf_counter()
     setup = prepare(config, dataset, devices=devices)
@@ -216,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for name in args.cases.split(","):
-        for impl in (args.impls.split(",") if CASES[name][1] else ["xla"]):
+        for impl in args.impls.split(","):
             try:
                 row = compile_case(name, impl, gpu, devices, args.smoke, args.top, args.hlo_dir, args.triton_python,
                                    args.dtype)

@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--triton-python {args.triton_python!r} is not an executable Python")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+    itemsize = 2 if args.dtype == "bfloat16" else 4
     jobs, rows = [], []
     with tempfile.TemporaryDirectory() as work:
         for shape in (args.fm_shapes.split(",") if args.op == "fm" else ()):
@@ -158,7 +159,6 @@ def main(argv: list[str] | None = None) -> dict:
             from scaling.kernels.flash_attention import FlashBlocks, launch_warps
 
             nq, nk, d = (int(x) for x in shape.split("x"))
-            itemsize = 2 if args.dtype == "bfloat16" else 4
             warps = launch_warps(d, d, FlashBlocks(), itemsize)
             where = tempfile.mkdtemp(dir=work)
             for kernel, path in sorted(flash_ttir(nq, nk, d, where, args.heads, dtype=args.dtype).items()):
@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          (int(g) for g in args.head_groups.split(",")))
             for tiles, warps, group in settings:
                 for bias in (False, True):
-                    blocks, used, nw = resolved(tiles, warps, dim, group, args.heads, bias,
-                                                2 if args.dtype == "bfloat16" else 4)
+                    blocks, used, nw = resolved(tiles, warps, dim, group, args.heads, bias, itemsize)
                     where = tempfile.mkdtemp(dir=work)
                     ttir = hstu_ttir(dim, args.length, blocks, bias, where, args.heads, dtype=args.dtype)
                     for kernel, path in sorted(ttir.items()):
@@ -187,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         row.update(result)
     report = {"benchmark": "kernel_compile", "target": "sm_90a (H100), compiled offline", "triton": version,
               "length": args.length, "dtype": args.dtype,
-              "matmul_precision": str(jax_precision()), "rows": rows}
+              "matmul_precision": jax_precision(), "rows": rows}
     emit(report, args.out)
     return report
 

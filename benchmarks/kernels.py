@@ -45,6 +45,7 @@ long sequence; FLOPs 4 d per visible pair forward (Q K^T and P V), 3.5x that for
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -89,16 +90,41 @@ def hstu_inputs(batch: int, length: int, heads: int, dim: int):
     return (q, k, v, pos_w, ts_w), (lengths, ts, cot)
 
 
-def hstu_functions(impl: str, blocks: Blocks | None, length: int, lengths, ts, cot):
-    def forward(q, k, v, pos_w, ts_w):
-        return hstu_mha(q, k, v, lengths, norm=float(length), pos_w=pos_w, ts_w=ts_w, timestamps=ts, impl=impl,
-                        blocks=blocks)
+def with_backward(forward, cot):
+    """(jit(forward), jit(args -> (forward(*args), its VJP of `cot`))): what a row times."""
 
     def forward_backward(*args):
         out, pullback = jax.vjp(forward, *args)
         return out, pullback(cot)
 
     return jax.jit(forward), jax.jit(forward_backward)
+
+
+def time_row(row: dict, functions, args, iters: int, fwd_flops: float, fwd_bwd_flops: float,
+             fwd_bytes: float | None = None) -> dict:
+    """row with the forward's and forward + backward's median ms and TFLOP/s (and GB/s of
+    `fwd_bytes`, the bytes the forward must move), or the error (e.g. a reference's scores out of
+    memory), printed as one JSON line as it finishes."""
+    forward, forward_backward = functions
+    try:
+        row["fwd_ms"] = 1e3 * timed(forward, args, iters)
+        row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
+        if fwd_bytes is not None:
+            row["fwd_gbytes_per_s"] = fwd_bytes / row["fwd_ms"] / 1e6
+        row["fwd_bwd_ms"] = 1e3 * timed(forward_backward, args, iters)
+        row["fwd_bwd_tflops"] = fwd_bwd_flops / row["fwd_bwd_ms"] / 1e9
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+    print(json.dumps(row), file=sys.stderr)
+    return row
+
+
+def hstu_functions(impl: str, blocks: Blocks | None, length: int, lengths, ts, cot):
+    def forward(q, k, v, pos_w, ts_w):
+        return hstu_mha(q, k, v, lengths, norm=float(length), pos_w=pos_w, ts_w=ts_w, timestamps=ts, impl=impl,
+                        blocks=blocks)
+
+    return with_backward(forward, cot)
 
 
 def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: Blocks | None,
@@ -114,16 +140,8 @@ def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: 
                        "dtype": "bfloat16", "fwd_gflop": fwd_flops / 1e9, "fwd_bwd_gflop": 3.5 * fwd_flops / 1e9}
                 if impl == "pallas":  # the tiles and heads per program this call resolves to
                     row["tiles"] = (blocks or Blocks()).resolve(heads, dim, True)._asdict()
-                fwd, both = hstu_functions(impl, blocks if impl == "pallas" else None, length, lengths, ts, cot)
-                try:
-                    row["fwd_ms"] = 1e3 * timed(fwd, args, iters)
-                    row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
-                    row["fwd_bwd_ms"] = 1e3 * timed(both, args, iters)
-                    row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] / 1e9
-                except Exception as err:  # noqa: BLE001 - e.g. the reference's [B, h, L, L] scores out of memory
-                    row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
+                functions = hstu_functions(impl, blocks if impl == "pallas" else None, length, lengths, ts, cot)
+                rows.append(time_row(row, functions, args, iters, fwd_flops, 3.5 * fwd_flops))
     return rows
 
 
@@ -137,27 +155,13 @@ def bench_fm(shapes, iters: int, block_b: int, impls=("pallas", "xla")) -> list[
         cot = jnp.asarray(rng.normal(size=(batch, n * k)), jnp.bfloat16)
         flops = 4 * n * d * k * batch
         for impl in impls:
-            def forward(x, y, scale, bias, impl=impl):
-                return fm_block(x, y, scale, bias, impl=impl, block_b=block_b)
-
-            def forward_backward(*args, forward=forward):
-                out, pullback = jax.vjp(forward, *args)
-                return out, pullback(cot)
-
             row = {"op": "fm_block", "impl": impl, "batch": batch, "n": n, "d": d, "k": k, "dtype": "bfloat16"}
             if impl == "pallas":  # which halves run as kernels at these tiles (the rest through XLA)
                 row["kernel_forward"], row["kernel_backward"] = kernel_fits(*tile_sizes(n, d, k), x.dtype.itemsize)
-            try:
-                row["fwd_ms"] = 1e3 * timed(jax.jit(forward), (x, y, scale, bias), iters)
-                row["fwd_tflops"] = flops / row["fwd_ms"] / 1e9
-                row["fwd_bwd_ms"] = 1e3 * timed(jax.jit(forward_backward), (x, y, scale, bias), iters)
-                row["fwd_bwd_tflops"] = 3 * flops / row["fwd_bwd_ms"] / 1e9
-                # bytes the fused forward must move: X in, the [B, n k] output out
-                row["fwd_gbytes_per_s"] = 2 * (x.size + batch * n * k) / row["fwd_ms"] / 1e6
-            except Exception as err:  # noqa: BLE001
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
+            forward = functools.partial(fm_block, impl=impl, block_b=block_b)
+            moved = 2 * (x.size + batch * n * k)  # bytes the fused forward must move: X in, the [B, n k] output out
+            rows.append(time_row(row, with_backward(forward, cot), (x, y, scale, bias), iters, flops, 3 * flops,
+                                 fwd_bytes=moved))
     return rows
 
 
@@ -172,24 +176,10 @@ def bench_flash(shapes, iters: int, impls=("pallas", "xla")) -> list[dict]:
         cot = jnp.asarray(rng.normal(size=(batch, nq, heads, dim)), jnp.bfloat16)
         fwd_flops = 4 * dim * batch * heads * visible_pairs(nq, nk, nk - nq, True)
         for impl in impls:
-            def forward(q, k, v, impl=impl):
-                return flash_mha(q, k, v, q_offset=nk - nq, impl=impl)
-
-            def forward_backward(*args, forward=forward):
-                out, pullback = jax.vjp(forward, *args)
-                return out, pullback(cot)
-
             row = {"op": "flash_attention", "impl": impl, "batch": batch, "Nq": nq, "Nk": nk, "heads": heads, "d": dim,
                    "dtype": "bfloat16", "fwd_gflop": fwd_flops / 1e9, "fwd_bwd_gflop": 3.5 * fwd_flops / 1e9}
-            try:
-                row["fwd_ms"] = 1e3 * timed(jax.jit(forward), (q, k, v), iters)
-                row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
-                row["fwd_bwd_ms"] = 1e3 * timed(jax.jit(forward_backward), (q, k, v), iters)
-                row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] / 1e9
-            except Exception as err:  # noqa: BLE001 - e.g. the reference's [B, h, Nq, Nk] scores out of memory
-                row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
+            forward = functools.partial(flash_mha, q_offset=nk - nq, impl=impl)
+            rows.append(time_row(row, with_backward(forward, cot), (q, k, v), iters, fwd_flops, 3.5 * fwd_flops))
     return rows
 
 

@@ -49,8 +49,8 @@ from scaling.train.tasks import make_task
 SWEEPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps")
 
 AIMED = ("hstu", "wukong")  # the training-step MFU aims of the kernels' issue are for these
-# name -> (sweep config, kernel knob or None, large overrides, smoke overrides)
-CASES: dict[str, tuple[str, str | None, list[str], list[str]]] = {
+# name -> (sweep config, kernel knob, large overrides, smoke overrides)
+CASES: dict[str, tuple[str, str, list[str], list[str]]] = {
     # HSTU at industrial width (d=1024, 8 heads of 128: the kernels' d=128 case) on 1024-event
     # histories of mean length 600 (256 users: the step reads one batch of 32)
     "hstu": ("hstu_synthetic.yaml", "model.attention_impl", [
@@ -78,6 +78,16 @@ CASES: dict[str, tuple[str, str | None, list[str], list[str]]] = {
         "model.size=xs", "train.batch_size=8", "data.eval_examples=256",
     ]),
 }
+
+
+def case_overrides(name: str, impl: str, *, smoke: bool, dtype: str = "bfloat16") -> tuple[str, list[str]]:
+    """(sweep config path, overrides) of CASES[name] with its kernel knob at `impl` (auto | pallas
+    | xla), in `dtype`, without evaluation, progress or W&B: what this benchmark and
+    benchmarks/gpu_aot.py compile."""
+    path, knob, large, small = CASES[name]
+    return os.path.join(SWEEPS, path), [*(small if smoke else large), f"train.compute_dtype={dtype}",
+                                        "train.eval_every=0", "logging.progress=false",
+                                        "logging.wandb.mode=disabled", f"{knob}={impl}"]
 
 
 def step_time(config, steps: int, dataset=None, roofline_gpu: GpuTarget | None = None) -> dict:
@@ -143,16 +153,13 @@ def main(argv=None) -> int:
     # The models the MFU aims are for (HSTU, Wukong) first, impl by impl (the kernels first), then
     # the others: a run cut short by a time limit keeps what the aims need
     plan = [(name, impl) for first in (True, False) for impl in args.impls.split(",") for name in cases
-            if (name in AIMED) == first and (CASES[name][1] or impl == "xla")]
+            if (name in AIMED) == first]
     for name, impl in plan:
-        path, knob, large, smoke = CASES[name]
-        overrides = [*(smoke if args.smoke else large), "train.compute_dtype=bfloat16", "train.eval_every=0",
-                     f"train.steps={steps + 1}", "logging.progress=false", "logging.wandb.mode=disabled"]
-        if knob:
-            overrides.append(f"{knob}={impl}")
+        path, overrides = case_overrides(name, impl, smoke=args.smoke)
+        overrides.append(f"train.steps={steps + 1}")
         row = {"model": name, "impl": impl, "overrides": overrides}
         try:
-            config = load_run_config(os.path.join(SWEEPS, path), overrides)
+            config = load_run_config(path, overrides)
             if config.data not in datasets:
                 datasets[config.data] = dataset_of(config.data)
             row.update(step_time(config, steps, datasets[config.data], roofline_gpu))

@@ -54,20 +54,25 @@ def _hstu_inputs():
     return (q, k, v, pos_w, ts_w), dict(lengths=lengths, ts=ts, cands=cands, cot=cot)
 
 
-def _hstu_vjp(impl, fixed):
+def _jit_vjp(f, cot):
+    """jit(args -> (f(*args), the gradients of <f(*args), cot>))."""
     import jax
 
+    def run(*args):
+        out, pullback = jax.vjp(f, *args)
+        return out, pullback(cot)
+
+    return jax.jit(run)
+
+
+def _hstu_vjp(impl, fixed):
     from scaling.kernels.hstu_attention import Blocks, hstu_mha
 
     def f(q, k, v, pos_w, ts_w):
         return hstu_mha(q, k, v, fixed["lengths"], norm=float(N), pos_w=pos_w, ts_w=ts_w, timestamps=fixed["ts"],
                         num_candidates=fixed["cands"], impl=impl, blocks=Blocks(16, 16, 16, 16))
 
-    def run(*args):
-        out, pullback = jax.vjp(f, *args)
-        return out, pullback(fixed["cot"])
-
-    return jax.jit(run)
+    return _jit_vjp(f, fixed["cot"])
 
 
 def _candidate_inputs():
@@ -101,19 +106,13 @@ def _flash_inputs():
 
 
 def _flash_vjp(impl, fixed):
-    import jax
-
     from scaling.kernels.flash_attention import FlashBlocks, flash_mha
 
     def f(q, k, v):  # OneTrans's layout: 12 queries ending at the last of N keys
         return flash_mha(q, k, v, key_start=fixed["key_start"], q_offset=N - 12, impl=impl,
                          blocks=FlashBlocks(16, 16, 16, 16))
 
-    def run(*args):
-        out, pullback = jax.vjp(f, *args)
-        return out, pullback(fixed["cot"])
-
-    return jax.jit(run)
+    return _jit_vjp(f, fixed["cot"])
 
 
 def _fm_inputs():
@@ -130,15 +129,9 @@ def _fm_inputs():
 
 
 def _fm_vjp(impl, cot):
-    import jax
-
     from scaling.kernels.fm_block import fm_block
 
-    def run(*args):
-        out, pullback = jax.vjp(functools.partial(fm_block, eps=1e-5, impl=impl, block_b=4), *args)
-        return out, pullback(cot)
-
-    return jax.jit(run)
+    return _jit_vjp(functools.partial(fm_block, eps=1e-5, impl=impl, block_b=4), cot)
 
 
 def _errors(names, got, want) -> dict[str, float]:

@@ -8,6 +8,8 @@
     fm_block.py            Wukong's FM block X (X^T Y) -> flatten -> LayerNorm, forward and backward
     flash_attention.py     softmax attention (FlashAttention-2), causal by position with a valid key
                            range per sequence: OneTrans's attention, forward and backward
+    tiles.py               the tile arithmetic they share: power-of-two tile extents, fp32-accumulated
+                           2-D dots, ceiling division, the longest-rows-first grid order
     sharded.py             under a multi-device mesh: the kernel per device under shard_map (batch
                            over data x fsdp, heads over tensor where the layout splits heads)
 

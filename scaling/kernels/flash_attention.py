@@ -43,8 +43,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.dispatch import dispatch
-from scaling.kernels.hstu_attention_fwd import cdiv, dot, heavy_first
 from scaling.kernels.sharded import out_struct
+from scaling.kernels.tiles import cdiv, dot, heavy_first, tile_dim
 from scaling.models.transformer import dot_product_attention
 
 __all__ = ["FlashBlocks", "flash_mha", "flops_per_pair", "pallas_flash_mha", "reference_flash_mha", "visible_pairs"]
@@ -108,7 +108,7 @@ class _Config:
         """Rows of the log-sum-exp buffer the forward writes (Nq rounded up to its query block), or
         the backward reads (rounded up to both query blocks: the forward's is padded with +inf)."""
         step = max(self.block_q, self.bwd_block_q) if backward else self.block_q
-        return -(-self.nq // step) * step
+        return _blocks(self.nq, step) * step
 
     @property
     def score_scale(self) -> float:
@@ -426,7 +426,7 @@ def launch_warps(d: int, dv: int, blocks: FlashBlocks, itemsize: int = 2) -> int
 
 def _tile(size: int, n: int) -> int:
     """A block size capped at n rounded up to a power of two >= 16."""
-    return min(size, max(16, pl.next_power_of_2(n)))
+    return min(size, tile_dim(n))
 
 
 def pallas_flash_mha(q, k, v, key_start, key_end, *, q_offset: int = 0, causal: bool = True,
@@ -440,7 +440,7 @@ def pallas_flash_mha(q, k, v, key_start, key_end, *, q_offset: int = 0, causal: 
                          f"{q.shape}, {k.shape}, {v.shape}")
     if q_offset < 0:
         raise ValueError(f"q_offset must be >= 0, got {q_offset}")
-    d_p, dv_p = (max(16, pl.next_power_of_2(x)) for x in (d, dv))
+    d_p, dv_p = tile_dim(d), tile_dim(dv)
     bq, bk, bbq, bbk = blocks.resolve(jnp.dtype(q.dtype).itemsize)
     cfg = _Config(nq=nq, nk=nk, d=d, dv=dv, d_p=d_p, dv_p=dv_p, q_offset=int(q_offset), causal=bool(causal),
                   block_q=_tile(bq, nq), block_k=_tile(bk, nk), bwd_block_q=_tile(bbq, nq),

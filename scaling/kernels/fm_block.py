@@ -48,6 +48,7 @@ from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.dispatch import dispatch
 from scaling.kernels.sharded import out_struct
+from scaling.kernels.tiles import contract, tile_dim
 
 __all__ = ["fm_block", "reference_fm_block", "pallas_fm_block"]
 
@@ -95,12 +96,6 @@ def reference_fm_block(x, y, scale, bias, *, eps: float = 1e-5) -> jax.Array:
     return out * scale.astype(x.dtype) + bias.astype(x.dtype)
 
 
-def _dot(a, b, contract: tuple[int, int]) -> jax.Array:
-    """fp32-accumulated 2-D dot; fp32 operands at JAX's default matmul precision (as
-    hstu_attention_fwd.dot)."""
-    return lax.dot_general(a, b, (((contract[0],), (contract[1],)), ((), ())), preferred_element_type=jnp.float32)
-
-
 def _mask(rows: int, cols: int, true_rows: int, true_cols: int) -> jax.Array:
     """bool [rows, cols]: True inside the true [true_rows, true_cols] corner."""
     shape = (rows, cols)
@@ -144,7 +139,7 @@ def _z(x_ref, y, e, cfg: _Config) -> jax.Array:
 
     def add(c, z):
         x, _, _ = _x_chunk(x_ref, e, c, cfg)
-        return z + _dot(x, _dot(x, y, (0, 0)).astype(x.dtype), (1, 0))
+        return z + contract(x, contract(x, y, (0, 0)).astype(x.dtype), (1, 0))
 
     return lax.fori_loop(0, cfg.d_p // cfg.d_chunk, add, jnp.zeros((cfg.n_p, cfg.k_p), jnp.float32))
 
@@ -177,11 +172,11 @@ def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref,
 
         def chunk_grads(c, dy):  # per column chunk: P_c, dP_c = X_c^T dZ, dX_c = dZ P_c^T + Y dP_c^T
             x, x_mask, start = _x_chunk(x_ref, e, c, cfg)
-            p = _dot(x, y, (0, 0)).astype(x.dtype)
-            dp = _dot(x, dz, (0, 0)).astype(x.dtype)
-            dx = _dot(dz, p, (1, 1)) + _dot(y, dp, (1, 1))
+            p = contract(x, y, (0, 0)).astype(x.dtype)
+            dp = contract(x, dz, (0, 0)).astype(x.dtype)
+            dx = contract(dz, p, (1, 1)) + contract(y, dp, (1, 1))
             _store(dx_ref, e, dx.astype(dx_ref.dtype), x_mask, start)
-            return dy + _dot(x, dp, (1, 0))
+            return dy + contract(x, dp, (1, 0))
 
         return lax.fori_loop(0, cfg.d_p // cfg.d_chunk, chunk_grads, dy), dscale
 
@@ -281,7 +276,7 @@ def _pad(a: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 def tile_sizes(n: int, d: int, k: int) -> tuple[int, int, int]:
     """(n_p, d_p, k_p): the tile sizes the kernels compute with, powers of two >= 16 (tl.dot)."""
-    return tuple(max(16, pl.next_power_of_2(s)) for s in (n, d, k))
+    return tile_dim(n), tile_dim(d), tile_dim(k)
 
 
 def kernel_fits(n_p: int, d_p: int, k_p: int, itemsize: int = 2) -> tuple[bool, bool]:
@@ -293,7 +288,7 @@ def kernel_fits(n_p: int, d_p: int, k_p: int, itemsize: int = 2) -> tuple[bool, 
     their [n, k] tiles (Z, Z^, dZ, dY, dscale) decide. bf16: the forward spills nothing up to
     n * k = 8192 at any d <= 1024 (at most 34 KiB of shared memory) and 88-188 B at
     n * k = 16384; the backward nothing up to n * k = 4096 and at Wukong's n = 96, d = 160, k = 48
-    (255 registers, 52 KiB), 4-8 B at (128, 128..512, 64), 240-264 B at n = 256. float32 (TF32
+    (255 registers, 52 KiB), 4 B at (128, 128, 64) and 8 B at (128, 512, 64), 240-264 B at n = 256. float32 (TF32
     dots): the forward likewise (at most 68 KiB); the backward nothing up to n * k = 4096,
     344-428 B at n * k = 8192. Before the chunks the forward held [n, d] whole: in bf16 176 KiB at
     (128, 256, 64), in fp32 288 KiB there, more than an H100 block may have (227 KiB), so fp32

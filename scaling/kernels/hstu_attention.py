@@ -31,21 +31,16 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 
 from scaling.kernels.dispatch import dispatch
 from scaling.kernels.hstu_attention_bwd import mha_backward
 from scaling.kernels.hstu_attention_fwd import MhaConfig, mha_forward
 from scaling.kernels.hstu_bias import edges_table, table_grads
+from scaling.kernels.tiles import tile_dim
 from scaling.models.hstu_attention import (candidate_attention, hstu_attention, next_timestamps, relative_bias,
                                            time_buckets)
 
 __all__ = ["Blocks", "Tiles", "hstu_mha", "candidate_mha", "reference_mha", "pallas_mha"]
-
-
-def padded_dim(d: int) -> int:
-    """The head dim the kernel computes with: a power of two >= 16 (Triton's tl.dot minimum)."""
-    return max(16, pl.next_power_of_2(d))
 
 
 class Tiles(NamedTuple):
@@ -114,9 +109,9 @@ class Blocks:
 
     def resolve(self, heads: int, head_dim: int, has_bias: bool, itemsize: int = 2) -> Tiles:
         """The tiles and G for `heads` heads of width head_dim (the larger of q/k's and v's, as
-        given or as the kernel pads it: `padded_dim`) and inputs of `itemsize` bytes, defaults
+        given or as the kernel pads it: `tile_dim`) and inputs of `itemsize` bytes, defaults
         filled in (class docstring)."""
-        head_dim = padded_dim(head_dim)
+        head_dim = tile_dim(head_dim)
         g = self.program_heads(heads, head_dim, has_bias, itemsize)
         if itemsize > 2:  # fp32 tiles hold twice the bytes: half-size tiles (class docstring)
             default = (32, 32, 32, 16)
@@ -217,8 +212,8 @@ def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_t
         raise ValueError("the relative bias needs pos_w [2P - 1], ts_w and timestamps")
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, n)
     n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates.astype(jnp.int32), 0, lengths)
-    cap = max(16, pl.next_power_of_2(n))
-    dqk_p, dv_p = padded_dim(dqk), padded_dim(dv)
+    cap = tile_dim(n)
+    dqk_p, dv_p = tile_dim(dqk), tile_dim(dv)
     tiles = blocks.resolve(heads, max(dqk_p, dv_p), has_bias, jnp.dtype(q.dtype).itemsize)
     sizes = [min(s, cap) for s in tiles[:4]]
     npad = -(-n // max(sizes)) * max(sizes)

@@ -40,11 +40,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, dot, fast_math, full_query_blocks, heavy_first,
-                                                key_block_ranges, pair_count, program_heads, query_block,
-                                                query_block_range, scores, seq_scalars, sigmoid, split_refs,
-                                                tile_mask, tile_rab, walk_query_block, zero_unseen)
+from scaling.kernels.hstu_attention_fwd import (MhaConfig, bias_specs, fast_math, full_query_blocks, key_block_ranges,
+                                                pair_count, program_heads, query_block, query_block_range, scores,
+                                                seq_scalars, sigmoid, split_refs, tile_mask, tile_rab,
+                                                walk_query_block, zero_unseen)
 from scaling.kernels.sharded import out_struct
+from scaling.kernels.tiles import dot, heavy_first
 
 
 def _silu_grad(s: jax.Array, cfg: MhaConfig, fast: bool) -> tuple[jax.Array, jax.Array]:

@@ -51,6 +51,7 @@ from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.hstu_bias import tile_bias
 from scaling.kernels.sharded import out_struct
+from scaling.kernels.tiles import cdiv, dot, heavy_first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,25 +80,6 @@ class MhaConfig:
     def compiler_params(self, head_dim: int) -> pltr.CompilerParams:
         warps = self.num_warps or (4 if head_dim <= 32 else 8)  # Blocks' docstring
         return pltr.CompilerParams(num_warps=warps, num_stages=self.num_stages)
-
-
-def heavy_first(i, count):
-    """The query block grid step i computes: the last first. Causal rows near the end see the most
-    keys, so launching them first keeps the last wave of programs short."""
-    return count - 1 - i
-
-
-def cdiv(a, b: int):
-    """Ceiling division of a non-negative traced int by a static one (lax.div: Triton-safe)."""
-    return lax.div(a + (b - 1), b)
-
-
-def dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
-    """2-D a @ b (or a @ b^T) accumulated in fp32: the tensor cores' bf16 path for bf16 operands;
-    fp32 operands follow JAX's default matmul precision as XLA's own fp32 matmuls on a GPU do (TF32
-    by default, IEEE fp32 under jax_default_matmul_precision=highest, which the tests set)."""
-    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
-    return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
 def key_block_ranges(q_lo, length, n_hist, q_first, block_q: int, block_k: int):

@@ -1,0 +1,40 @@
+"""Tile arithmetic every Pallas kernel here shares (Triton block structure: power-of-two tiles
+>= 16, 2-D dots accumulated in fp32)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+__all__ = ["cdiv", "contract", "dot", "heavy_first", "tile_dim"]
+
+
+def tile_dim(n: int) -> int:
+    """The tile extent for a dimension of n: a power of two >= 16 (Triton's tl.dot minimum)."""
+    return max(16, pl.next_power_of_2(n))
+
+
+def heavy_first(i, count):
+    """The query block grid step i computes: the last first. Causal rows near the end see the most
+    keys, so launching them first keeps the last wave of programs short."""
+    return count - 1 - i
+
+
+def cdiv(a, b: int):
+    """Ceiling division of a non-negative traced int by a static one (lax.div: Triton-safe)."""
+    return lax.div(a + (b - 1), b)
+
+
+def contract(a: jax.Array, b: jax.Array, axes: tuple[int, int]) -> jax.Array:
+    """2-D a and b contracted over a's axis axes[0] and b's axes[1], accumulated in fp32: the
+    tensor cores' bf16 path for bf16 operands; fp32 operands follow JAX's default matmul precision
+    as XLA's own fp32 matmuls on a GPU do (TF32 by default, IEEE fp32 under
+    jax_default_matmul_precision=highest, which the tests set)."""
+    return lax.dot_general(a, b, (((axes[0],), (axes[1],)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
+    """2-D a @ b (or a @ b^T), as `contract`."""
+    return contract(a, b, (1, 1) if trans_b else (1, 0))
