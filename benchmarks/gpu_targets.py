@@ -1,6 +1,7 @@
 """What the roofline (benchmarks/hlo_roofline.py) knows about the GPUs and about this repo's kernels:
 the datasheet figures of an H100 / H200 (also the TargetConfig XLA compiles for without one), the
-matmul FLOPs of the Pallas kernels (HLO reports none for a custom call), and one call that bounds
+matmul FLOPs of the Pallas kernels (HLO reports none for a custom call), the bytes of those that
+touch only part of an operand, and one call that bounds
 a compiled step. Used by benchmarks/gpu_aot.py (compiled without a GPU) and benchmarks/train_step.py
 (compiled on the GPU, beside the measured step time)."""
 
@@ -10,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from benchmarks.hlo_roofline import roofline, shape_dims, top_sources
+from benchmarks.hlo_roofline import ITEMSIZE, roofline, shape_dims, top_sources
 from benchmarks.kernel_profile import FLOPS_PER_PAIR
 from scaling.kernels.flash_attention import flops_per_pair, visible_pairs
 
@@ -98,6 +99,30 @@ def pallas_flops(pair_fraction: float):
     return flops
 
 
+# The share of a packed HSTU projection [B, N, 4, h, d] (sections u, v, q, k) each backward kernel
+# touches (scaling/kernels/hstu_attention_bwd.py's `Packed`): dK/dV reads and writes u, v, k; dQ
+# reads q's pre-activation and writes q's section of dK/dV's buffer in place, never reading it.
+_PACKED_SHARE = {"hstu_attention_dkdv": ((0.75,), 0.75), "hstu_attention_dq": ((0.25, 0.0), 0.25)}
+
+
+def pallas_bytes(name: str, operands: list[str], result: str) -> float | None:
+    """kernel_bytes for hlo_roofline: the bytes HSTU's fused-projection backward kernels touch of
+    their packed [B, N, 4, h, d] operands and result (`_PACKED_SHARE`, in operand order); None (whole
+    operands) for every other kernel."""
+    if name not in _PACKED_SHARE or not any(len(d) == 5 for t in operands for _, d in shape_dims(t)):
+        return None
+    operand_shares, result_share = _PACKED_SHARE[name]
+    packed = iter(operand_shares)
+    total = 0.0
+    for text in operands:
+        for dtype, dims in shape_dims(text):
+            share = next(packed, 1.0) if len(dims) == 5 else 1.0
+            total += share * ITEMSIZE[dtype] * int(np.prod(dims))
+    for dtype, dims in shape_dims(result):
+        total += (result_share if len(dims) == 5 else 1.0) * ITEMSIZE[dtype] * int(np.prod(dims))
+    return total
+
+
 def causal_pair_fraction(batch: dict) -> float:
     """Sum of L (L + 1) / 2 over B N (N + 1) / 2 for a sequence batch with `lengths`; 1 otherwise."""
     if "lengths" not in batch or "items" not in batch:
@@ -118,7 +143,7 @@ def step_roofline(text: str, gpu: GpuTarget, pair_fraction: float = 1.0, devices
     """hlo_roofline's report of a compiled step's HLO text at `gpu`'s peaks for `dtype`,
     summarised (JSON-ready)."""
     report = roofline(text, gpu.peak_flops(dtype), gpu.bandwidth, kernel_flops=pallas_flops(pair_fraction),
-                      collective_bandwidth=gpu.nvlink if devices > 1 else None)
+                      kernel_bytes=pallas_bytes, collective_bandwidth=gpu.nvlink if devices > 1 else None)
     return {"seconds": report["seconds"], "seconds_overlapped": report["seconds_overlapped"],
             "flops": report["flops"], "bytes": report["bytes"], "by_kind": report["by_kind"],
             "top": top_sources(report["kernels"], top), "warnings": report["warnings"]}

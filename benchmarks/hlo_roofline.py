@@ -21,7 +21,8 @@ through elementwise ops, in slices / dynamic slices / gathers counts what those 
 whose root updates a buffer in place (dynamic-update-slice, scatter) writes the update (at most
 the buffer's size: a scatter-add into a small table), not the whole buffer. Custom calls (Pallas
 / Triton kernels) report no FLOPs in HLO: `kernel_flops(name, operand types)` supplies them
-(benchmarks/gpu_targets.py knows this repo's). Loops count their body once and are listed in
+(benchmarks/gpu_targets.py knows this repo's), and `kernel_bytes(name, operand types, result
+type)` may replace the whole-operands count for a kernel that touches only part of an operand. Loops count their body once and are listed in
 `warnings`. Not counted: the CUDA-core work of elementwise ops (a kernel heavy in it, like HSTU
 attention's SiLU and bias, can be slower than its bound), and re-reads that miss the L2 cache.
 """
@@ -314,7 +315,8 @@ class _Module:
 
 def roofline(text: str, peak_flops: float, bandwidth: float, launch_s: float = 2e-6,
              kernel_flops: Callable[[str, list[str]], float] | None = None,
-             collective_bandwidth: float | None = None) -> dict:
+             collective_bandwidth: float | None = None,
+             kernel_bytes: Callable[[str, list[str], str], float | None] | None = None) -> dict:
     """The per-kernel bounds of the entry computation (module docstring) and their summary."""
     module = _Module(text)
     kernels: list[Kernel] = []
@@ -351,7 +353,10 @@ def roofline(text: str, peak_flops: float, bandwidth: float, launch_s: float = 2
                 kname = re.search(r'\bname = "([^"]*)"', inst.attrs)
                 if "triton" in target and kname:
                     name, kind = kname.group(1), "pallas"
-                    flops = kernel_flops(name, [shapes.get(o, "") for o in inst.operands]) if kernel_flops else 0.0
+                    operands = [shapes.get(o, "") for o in inst.operands]
+                    flops = kernel_flops(name, operands) if kernel_flops else 0.0
+                    touched = kernel_bytes(name, operands, inst.type) if kernel_bytes else None
+                    size = size if touched is None else touched
                 elif "gemm" in target or "matmul" in target:
                     kind = "matmul"
                     lhs = shape_dims(shapes.get(inst.operands[0], "")) if inst.operands else []

@@ -2,7 +2,7 @@
 
     python -m benchmarks.kernel_compile --triton-python PY [--dims 64,128] [--length 4096]
         [--tiles 64x64:64x64,64x64:64x32,...] [--warps 4,8] [--heads 2] [--head-groups 0]
-        [--op hstu|fm|flash] [--dtype bfloat16|float32] [--out FILE]
+        [--op hstu|fm|flash] [--projected] [--dtype bfloat16|float32] [--out FILE]
 
 JAX lowers each kernel to Triton IR here (cross-lowering for an abstract H100, bf16 unless
 --dtype float32: the fp32 dots then lower at JAX's default matmul precision, TF32, or IEEE fp32
@@ -23,6 +23,8 @@ tiles and warps. For HSTU, tiles are forward BQxBK:backward BQxBK, or `default`
 relative bias, for every head dim, warp count and heads-per-program setting (--head-groups, of
 --heads heads; 0: the library's default, `Blocks.resolve`). One program
 holds G heads' accumulators, so G is bounded by registers: this is where to see the bound.
+`--projected` lowers HSTU through `projected_mha`, the model's training path, whose backward
+kernels also write the packed projection's gradient (they hold one more tile at the end).
 """
 
 from __future__ import annotations
@@ -133,6 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="FM block n x d x k settings (--op fm), with the library's warps")
     parser.add_argument("--flash-shapes", default="528x528x48,272x528x48,16x528x48,4096x4096x64,4096x4096x128",
                         help="softmax attention Nq x Nk x d settings (--op flash)")
+    parser.add_argument("--projected", action="store_true",
+                        help="HSTU through projected_mha (the training step's fused projection backward)")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
                         help="the kernels' inputs; float32 dots at JAX's default matmul precision (TF32) "
                              "or, with JAX_DEFAULT_MATMUL_PRECISION=highest, IEEE fp32")
@@ -173,9 +177,10 @@ def main(argv: list[str] | None = None) -> dict:
                 for bias in (False, True):
                     blocks, used, nw = resolved(tiles, warps, dim, group, args.heads, bias, itemsize)
                     where = tempfile.mkdtemp(dir=work)
-                    ttir = hstu_ttir(dim, args.length, blocks, bias, where, args.heads, dtype=args.dtype)
+                    ttir = hstu_ttir(dim, args.length, blocks, bias, where, args.heads, dtype=args.dtype,
+                                     projected=args.projected)
                     for kernel, path in sorted(ttir.items()):
-                        rows.append({"kernel": kernel, "d": dim, "bias": bias, "forward_tile": list(used[:2]),
+                        rows.append({"kernel": kernel, "d": dim, "bias": bias, "projected": args.projected, "forward_tile": list(used[:2]),
                                      "backward_tile": list(used[2:4]), "num_warps": nw,
                                      "num_stages": args.num_stages, "heads": args.heads,
                                      "heads_per_program": used.heads_per_program,

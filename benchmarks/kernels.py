@@ -3,7 +3,7 @@ their XLA references.
 
     python -m benchmarks.kernels [--out FILE] [--smoke] [--lengths 512,1024,2048,4096,8192]
                                  [--dims 64,128] [--tokens 32768] [--heads 4] [--iters 20]
-                                 [--ops hstu,fm,flash] [--impls pallas,xla] [--block-q 64 --block-k 64
+                                 [--ops hstu,projection,fm,flash] [--impls pallas,xla] [--block-q 64 --block-k 64
                                  --bwd-block-q 64 --bwd-block-k 32 --heads-per-program 2
                                  --num-warps 8 --num-stages 2]
 
@@ -28,6 +28,12 @@ FLOPs, the same "model FLOPs" for both implementations (so TFLOP/s compare usefu
                      runs 9 passes in its backward (dK/dV: 4, dQ: 3, head-summed dbias: 2), 7
                      when one program holds every head (dK/dV then sums the bias gradient).
 The roofline is a bf16 8192^3 matmul measured in the same run (`matmul_bf16_tflops`).
+
+HSTU's projection and attention as the training step runs them (`projected_mha`), bf16, at the
+train_step benchmark's layer (B = 32, L = 1024 full length, 8 heads of 128): from the projection's
+pre-activation [B, L, 4 h d] to (u, attention) and back to d pre. `pallas` is the fused op (the
+backward kernels write d pre), `pallas_unfused` the attention kernel between XLA's SiLU and split
+and their backward (what the step ran before the fusion), `xla` the reference; FLOPs as HSTU's.
 
 FM block (X (X^T Y), flatten, LayerNorm), bf16: forward and forward + backward for a few
 (batch, n, d, k), the last Wukong's at the paper's scale; FLOPs 4 n d k per example forward (two
@@ -58,7 +64,7 @@ import numpy as np
 from benchmarks.json_report import emit
 from scaling.kernels.flash_attention import flash_mha, visible_pairs
 from scaling.kernels.fm_block import fm_block, kernel_fits, tile_sizes
-from scaling.kernels.hstu_attention import Blocks, hstu_mha
+from scaling.kernels.hstu_attention import Blocks, hstu_mha, projected_mha
 
 NUM_BUCKETS = 128
 
@@ -145,6 +151,37 @@ def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: 
     return rows
 
 
+def bench_projection(shapes, iters: int, blocks: Blocks | None, impls=("pallas", "xla")) -> list[dict]:
+    """`projected_mha` at (B, L, heads, d), fused, unfused and xla (module docstring)."""
+    rows = []
+    for batch, length, heads, dim in shapes:
+        rng = np.random.default_rng(3)
+        (_, _, _, pos_w, ts_w), (lengths, ts, cot) = hstu_inputs(batch, length, heads, dim)
+        pre = jnp.asarray(rng.normal(size=(batch, length, 4 * heads * dim)), jnp.bfloat16)
+        cots = (jnp.asarray(rng.normal(size=(batch, length, heads * dim)), jnp.bfloat16), cot)
+        bias = dict(pos_w=pos_w, ts_w=ts_w, timestamps=ts)
+
+        def fused(pre, impl):
+            return projected_mha(pre, lengths, heads=heads, norm=float(length), impl=impl,
+                                 blocks=blocks if impl == "pallas" else None, **bias)
+
+        def unfused(pre):  # HSTUBlock.project's SiLU and split, then the attention kernel
+            u, v, q, k = (x.reshape(batch, length, heads, dim) for x in jnp.split(jax.nn.silu(pre), 4, axis=-1))
+            return u.reshape(batch, length, -1), hstu_mha(q, k, v, lengths, norm=float(length), impl="pallas",
+                                                          blocks=blocks, **bias)
+
+        variants = {"pallas": functools.partial(fused, impl="pallas"), "pallas_unfused": unfused,
+                    "xla": functools.partial(fused, impl="xla")}
+        fwd_flops = 4 * dim * batch * heads * length * (length + 1) / 2
+        for variant, forward in variants.items():
+            if variant.split("_")[0] not in impls:
+                continue
+            row = {"op": "hstu_projection", "impl": variant, "L": length, "d": dim, "heads": heads, "batch": batch,
+                   "dtype": "bfloat16", "fwd_gflop": fwd_flops / 1e9, "fwd_bwd_gflop": 3.5 * fwd_flops / 1e9}
+            rows.append(time_row(row, with_backward(forward, cots), (pre,), iters, fwd_flops, 3.5 * fwd_flops))
+    return rows
+
+
 def bench_fm(shapes, iters: int, block_b: int, impls=("pallas", "xla")) -> list[dict]:
     rows = []
     for batch, n, d, k in shapes:
@@ -199,7 +236,8 @@ def main(argv=None) -> int:
                         "--heads")
     parser.add_argument("--num-warps", type=int, default=0, help="default: 8, or 4 for head dims <= 32")
     parser.add_argument("--num-stages", type=int, default=2)
-    parser.add_argument("--ops", default="hstu,fm,flash", help="which kernels: hstu, fm, flash (comma-separated)")
+    parser.add_argument("--ops", default="hstu,projection,fm,flash",
+                        help="which kernels: hstu, projection, fm, flash (comma-separated)")
     parser.add_argument("--impls", default="pallas,xla", help="pallas, xla or both")
     parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes (CPU: interpret mode)")
     parser.add_argument("--out", default="", help="also write the JSON here")
@@ -208,13 +246,14 @@ def main(argv=None) -> int:
                     num_warps=args.num_warps or None, num_stages=args.num_stages,
                     heads_per_program=args.heads_per_program or None)
     ops, impls = args.ops.split(","), tuple(args.impls.split(","))
-    unknown = sorted(set(ops) - {"hstu", "fm", "flash"}) + sorted(set(impls) - {"pallas", "xla"})
+    unknown = sorted(set(ops) - {"hstu", "projection", "fm", "flash"}) + sorted(set(impls) - {"pallas", "xla"})
     if unknown:
         parser.error(f"unknown --ops/--impls entries: {unknown}")
     if args.smoke:
         lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 3, Blocks(16, 16, 16, 16)
         fm_shapes, matmul_n, block_b = [(16, 8, 16, 4)], 256, 4
         flash_shapes = [(2, 24, 40, 2, 24)]
+        projection_shapes = [(2, 32, 2, 16)]
     else:
         lengths, dims, tokens, heads, iters = ([int(x) for x in args.lengths.split(",")],
                                                [int(x) for x in args.dims.split(",")], args.tokens, args.heads,
@@ -225,6 +264,7 @@ def main(argv=None) -> int:
         # OneTrans (benchmarks/train_step.py): the first layer's 512 S + 16 NS tokens, a pyramid
         # layer's 256 + 16 queries, the last layer's NS queries; then a long causal sequence
         flash_shapes = [(512, 528, 528, 8, 48), (512, 272, 528, 8, 48), (512, 16, 528, 8, 48), (8, 4096, 4096, 8, 128)]
+        projection_shapes = [(32, 1024, 8, 128)]  # benchmarks/train_step.py's HSTU layer
     result = {
         "benchmark": "kernels",
         "device": jax.devices()[0].device_kind,
@@ -240,6 +280,7 @@ def main(argv=None) -> int:
         "matmul_bf16_tflops": matmul_tflops(matmul_n, max(iters, 3)),
         "flops_convention": "causal model FLOPs: fwd = 4 d B h L(L+1)/2, fwd+bwd = 3.5 x fwd (module docstring)",
         "hstu": bench_hstu(lengths, dims, tokens, heads, iters, blocks, impls) if "hstu" in ops else [],
+        "hstu_projection": bench_projection(projection_shapes, iters, blocks, impls) if "projection" in ops else [],
         "fm_block": bench_fm(fm_shapes, iters, block_b, impls) if "fm" in ops else [],
         "flash_attention": bench_flash(flash_shapes, iters, impls) if "flash" in ops else [],
     }

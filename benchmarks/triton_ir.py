@@ -64,24 +64,32 @@ def captured(lower: Callable[[], Any], directory: str, abstract_mesh: bool = Tru
 
 
 def hstu_ttir(dim: int, length: int, blocks, bias: bool, directory: str, heads: int = 2,
-              dtype: str = "bfloat16") -> dict[str, str]:
+              dtype: str = "bfloat16", projected: bool = False) -> dict[str, str]:
     """{kernel name: path of its Triton IR} for value_and_grad of the `auto` HSTU attention
-    (one sequence of `length` tokens, `heads` heads of width `dim`, q/k/v in `dtype`)."""
+    (one sequence of `length` tokens, `heads` heads of width `dim`, q/k/v in `dtype`); projected:
+    through `projected_mha` (the model's training path: the backward writes the packed projection's
+    gradient) from a pre-activation [1, length, 4 heads dim]."""
     import jax
     import jax.numpy as jnp
 
-    from scaling.kernels.hstu_attention import hstu_mha
+    from scaling.kernels.hstu_attention import hstu_mha, projected_mha
 
     s = jax.ShapeDtypeStruct
-    args = [s((1, length, heads, dim), dtype)] * 3 + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32),
-                                                  s((1,), jnp.int32), s((1, length), jnp.int32)]
+    tensors = [s((1, length, 4 * heads * dim), dtype)] if projected else [s((1, length, heads, dim), dtype)] * 3
+    args = tensors + [s((2 * length - 1,), jnp.float32), s((129,), jnp.float32), s((1,), jnp.int32),
+                      s((1, length), jnp.int32)]
 
-    def loss(q, k, v, pos_w, ts_w, lengths, ts):
+    def loss(*args):
+        *tensors, pos_w, ts_w, lengths, ts = args
         extra = dict(pos_w=pos_w, ts_w=ts_w, timestamps=ts) if bias else {}
-        out = hstu_mha(q, k, v, lengths, norm=float(length), impl="auto", blocks=blocks, **extra)
-        return jnp.sum(out.astype(jnp.float32) ** 2)
+        if projected:
+            outs = projected_mha(*tensors, lengths, heads=heads, norm=float(length), impl="auto", blocks=blocks,
+                                 **extra)
+        else:
+            outs = hstu_mha(*tensors, lengths, norm=float(length), impl="auto", blocks=blocks, **extra)
+        return sum(jnp.sum(out.astype(jnp.float32) ** 2) for out in jax.tree.leaves(outs))
 
-    grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if bias else (0, 1, 2))
+    grads = jax.value_and_grad(loss, argnums=tuple(range(len(tensors) + (2 if bias else 0))))
     return captured(lambda: jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)), directory)
 
 

@@ -10,12 +10,15 @@ JSON line:
 Kernel cases (impl=pallas, interpreted) under jax.set_mesh + the mesh's layout rules against the
 xla reference on one device, no mesh: HSTU attention with the relative bias and candidates
 (forward and the gradients of q, k, v, pos_w, ts_w), M-FALCON's candidate attention (forward),
-the FM block (forward and the gradients of x, y, scale, bias) and the softmax attention in
-OneTrans's layout (forward and the gradients of q, k, v). `sharded`: the traced program
+the FM block (forward and the gradients of x, y, scale, bias), the softmax attention in
+OneTrans's layout (forward and the gradients of q, k, v) and HSTU's fused projection and attention
+(`projected_mha`: u, the attention, and the gradients of the pre-activation and both tables; on
+the tensor mesh its heads stay whole, replicated over tensor). `sharded`: the traced program
 runs the kernel under shard_map. `auto_traced`: impl=auto (the CUDA branch: compiled kernels,
 check_vma on) traces forward and backward on the mesh. Steps: a one-layer HSTU, Wukong and
 OneTrans trained two steps from the same init through the partitioner (fsdp layout, data=4 x
-fsdp=2) with the kernels on and off (the second loss sees the first step's gradients).
+fsdp=2) with the kernels on and off (the second loss sees the first step's gradients); HSTU with
+16-wide heads, so its kernel path is the fused projection.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m tests.kernel_sharding_cases
 """
@@ -34,8 +37,8 @@ if ROOT not in sys.path:
 
 MESHES = {"data8": ((8, 1, 1), "dp"), "data4_fsdp2": ((4, 2, 1), "fsdp"), "data2_fsdp2_tensor2": ((2, 2, 2), "fsdp_tp")}
 # which kernel cases run on which mesh (the tensor mesh: the heads split over tensor by fsdp_tp)
-CASES = {"data8": ("hstu", "fm", "flash"), "data4_fsdp2": ("hstu", "candidates", "fm"),
-         "data2_fsdp2_tensor2": ("hstu", "flash")}
+CASES = {"data8": ("hstu", "fm", "flash", "projected"), "data4_fsdp2": ("hstu", "candidates", "fm", "projected"),
+         "data2_fsdp2_tensor2": ("hstu", "flash", "projected")}
 N, HEADS, DIM, B = 24, 2, 8, 8
 STEPS = 2
 
@@ -73,6 +76,26 @@ def _hstu_vjp(impl, fixed):
                         num_candidates=fixed["cands"], impl=impl, blocks=Blocks(16, 16, 16, 16))
 
     return _jit_vjp(f, fixed["cot"])
+
+
+def _projected_inputs():
+    import jax.numpy as jnp
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    pre = jnp.asarray(rng.normal(size=(B, N, 4 * HEADS * 16)), jnp.float32)
+    cot_u, cot = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((B, N, HEADS * 16), (B, N, HEADS, 16)))
+    return pre, (cot_u, cot)
+
+
+def _projected_vjp(impl, fixed, cot):
+    from scaling.kernels.hstu_attention import Blocks, projected_mha
+
+    def f(pre, pos_w, ts_w):
+        return projected_mha(pre, fixed["lengths"], heads=HEADS, norm=float(N), alpha=0.5, pos_w=pos_w, ts_w=ts_w,
+                             timestamps=fixed["ts"], impl=impl, blocks=Blocks(16, 16, 16, 16))
+
+    return _jit_vjp(f, cot)
 
 
 def _candidate_inputs():
@@ -156,28 +179,34 @@ def kernel_cases() -> tuple[dict, dict]:
     cand_args, cand_kw = _candidate_inputs()
     fm_args, fm_cot = _fm_inputs()
     flash_args, flash_fixed = _flash_inputs()
+    pre, proj_cot = _projected_inputs()
+    proj_args = (pre, *hstu_args[3:])
 
     def candidates(impl):
         return jax.jit(functools.partial(candidate_mha, impl=impl, blocks=Blocks(16, 16, 16, 16), **cand_kw))
 
     # references: the xla path on one device, no mesh
     want = {"hstu": _hstu_vjp("xla", fixed)(*hstu_args), "candidates": candidates("xla")(*cand_args),
-            "fm": _fm_vjp("xla", fm_cot)(*fm_args), "flash": _flash_vjp("xla", flash_fixed)(*flash_args)}
+            "fm": _fm_vjp("xla", fm_cot)(*fm_args), "flash": _flash_vjp("xla", flash_fixed)(*flash_args),
+            "projected": _projected_vjp("xla", fixed, proj_cot)(*proj_args)}
     names = {"hstu": ("out", "dq", "dk", "dv", "dpos_w", "dts_w"), "candidates": ("out",),
-             "fm": ("out", "dx", "dy", "dscale", "dbias"), "flash": ("out", "dq", "dk", "dv")}
+             "fm": ("out", "dx", "dy", "dscale", "dbias"), "flash": ("out", "dq", "dk", "dv"),
+             "projected": ("u", "out", "dpre", "dpos_w", "dts_w")}
     results, traced = {}, {}
     for mesh_name, (shape, layout) in MESHES.items():
         mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
         with jax.set_mesh(mesh), use_rules(load_layout(layout)):
             fns = {"hstu": (_hstu_vjp("pallas", fixed), hstu_args), "candidates": (candidates("pallas"), cand_args),
-                   "fm": (_fm_vjp("pallas", fm_cot), fm_args), "flash": (_flash_vjp("pallas", flash_fixed), flash_args)}
+                   "fm": (_fm_vjp("pallas", fm_cot), fm_args), "flash": (_flash_vjp("pallas", flash_fixed), flash_args),
+                   "projected": (_projected_vjp("pallas", fixed, proj_cot), proj_args)}
             for case in CASES[mesh_name]:
                 fn, args = fns[case]
                 sharded = "shard_map" in str(fn.trace(*args).jaxpr)
                 results[f"{mesh_name}/{case}"] = {"sharded": sharded, "errors": _errors(names[case], fn(*args), want[case])}
             if mesh_name == "data4_fsdp2":  # the CUDA branch (compiled kernels, check_vma on): traced, fwd + bwd
                 auto = [_hstu_vjp("auto", fixed).trace(*hstu_args), _fm_vjp("auto", fm_cot).trace(*fm_args),
-                        _flash_vjp("auto", flash_fixed).trace(*flash_args)]
+                        _flash_vjp("auto", flash_fixed).trace(*flash_args),
+                        _projected_vjp("auto", fixed, proj_cot).trace(*proj_args)]
                 traced[mesh_name] = all(str(t.jaxpr).count("shard_map") >= 2 for t in auto)
     return results, traced
 
@@ -190,11 +219,12 @@ def train_steps() -> dict:
     from tests.sharding_cases import config
 
     mesh = ["sharding.layout=fsdp", "sharding.mesh.data=4", "sharding.mesh.fsdp=2", "model.num_layers=1"]
+    extra = {"hstu": ["model.qk_dim=16", "model.v_dim=16"]}  # heads the fused projection takes
     out = {}
     for family, knob in {"hstu": "model.attention_impl", "wukong": "model.fm_impl",
                          "onetrans": "model.attention_impl"}.items():
         setups = {impl: prepare(cfg, dataset_of(cfg.data))
-                  for impl, cfg in ((impl, config(family, [*mesh, f"{knob}={impl}"])) for impl in ("pallas", "xla"))}
+                  for impl, cfg in ((impl, config(family, [*mesh, *extra.get(family, []), f"{knob}={impl}"])) for impl in ("pallas", "xla"))}
         first = setups["xla"]
         batches = first.task.train_iterator(first.config.train.batch_size, first.config.seed)
         batches = [next(batches) for _ in range(STEPS)]

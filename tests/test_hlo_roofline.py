@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks.gpu_aot import has_cuda_plugin, launch_params, main as gpu_aot_main
-from benchmarks.gpu_targets import GPUS, causal_pair_fraction, gpu_of, pallas_flops
+from benchmarks.gpu_targets import GPUS, causal_pair_fraction, gpu_of, pallas_bytes, pallas_flops
 from benchmarks.hlo_roofline import roofline, top_sources, type_bytes
 from benchmarks.triton_ir import captured
 from scaling.kernels.fm_block import fm_block
@@ -169,6 +169,20 @@ def test_pallas_flops_and_the_causal_pair_fraction():
     batch = {"items": jnp.zeros((2, 4), jnp.int32), "lengths": jnp.array([4, 2])}
     assert causal_pair_fraction(batch) == pytest.approx((10 + 3) / (2 * 10))
     assert causal_pair_fraction({"dense": jnp.zeros((2, 3))}) == 1.0
+
+
+def test_pallas_bytes_count_the_sections_the_fused_projection_kernels_touch():
+    """HSTU's packed backward: dK/dV reads 3 of pre's 4 sections and writes 3 of its result's, dQ
+    reads pre's q section, never reads the buffer it updates in place and writes 1 section; every
+    other kernel (no rank-5 operand) keeps the whole-operands count (None)."""
+    ints, qkv, pre = "s32[2]{0}", "bf16[2,64,4,32]{3,2,1,0}", "bf16[2,64,4,4,32]{4,3,2,1,0}"
+    section = 2 * 64 * 4 * 32 * 2  # one [B, N, h, d] bf16 tensor = one section of pre
+    assert pallas_bytes("hstu_attention_dkdv", [ints, ints, qkv, qkv, qkv, qkv, pre, qkv], pre) == (
+        16 + 4 * section + 3 * section + section + 3 * section)
+    assert pallas_bytes("hstu_attention_dq", [ints, ints, qkv, qkv, qkv, qkv, pre, pre], pre) == (
+        16 + 4 * section + section + 0 + section)
+    assert pallas_bytes("hstu_attention_dkdv", [ints, ints, qkv, qkv, qkv, qkv], f"({qkv}, {qkv})") is None
+    assert pallas_bytes("flash_attention_fwd", [pre], pre) is None
 
 
 def test_the_target_config_names_the_gpu():

@@ -21,6 +21,20 @@ custom_vjp whose backward runs the dK/dV, dQ and (unless one program holds every
 kernels (hstu_attention_bwd.py) and reduces the bias tables' gradients in XLA (hstu_bias.py).
 Residuals are the inputs only (no statistics). Gradients flow to q, k, v, pos_w and ts_w; lengths,
 candidates and timestamps are integers.
+
+HSTU's training step calls the fused form instead (no candidates):
+
+    u, out = projected_mha(pre, lengths, heads=h, norm=N, alpha=1.0, pos_w=..., ts_w=..., timestamps=...)
+
+with pre [B, N, 4 h d] the projection before its SiLU and u, v, q, k = split(silu(pre)) (q scaled
+by alpha). Its forward is XLA's SiLU and split, then the same forward kernel; its backward kernels
+write d pre [B, N, 4, h, d] directly (hstu_attention_bwd.py's `Packed`): the SiLU's derivative is
+applied to the fp32 accumulators as they are stored, the dQ kernel writes its section in place
+(input_output_aliases), and the projection's weight gradient reads that buffer as it is. XLA's
+backward would otherwise join the four gradient slices and apply the SiLU's derivative in one
+more pass over the whole [B, N, 4 h d] (2.1 of the 21 ms bound of benchmarks/gpu_aot.py's HSTU
+step). It takes one head width d = dqk = dv, a power of two >= 16, and heads that are not split
+over devices (`projection_fusable`); the model falls back to `hstu_mha` otherwise.
 """
 
 from __future__ import annotations
@@ -33,14 +47,16 @@ import jax
 import jax.numpy as jnp
 
 from scaling.kernels.dispatch import dispatch
-from scaling.kernels.hstu_attention_bwd import mha_backward
+from scaling.kernels.hstu_attention_bwd import Packed, mha_backward
 from scaling.kernels.hstu_attention_fwd import MhaConfig, mha_forward
 from scaling.kernels.hstu_bias import edges_table, table_grads
+from scaling.kernels.sharded import splits_heads
 from scaling.kernels.tiles import tile_dim
 from scaling.models.hstu_attention import (candidate_attention, hstu_attention, next_timestamps, relative_bias,
                                            time_buckets)
 
-__all__ = ["Blocks", "Tiles", "hstu_mha", "candidate_mha", "reference_mha", "pallas_mha"]
+__all__ = ["Blocks", "Tiles", "hstu_mha", "projected_mha", "projection_fusable", "candidate_mha", "reference_mha",
+           "pallas_mha"]
 
 
 class Tiles(NamedTuple):
@@ -172,10 +188,10 @@ def _mha_fwd(q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts, cfg):
     return _mha(q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts, cfg), (q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts)
 
 
-def _mha_bwd(cfg: MhaConfig, residuals, do):
+def _mha_bwd(cfg: MhaConfig, residuals, do, packed: Packed | None = None):
     q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts = residuals
     edges = edges_table() if cfg.has_bias else None
-    dq, dk, dv, drab = mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg)
+    dq, dk, dv, drab = mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg, packed)
     d_pos = d_ts = None
     if cfg.has_bias:
         n = cfg.seq_len or q.shape[1]
@@ -196,6 +212,36 @@ def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
     return jnp.pad(x, widths)
 
 
+def _bias_inputs(pos_w, ts_w, timestamps, query_timestamps, npad: int):
+    """(pos_w, ts_w, ts, qts) as the kernels take them: fp32 tables, int32 timestamps padded to npad
+    (query times default to `next_timestamps`); Nones without the bias."""
+    if pos_w is None:
+        return None, None, None, None
+    if ts_w is None or timestamps is None or pos_w.shape[0] % 2 == 0:
+        raise ValueError("the relative bias needs pos_w [2P - 1], ts_w and timestamps")
+    qts = next_timestamps(timestamps) if query_timestamps is None else query_timestamps
+    ts, qts = (_pad_to(x.astype(jnp.int32), 1, npad) for x in (timestamps, qts))
+    return pos_w.astype(jnp.float32), ts_w.astype(jnp.float32), ts, qts
+
+
+def _config(norm, sizes, tiles: Tiles, blocks: Blocks, pos_w, ts_w, n: int, interpret: bool, *,
+            num_candidates=None, candidates_only: bool = False) -> MhaConfig:
+    has_bias = pos_w is not None
+    return MhaConfig(
+        norm=float(norm), block_q=sizes[0], block_k=sizes[1], bwd_block_q=sizes[2], bwd_block_k=sizes[3],
+        num_pos=(pos_w.shape[0] + 1) // 2 if has_bias else 0, num_buckets=ts_w.shape[0] - 1 if has_bias else 0,
+        candidates=num_candidates is not None or candidates_only, candidates_only=candidates_only,
+        interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages, seq_len=n,
+        heads_per_program=tiles.heads_per_program)
+
+
+def _tiling(blocks: Blocks, n: int, heads: int, head_dim: int, has_bias: bool, dtype) -> tuple[Tiles, list[int], int]:
+    """(tiles, the four block sizes capped at the padded length, N padded to a multiple of them)."""
+    tiles = blocks.resolve(heads, head_dim, has_bias, jnp.dtype(dtype).itemsize)
+    sizes = [min(s, tile_dim(n)) for s in tiles[:4]]
+    return tiles, sizes, -(-n // max(sizes)) * max(sizes)
+
+
 def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_timestamps=None,
                num_candidates=None, buckets=None, *, norm: float, candidates_only: bool = False,
                blocks: Blocks | None = None, interpret: bool = False) -> jax.Array:
@@ -207,31 +253,86 @@ def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_t
     dv = v.shape[-1]
     if k.shape != q.shape or v.shape[:3] != q.shape[:3]:
         raise ValueError(f"q, k [B, N, h, d] and v [B, N, h, dv] must agree, got {q.shape}, {k.shape}, {v.shape}")
-    has_bias = pos_w is not None
-    if has_bias and (ts_w is None or timestamps is None or pos_w.shape[0] % 2 == 0):
-        raise ValueError("the relative bias needs pos_w [2P - 1], ts_w and timestamps")
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, n)
     n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates.astype(jnp.int32), 0, lengths)
-    cap = tile_dim(n)
     dqk_p, dv_p = tile_dim(dqk), tile_dim(dv)
-    tiles = blocks.resolve(heads, max(dqk_p, dv_p), has_bias, jnp.dtype(q.dtype).itemsize)
-    sizes = [min(s, cap) for s in tiles[:4]]
-    npad = -(-n // max(sizes)) * max(sizes)
+    tiles, sizes, npad = _tiling(blocks, n, heads, max(dqk_p, dv_p), pos_w is not None, q.dtype)
     q, k = (_pad_to(_pad_to(x, 1, npad), 3, dqk_p) for x in (q, k))
     v = _pad_to(_pad_to(v, 1, npad), 3, dv_p)
-    ts = qts = None
-    if has_bias:
-        qts = next_timestamps(timestamps) if query_timestamps is None else query_timestamps
-        ts, qts = (_pad_to(x.astype(jnp.int32), 1, npad) for x in (timestamps, qts))
-        pos_w, ts_w = pos_w.astype(jnp.float32), ts_w.astype(jnp.float32)
-    cfg = MhaConfig(
-        norm=float(norm), block_q=sizes[0], block_k=sizes[1], bwd_block_q=sizes[2], bwd_block_k=sizes[3],
-        num_pos=(pos_w.shape[0] + 1) // 2 if has_bias else 0, num_buckets=ts_w.shape[0] - 1 if has_bias else 0,
-        candidates=num_candidates is not None or candidates_only, candidates_only=candidates_only,
-        interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages, seq_len=n,
-        heads_per_program=tiles.heads_per_program)
+    pos_w, ts_w, ts, qts = _bias_inputs(pos_w, ts_w, timestamps, query_timestamps, npad)
+    cfg = _config(norm, sizes, tiles, blocks, pos_w, ts_w, n, interpret, num_candidates=num_candidates,
+                  candidates_only=candidates_only)
     out = _mha(q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts, cfg)
     return out[:, :n, :, :dv]
+
+
+# ------------------------------------------------------------------------------------------------
+# Fused with HSTU's projection: u, v, q, k = split(silu(pre)), the attention of q, k, v, and in the
+# backward the kernels write d pre itself (hstu_attention_bwd.py's `Packed`).
+
+
+def _activate(pre: jax.Array, alpha: float) -> tuple[jax.Array, ...]:
+    """pre [B, N, 4, h, d] -> u, v, q, k [B, N, h, d]: silu of each section, q scaled by alpha."""
+    u, v, q, k = (jax.nn.silu(pre[:, :, i]) for i in range(4))
+    return u, v, (q * alpha if alpha != 1.0 else q), k
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _projected(pre, pos_w, ts_w, lengths, n_hist, ts, qts, cfg: MhaConfig, alpha: float):
+    return _projected_fwd(pre, pos_w, ts_w, lengths, n_hist, ts, qts, cfg, alpha)[0]
+
+
+def _projected_fwd(pre, pos_w, ts_w, lengths, n_hist, ts, qts, cfg, alpha):
+    u, v, q, k = _activate(pre, alpha)
+    out = _mha(q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts, cfg)
+    return (u, out), (pre, q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts)
+
+
+def _projected_bwd(cfg: MhaConfig, alpha: float, residuals, cotangents):
+    pre, q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts = residuals
+    du, do = cotangents
+    d_pre, _, _, d_pos, d_ts, *_ = _mha_bwd(cfg, (q, k, v, pos_w, ts_w, lengths, n_hist, ts, qts), do,
+                                        packed=Packed(pre, du.astype(pre.dtype), alpha))
+    return d_pre, d_pos, d_ts, None, None, None, None
+
+
+_projected.defvjp(_projected_fwd, _projected_bwd)
+
+
+def projection_fusable(heads: int, qk_dim: int, v_dim: int) -> bool:
+    """Whether `projected_mha` takes this layout: one head width, a power of two >= 16 (the kernels
+    read the packed sections unpadded), and heads not split over devices (the packed projection
+    is split by column blocks, not heads)."""
+    return qk_dim == v_dim and tile_dim(qk_dim) == qk_dim and not splits_heads(heads)
+
+
+def reference_projected_mha(pre, lengths, pos_w=None, ts_w=None, timestamps=None, query_timestamps=None,
+                            buckets=None, *, heads: int, alpha: float, norm: float):
+    """Pure jnp `projected_mha` (also its `xla` implementation)."""
+    bsz, n, width = pre.shape
+    u, v, q, k = _activate(pre.reshape(bsz, n, 4, heads, width // (4 * heads)), alpha)
+    return u.reshape(bsz, n, -1), reference_mha(q, k, v, lengths, pos_w, ts_w, timestamps, query_timestamps,
+                                                buckets=buckets, norm=norm)
+
+
+def pallas_projected_mha(pre, lengths, pos_w=None, ts_w=None, timestamps=None, query_timestamps=None, buckets=None,
+                         *, heads: int, alpha: float, norm: float, blocks: Blocks | None = None,
+                         interpret: bool = False):
+    """The kernel path of `projected_mha` (`buckets` ignored, as in `pallas_mha`)."""
+    del buckets
+    blocks = blocks or Blocks()
+    bsz, n, width = pre.shape
+    d = width // (4 * heads)
+    if 4 * heads * d != width or tile_dim(d) != d:
+        raise ValueError(f"projected_mha needs pre [B, N, 4 x {heads} heads x d] with d a power of two >= 16, "
+                         f"got width {width}")
+    tiles, sizes, npad = _tiling(blocks, n, heads, d, pos_w is not None, pre.dtype)
+    pre = _pad_to(pre.reshape(bsz, n, 4, heads, d), 1, npad)
+    lengths = jnp.clip(lengths.astype(jnp.int32), 0, n)
+    pos_w, ts_w, ts, qts = _bias_inputs(pos_w, ts_w, timestamps, query_timestamps, npad)
+    cfg = _config(norm, sizes, tiles, blocks, pos_w, ts_w, n, interpret)
+    u, out = _projected(pre, pos_w, ts_w, lengths, lengths, ts, qts, cfg, float(alpha))
+    return u[:, :n].reshape(bsz, n, heads * d), out[:, :n]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -254,6 +355,23 @@ def hstu_mha(q, k, v, lengths, *, norm: float, pos_w=None, ts_w=None, timestamps
     return dispatch(impl, kernel, reference, q, k, v, lengths, pos_w, ts_w, timestamps, query_timestamps,
                     num_candidates, buckets, names=(_HEADS, _HEADS, _HEADS, _ROWS, None, None, _SEQ, _SEQ, _ROWS,
                                                     ("batch", None, None)), out_names=_HEADS)
+
+
+def projected_mha(pre, lengths, *, heads: int, norm: float, alpha: float = 1.0, pos_w=None, ts_w=None,
+                  timestamps=None, query_timestamps=None, buckets=None, impl: str = "auto",
+                  blocks: Blocks | None = None) -> tuple[jax.Array, jax.Array]:
+    """HSTU's projection activation and attention in one: pre [B, N, 4 h d], the pre-activation of
+    the (u, v, q, k) projection, -> (u [B, N, h d], attention [B, N, h, d]) where u, v, q, k =
+    split(silu(pre)), q scaled by alpha, and the attention is `hstu_mha(q, k, v, ...)`.
+
+    The kernel path's backward writes pre's gradient directly (hstu_attention_bwd.py's `Packed`).
+    Needs `projection_fusable(heads, d, d)`; sequences are split over the batch axes under a mesh."""
+    static = dict(heads=heads, alpha=alpha, norm=norm)
+    kernel = functools.partial(pallas_projected_mha, blocks=blocks, **static)
+    reference = functools.partial(reference_projected_mha, **static)
+    return dispatch(impl, kernel, reference, pre, lengths, pos_w, ts_w, timestamps, query_timestamps, buckets,
+                    names=(("batch", None, None), _ROWS, None, None, _SEQ, _SEQ, ("batch", None, None)),
+                    out_names=("batch",))
 
 
 def _candidate_layout(hist: jax.Array, cand: jax.Array, n_hist: jax.Array) -> jax.Array:

@@ -21,6 +21,14 @@ holding G heads (`heads_per_program`) that share its tiles' mask and relative bi
          tile loops over all the heads (recomputing s and dP per head, the bias once per tile),
          sums dS in fp32 registers and writes the tile.
 
+Fused with the projection's SiLU (`Packed`, the training step's path: hstu_attention.projected_mha):
+q, k, v are silu(pre) of one packed pre-activation [B, N, 4, h, d] = (u, v, q, k) sections, and
+instead of dQ, dK, dV the kernels write the pre-activation's gradient into one packed buffer:
+d pre = d post * silu'(pre), from the fp32 accumulators, once per output tile. dK/dV writes the v
+and k sections and the gate's u section (d u * silu'(u), the gate's cotangent passed in); dQ writes
+the q section of the same buffer in place (input_output_aliases). So the projection's backward
+gets its matmul operand directly, with no join of four gradient slices and no SiLU-backward pass.
+
 The bias gradient is a float32 [B, N keys, N queries] buffer (key-major, as dK/dV computes it);
 hstu_bias.table_grads reduces it to the two tables' gradients (why: hstu_bias.py).
 
@@ -34,6 +42,7 @@ dS enters them linearly.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -48,15 +57,40 @@ from scaling.kernels.sharded import out_struct
 from scaling.kernels.tiles import dot, heavy_first
 
 
+# The sections of a packed pre-activation [B, N, 4, h, d] (HSTU's u, v, q, k projection).
+U, V, Q, K = range(4)
+
+
+class Packed(NamedTuple):
+    """The projection the kernels' q, k, v came from, for the fused backward (module docstring):
+    pre [B, N, 4, h, d] the pre-activation (q = alpha silu(pre[:, :, Q]), k, v = silu(...)), du
+    [B, N, h, d] the gate u = silu(pre[:, :, U])'s cotangent."""
+
+    pre: jax.Array
+    du: jax.Array
+    alpha: float = 1.0
+
+
 def _silu_grad(s: jax.Array, cfg: MhaConfig, fast: bool) -> tuple[jax.Array, jax.Array]:
     """(d silu(s) / ds, silu(s)), fp32 (the 1 / norm is applied by the caller)."""
     sig = sigmoid(s, cfg, fast)
     return sig * (1.0 + s * (1.0 - sig)), s * sig
 
 
-def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool):
-    len_ref, hist_ref, (q_ref, k_ref, v_ref, do_ref), ts_ref, qts_ref, bias_refs, outs = split_refs(refs, cfg, 4)
-    dk_ref, dv_ref, *drab_ref = outs
+def _through_silu(grad: jax.Array, pre: jax.Array, cfg: MhaConfig) -> jax.Array:
+    """The pre-activation's gradient grad * silu'(pre), fp32, exact sigmoid (once per output
+    element, as XLA's SiLU backward computes it)."""
+    return grad * _silu_grad(pre.astype(jnp.float32), cfg, False)[0]
+
+
+def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool, packed: bool):
+    len_ref, hist_ref, tensors, ts_ref, qts_ref, bias_refs, outs = split_refs(refs, cfg, 6 if packed else 4)
+    q_ref, k_ref, v_ref, do_ref, *packed_in = tensors
+    if packed:
+        pre_ref, du_ref = packed_in
+        d_ref, *drab_ref = outs  # [BK, 4, G, d]: writes the u, v, k sections
+    else:
+        dk_ref, dv_ref, *drab_ref = outs
     bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
     kb, b = pl.program_id(0), pl.program_id(1)
     length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
@@ -90,13 +124,20 @@ def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool):
     full, masked = functools.partial(body, masked=False), functools.partial(body, masked=True)
     lo, hi = query_block_range(k_lo, length, n_hist, q_first, bq, bk)
     fl, fh = full_query_blocks(k_lo, length, n_hist, q_first, lo, hi, bq, bk)
-    carry = tuple(tuple(jnp.zeros((bk, r.shape[-1]), jnp.float32) for _ in heads) for r in (dk_ref, dv_ref))
+    carry = tuple(tuple(jnp.zeros((bk, r.shape[-1]), jnp.float32) for _ in heads) for r in (k_ref, v_ref))
     carry = lax.fori_loop(lo, fl, masked, carry)
     carry = lax.fori_loop(fl, fh, full, carry)
     dks, dvs = lax.fori_loop(fh, hi, masked, carry)
     for g, dk, dv in zip(heads, dks, dvs):
-        dk_ref[:, g, :] = (dk * (1.0 / cfg.norm)).astype(dk_ref.dtype)
-        dv_ref[:, g, :] = (dv * (1.0 / cfg.norm)).astype(dv_ref.dtype)
+        dk, dv = dk * (1.0 / cfg.norm), dv * (1.0 / cfg.norm)
+        if packed:
+            d_ref[:, K, g, :] = _through_silu(dk, pre_ref[:, K, g, :], cfg).astype(d_ref.dtype)
+            d_ref[:, V, g, :] = _through_silu(dv, pre_ref[:, V, g, :], cfg).astype(d_ref.dtype)
+            du = du_ref[:, g, :].astype(jnp.float32)
+            d_ref[:, U, g, :] = _through_silu(du, pre_ref[:, U, g, :], cfg).astype(d_ref.dtype)
+        else:
+            dk_ref[:, g, :] = dk.astype(dk_ref.dtype)
+            dv_ref[:, g, :] = dv.astype(dv_ref.dtype)
     if dbias:  # the query blocks this key block is not seen by get zeros
         def zero(qb, carry):
             drab_ref[0][:, pl.ds(pl.multiple_of(qb * bq, bq), bq)] = jnp.zeros((bk, bq), jnp.float32)
@@ -106,8 +147,17 @@ def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool):
         lax.fori_loop(hi, drab_ref[0].shape[1] // bq, zero, 0)
 
 
-def _dq_kernel(*refs, cfg: MhaConfig):
-    len_ref, hist_ref, (q_ref, k_ref, v_ref, do_ref), ts_ref, qts_ref, bias_refs, (dq_ref,) = split_refs(refs, cfg, 4)
+def _dq_kernel(*refs, cfg: MhaConfig, alpha: float | None):
+    """alpha: the packed backward's q scale (None: plain dQ)."""
+    packed = alpha is not None
+    len_ref, hist_ref, tensors, ts_ref, qts_ref, bias_refs, (dq_ref,) = split_refs(refs, cfg, 6 if packed else 4)
+    q_ref, k_ref, v_ref, do_ref, *packed_in = tensors  # packed: pre's q section, the dK/dV buffer (aliased)
+    epilogue = None
+    if packed:
+        pre_ref = packed_in[0]
+
+        def epilogue(g, dq):  # q = alpha silu(pre): the q section of d pre
+            return _through_silu(alpha * dq, pre_ref[:, g, :], cfg)
     blk = query_block(len_ref, hist_ref, qts_ref, cfg.bwd_block_q, cfg)
     heads = program_heads(cfg)
     qs, dos = [q_ref[:, g, :] for g in heads], [do_ref[:, g, :] for g in heads]
@@ -118,7 +168,7 @@ def _dq_kernel(*refs, cfg: MhaConfig):
         ds = zero_unseen(dot(dos[g], v, trans_b=True) * grad, mask)
         return dq + dot(ds.astype(k.dtype), k)
 
-    walk_query_block(head_step, blk, k_ref, v_ref, ts_ref, bias_refs, dq_ref, cfg.bwd_block_k, cfg)
+    walk_query_block(head_step, blk, k_ref, v_ref, ts_ref, bias_refs, dq_ref, cfg.bwd_block_k, cfg, epilogue=epilogue)
 
 
 def _dbias_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, do_ref, ts_ref, qts_ref, pos_ref, tsw_ref, edges_ref,
@@ -152,12 +202,16 @@ def _dbias_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, do_ref, ts_ref, qts_re
         drab_ref[...] = jnp.zeros((bk, bq), jnp.float32)
 
 
-def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg: MhaConfig):
+def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg: MhaConfig,
+                 packed: Packed | None = None):
     """(dq, dk, dv, drab) on padded inputs. drab: float32 [B, N keys, N queries] (key-major, as
     hstu_bias.table_grads reads it), the head-summed score gradient; None without the bias.
 
     When one program holds every head (heads_per_program == h) the dK/dV kernel sums dS over its
-    heads as it goes and writes drab itself; otherwise the dbias kernel recomputes it."""
+    heads as it goes and writes drab itself; otherwise the dbias kernel recomputes it.
+
+    With `packed` (module docstring) it returns (d pre [B, N, 4, h, d], None, None, drab): the
+    projection's gradient in place of dq, dk, dv (which then must share one head dim)."""
     bsz, n, heads, dqk = q.shape
     dv_dim = v.shape[-1]
     bq, bk, g = cfg.bwd_block_q, cfg.bwd_block_k, cfg.heads_per_program
@@ -181,38 +235,61 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     def query_block(d):  # the dq grid runs its query blocks heavy_first
         return pl.BlockSpec((None, bq, g, d), lambda i, b, h: (b, heavy_first(i, n // bq), h, 0))
 
-    out_shape = (out_struct(k.shape, k.dtype, *inputs), out_struct(v.shape, v.dtype, *inputs))
-    out_specs = (block(bk, dqk), block(bk, dv_dim))
+    packed_args, dkdv_extra, dq_extra, packed_bytes = (), [], [], 0
+    if packed:
+        if dqk != dv_dim or packed.pre.shape != (bsz, n, 4, heads, dqk) or packed.du.shape != v.shape:
+            raise ValueError(f"the packed backward needs pre [B, N, 4, h, d] and du [B, N, h, d] for q, k, v "
+                             f"{q.shape}, {v.shape}; got {packed.pre.shape}, {packed.du.shape}")
+        packed_args = (packed.pre, packed.du)
+        # dK/dV: its key rows' four sections (reads u, v, k; writes u, v, k); dQ: the q section.
+        sections = pl.BlockSpec((None, bk, 4, g, dqk), lambda i, b, h: (b, i, 0, h, 0))
+        q_section = pl.BlockSpec((None, bq, None, g, dqk), lambda i, b, h: (b, heavy_first(i, n // bq), Q, h, 0))
+        dkdv_extra, dq_extra = [sections, block(bk, dqk)], [q_section, q_section]
+        packed_bytes = itemsize * (packed.pre.size + packed.du.size + 2 * v.size)  # + the u section's read
+        out_shape = (out_struct(packed.pre.shape, q.dtype, *inputs, *packed_args),)
+        out_specs = (sections,)
+    else:
+        out_shape = (out_struct(k.shape, k.dtype, *inputs), out_struct(v.shape, v.dtype, *inputs))
+        out_specs = (block(bk, dqk), block(bk, dv_dim))
     if fused:
         out_shape += (drab_struct,)
         out_specs += (pl.BlockSpec((None, bk, n), lambda i, b, h: (b, i, 0)),)
-    dk, dv, *fused_drab = pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=cfg, dbias=fused),
+    dk, *dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, cfg=cfg, dbias=fused, packed=packed is not None),
         out_shape=out_shape,
         grid=(n // bk, bsz, heads // g),
-        in_specs=[scalar, scalar, whole(dqk), block(bk, dqk), block(bk, dv_dim), whole(dv_dim),
+        in_specs=[scalar, scalar, whole(dqk), block(bk, dqk), block(bk, dv_dim), whole(dv_dim), *dkdv_extra,
                   *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges)],
         out_specs=out_specs,
         compiler_params=params,
         cost_estimate=pl.CostEstimate(flops=4 * pairs * (dqk + dv_dim) + 12 * pairs, transcendentals=pairs + rab_ops,
-                                      bytes_accessed=tensor_bytes + (4 * bsz * n * n if fused else 0)),
+                                      bytes_accessed=tensor_bytes + packed_bytes + (4 * bsz * n * n if fused else 0)),
         interpret=cfg.interpret,
         name="hstu_attention_dkdv",
-    )(lengths, n_hist, q, k, v, do, *bias_args)
+    )(lengths, n_hist, q, k, v, do, *packed_args, *bias_args)
+    fused_drab = dv[-1:] if fused else []
+    dv = None if packed else dv[0]
 
+    dq_args = (packed.pre, dk) if packed else ()
     dq = pl.pallas_call(
-        functools.partial(_dq_kernel, cfg=cfg),
-        out_shape=out_struct(q.shape, q.dtype, *inputs),
+        functools.partial(_dq_kernel, cfg=cfg, alpha=packed.alpha if packed else None),
+        out_shape=out_shape[0] if packed else out_struct(q.shape, q.dtype, *inputs),
         grid=(n // bq, bsz, heads // g),
-        in_specs=[scalar, scalar, query_block(dqk), whole(dqk), whole(dv_dim), query_block(dv_dim),
+        in_specs=[scalar, scalar, query_block(dqk), whole(dqk), whole(dv_dim), query_block(dv_dim), *dq_extra,
                   *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges)],
-        out_specs=query_block(dqk),
+        out_specs=dq_extra[-1] if packed else query_block(dqk),
+        # packed: writes the q section of dK/dV's buffer in place (its input 7: after the 2
+        # scalars, q, k, v, dO and pre)
+        input_output_aliases={7: 0} if packed else {},
         compiler_params=params,
         cost_estimate=pl.CostEstimate(flops=2 * pairs * (2 * dqk + dv_dim) + 10 * pairs,
-                                      transcendentals=pairs + rab_ops, bytes_accessed=tensor_bytes),
+                                      transcendentals=pairs + rab_ops,
+                                      bytes_accessed=tensor_bytes + (itemsize * q.size if packed else 0)),
         interpret=cfg.interpret,
         name="hstu_attention_dq",
-    )(lengths, n_hist, q, k, v, do, *bias_args)
+    )(lengths, n_hist, q, k, v, do, *dq_args, *bias_args)
+    if packed:
+        dq, dk = dq, None
 
     if not cfg.has_bias:
         return dq, dk, dv, None

@@ -248,11 +248,12 @@ def zero_unseen(x: jax.Array, mask: jax.Array | None) -> jax.Array:
 
 
 def walk_query_block(head_step, blk: QueryBlock, k_ref, v_ref, ts_ref, bias_refs, out_ref, block_k: int,
-                     cfg: MhaConfig):
+                     cfg: MhaConfig, epilogue=None):
     """The forward and dQ programs' shared walk: over the key blocks the query block sees
     (`over_key_blocks`), each tile's relative bias and mask computed once, then for every head g
     of the program acc_g = head_step(g, acc_g, k [BK, d], v [BK, d], rab, mask) (mask None on
-    whole tiles); out_ref[:, g, :] = the finished acc_g ([BQ, out_ref's d] fp32, zeros to start)."""
+    whole tiles); out_ref[:, g, :] = the finished acc_g ([BQ, out_ref's d] fp32, zeros to start),
+    passed through epilogue(g, acc) first if given."""
     heads = program_heads(cfg)
 
     def body(kb, accs, *, masked: bool):
@@ -265,7 +266,8 @@ def walk_query_block(head_step, blk: QueryBlock, k_ref, v_ref, ts_ref, bias_refs
     init = tuple(jnp.zeros((blk.rows.shape[0], out_ref.shape[-1]), jnp.float32) for _ in heads)
     accs = over_key_blocks(body, init, blk, blk.rows.shape[0], block_k)
     for g, acc in zip(heads, accs):
-        out_ref[:, g, :] = blk.finish(acc, cfg).astype(out_ref.dtype)
+        acc = blk.finish(acc, cfg)
+        out_ref[:, g, :] = (acc if epilogue is None else epilogue(g, acc)).astype(out_ref.dtype)
 
 
 def _forward_kernel(*refs, cfg: MhaConfig):

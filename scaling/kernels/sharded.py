@@ -34,7 +34,7 @@ from typing import Any
 import jax
 from jax.sharding import AxisType, ManualAxisType, PartitionSpec as P
 
-__all__ = ["out_struct", "mapped_axes", "shard_kernel"]
+__all__ = ["out_struct", "mapped_axes", "splits_heads", "shard_kernel"]
 
 BATCH_AXES = ("data", "fsdp")  # scaling.sharding.mesh.BATCH_AXES (kept import-free of the sharding package)
 HEAD_AXES = ("tensor",)
@@ -81,6 +81,12 @@ def mapped_axes(sizes: dict[str, int], mesh=None) -> dict[str, tuple[str, ...]]:
     if "heads" in sizes and _heads_split_by_layout():
         out["heads"] = tuple(a for a in HEAD_AXES if a in free and sizes["heads"] % free[a] == 0)
     return out
+
+
+def splits_heads(heads: int, mesh=None) -> bool:
+    """Whether a kernel over `heads` heads would run with its heads split over devices (the active
+    layout maps heads to a mesh axis that divides them)."""
+    return bool(mapped_axes({"heads": heads}, mesh).get("heads"))
 
 
 def _spec(names: Names | None, axes: dict[str, tuple[str, ...]]) -> P:

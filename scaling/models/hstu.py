@@ -29,7 +29,7 @@ from flax import nnx
 from scaling.config_schema import knob
 from scaling.data.spec import SequenceSpec
 from scaling.kernels.dispatch import IMPL_HELP, KernelImpl
-from scaling.kernels.hstu_attention import hstu_mha
+from scaling.kernels.hstu_attention import hstu_mha, projected_mha, projection_fusable
 from scaling.models.embedding import embedding_table
 from scaling.sharding.embedding import lookup, natural_table
 from scaling.models.hstu_attention import time_buckets
@@ -138,11 +138,15 @@ class HSTUBlock(nnx.Module):
         self.ts_w = padded_vector(0.02 * jax.random.normal(rngs.params(), (cfg.num_buckets + 1,), jnp.float32), "table")
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
 
+    def pre_activation(self, x: jax.Array) -> jax.Array:
+        """x [..., D] -> LN(x) @ W_uvqk [..., 2 h dv + 2 h dqk], the projection before its SiLU."""
+        return _layer_norm(x) @ self.w_uvqk[...]
+
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """x [..., D] -> u [..., h*dv] (the gate), v [..., h, dv], q [..., h, dqk], k [..., h, dqk]."""
         cfg = self.cfg
         h, lead = cfg.num_heads, x.shape[:-1]
-        uvqk = jax.nn.silu(_layer_norm(x) @ self.w_uvqk[...])
+        uvqk = jax.nn.silu(self.pre_activation(x))
         u, v, q, k = jnp.split(uvqk, [h * cfg.v_dim, 2 * h * cfg.v_dim, 2 * h * cfg.v_dim + h * cfg.qk_dim], axis=-1)
         if cfg.attention_alpha != 1.0:  # scaling q scales every score q.k (and keeps the cache's K as is)
             q = q * cfg.attention_alpha
@@ -166,6 +170,12 @@ class HSTUBlock(nnx.Module):
         gated = u * _layer_norm(attn.reshape(*attn.shape[:-2], -1))
         return x + self.dropout(gated) @ self.w_o[...] + self.b_o[...]
 
+    def _bias(self, n: int, timestamps, query_timestamps, buckets) -> dict[str, Any]:
+        if not self.cfg.relative_bias:
+            return {}
+        return dict(pos_w=self.position_weights(n), ts_w=natural(self.ts_w), timestamps=timestamps,
+                    query_timestamps=query_timestamps, buckets=buckets)
+
     def forward_with_kv(self, x: jax.Array, timestamps: jax.Array, lengths: jax.Array,
                         query_timestamps: jax.Array | None = None, *, norm: float | None = None,
                         buckets: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -174,15 +184,23 @@ class HSTUBlock(nnx.Module):
         the time buckets [B, N, N] if already computed (the encoder computes them once)."""
         n = x.shape[1]
         u, v, q, k = self.project(x)
-        bias = (dict(pos_w=self.position_weights(n), ts_w=natural(self.ts_w), timestamps=timestamps,
-                     query_timestamps=query_timestamps, buckets=buckets) if self.cfg.relative_bias else {})
-        attn = hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n, impl=self.cfg.attention_impl, **bias)
+        attn = hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n, impl=self.cfg.attention_impl,
+                        **self._bias(n, timestamps, query_timestamps, buckets))
         return self.output(x, u, attn), k, v
 
     def __call__(self, x: jax.Array, timestamps: jax.Array, lengths: jax.Array,
                  query_timestamps: jax.Array | None = None, *, norm: float | None = None,
                  buckets: jax.Array | None = None) -> jax.Array:
-        return self.forward_with_kv(x, timestamps, lengths, query_timestamps, norm=norm, buckets=buckets)[0]
+        """The block on x [B, N, D] (`forward_with_kv` without the keys and values). Where the
+        layout allows (`projection_fusable`), the projection's SiLU and the attention run as one
+        op whose kernel backward writes the projection's gradient directly (`projected_mha`)."""
+        cfg, n = self.cfg, x.shape[1]
+        if cfg.attention_impl == "xla" or not projection_fusable(cfg.num_heads, cfg.qk_dim, cfg.v_dim):
+            return self.forward_with_kv(x, timestamps, lengths, query_timestamps, norm=norm, buckets=buckets)[0]
+        u, attn = projected_mha(self.pre_activation(x), lengths, heads=cfg.num_heads, alpha=cfg.attention_alpha,
+                                norm=norm or cfg.attn_norm or n, impl=cfg.attention_impl,
+                                **self._bias(n, timestamps, query_timestamps, buckets))
+        return self.output(x, u, attn)
 
 
 @register_model("hstu", HSTUConfig)
