@@ -88,6 +88,11 @@ def test_projected_kernel_bf16_within_the_xla_reference_error():
         assert _err(got, ref) <= 2 * _err(base, ref) + 1e-3 * scale, name
 
 
+def test_a_width_that_is_not_four_sections_of_whole_heads_is_refused():
+    with pytest.raises(ValueError, match="4 x 2 heads"):
+        projected_mha(jnp.zeros((1, 4, 4 * 2 * 16 + 2)), jnp.ones((1,), jnp.int32), heads=2, norm=4.0, impl="xla")
+
+
 def test_projection_fusable_needs_one_power_of_two_head_width_and_whole_heads():
     from scaling.sharding.rules import load_layout, use_rules
 

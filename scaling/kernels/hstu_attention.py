@@ -366,6 +366,8 @@ def projected_mha(pre, lengths, *, heads: int, norm: float, alpha: float = 1.0, 
 
     The kernel path's backward writes pre's gradient directly (hstu_attention_bwd.py's `Packed`).
     Needs `projection_fusable(heads, d, d)`; sequences are split over the batch axes under a mesh."""
+    if pre.ndim != 3 or pre.shape[-1] % (4 * heads):
+        raise ValueError(f"projected_mha needs pre [B, N, 4 x {heads} heads x d], got shape {pre.shape}")
     static = dict(heads=heads, alpha=alpha, norm=norm)
     kernel = functools.partial(pallas_projected_mha, blocks=blocks, **static)
     reference = functools.partial(reference_projected_mha, **static)
