@@ -78,9 +78,10 @@ def _silu_grad(s: jax.Array, cfg: MhaConfig, fast: bool) -> tuple[jax.Array, jax
 
 
 def _through_silu(grad: jax.Array, pre: jax.Array, cfg: MhaConfig) -> jax.Array:
-    """The pre-activation's gradient grad * silu'(pre), fp32, exact sigmoid (once per output
-    element, as XLA's SiLU backward computes it)."""
-    return grad * _silu_grad(pre.astype(jnp.float32), cfg, False)[0]
+    """The pre-activation's gradient grad * silu'(pre), fp32 (once per output element)."""
+    x = pre.astype(jnp.float32)
+    sig = 0.5 + 0.5 * jnp.tanh(0.5 * x)
+    return grad * (sig * (1.0 + x * (1.0 - sig)))
 
 
 def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool, packed: bool):
