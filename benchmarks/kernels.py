@@ -3,7 +3,7 @@ their XLA references.
 
     python -m benchmarks.kernels [--out FILE] [--smoke] [--lengths 512,1024,2048,4096,8192]
                                  [--dims 64,128] [--tokens 32768] [--heads 4] [--iters 20]
-                                 [--ops hstu,projection,fm,flash] [--impls pallas,xla] [--block-q 64 --block-k 64
+                                 [--ops hstu,projection,fm,norm,flash] [--impls pallas,xla] [--block-q 64 --block-k 64
                                  --bwd-block-q 64 --bwd-block-k 32 --heads-per-program 2
                                  --num-warps 8 --num-stages 2]
 
@@ -40,6 +40,12 @@ FM block (X (X^T Y), flatten, LayerNorm), bf16: forward and forward + backward f
 matmuls), 3x that forward + backward. Pallas rows say which halves ran as kernels
 (`kernel_forward`, `kernel_backward`: scaling/kernels/fm_block.kernel_fits; the rest ran in XLA).
 
+Wukong's layer output (scaling/kernels/residual_norm.py: concat, residual add, LayerNorm), bf16, at
+the train_step benchmark's layer (B = 8192, 48 + 48 fields, d = 160): forward and forward +
+backward time and the forward's GB/s of the bytes it must move (the parts and the residual in, y
+out; the memory-bound op's TFLOP/s count the project's LayerNorm FLOPs and the add, 3x forward +
+backward).
+
 Softmax attention (OneTrans's, scaling/kernels/flash_attention.py), bf16: B sequences of Nq
 causal queries ending at the last of Nk keys, at OneTrans-L's three layer shapes (d = 48) and one
 long sequence; FLOPs 4 d per visible pair forward (Q K^T and P V), 3.5x that forward + backward
@@ -65,6 +71,8 @@ from benchmarks.json_report import emit
 from scaling.kernels.flash_attention import flash_mha, visible_pairs
 from scaling.kernels.fm_block import fm_block, kernel_fits, tile_sizes
 from scaling.kernels.hstu_attention import Blocks, hstu_mha, projected_mha
+from scaling.kernels.residual_norm import residual_layer_norm
+from scaling.models.mlp import layer_norm_flops
 
 NUM_BUCKETS = 128
 
@@ -202,6 +210,25 @@ def bench_fm(shapes, iters: int, block_b: int, impls=("pallas", "xla")) -> list[
     return rows
 
 
+def bench_norm(shapes, iters: int, impls=("pallas", "xla")) -> list[dict]:
+    """`residual_layer_norm` at (B, n1, n2, d) (module docstring)."""
+    rows = []
+    for batch, n1, n2, d in shapes:
+        rng = np.random.default_rng(4)
+        first, second = (jnp.asarray(rng.normal(size=(batch, n, d)), jnp.bfloat16) for n in (n1, n2))
+        res, cot = (jnp.asarray(rng.normal(size=(batch, n1 + n2, d)), jnp.bfloat16) for _ in range(2))
+        scale, bias = jnp.ones((d,), jnp.float32), jnp.zeros((d,), jnp.float32)
+        moved = 3 * 2 * res.size  # bf16: the parts (res.size together) and the residual in, y out
+        flops = layer_norm_flops(d, res.size // d) + res.size  # the project's LayerNorm count + the add
+        for impl in impls:
+            row = {"op": "residual_layer_norm", "impl": impl, "batch": batch, "n1": n1, "n2": n2, "d": d,
+                   "dtype": "bfloat16"}
+            forward = functools.partial(residual_layer_norm, impl=impl)
+            rows.append(time_row(row, with_backward(forward, cot), (first, second, res, scale, bias), iters, flops,
+                                 3 * flops, fwd_bytes=moved))
+    return rows
+
+
 def bench_flash(shapes, iters: int, impls=("pallas", "xla")) -> list[dict]:
     """Softmax attention (scaling/kernels/flash_attention.py) at (B, Nq, Nk, heads, d): Nq causal
     queries ending at the last of Nk keys, every key valid."""
@@ -236,8 +263,8 @@ def main(argv=None) -> int:
                         "--heads")
     parser.add_argument("--num-warps", type=int, default=0, help="default: 8, or 4 for head dims <= 32")
     parser.add_argument("--num-stages", type=int, default=2)
-    parser.add_argument("--ops", default="hstu,projection,fm,flash",
-                        help="which kernels: hstu, projection, fm, flash (comma-separated)")
+    parser.add_argument("--ops", default="hstu,projection,fm,norm,flash",
+                        help="which kernels: hstu, projection, fm, norm, flash (comma-separated)")
     parser.add_argument("--impls", default="pallas,xla", help="pallas, xla or both")
     parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes (CPU: interpret mode)")
     parser.add_argument("--out", default="", help="also write the JSON here")
@@ -246,7 +273,7 @@ def main(argv=None) -> int:
                     num_warps=args.num_warps or None, num_stages=args.num_stages,
                     heads_per_program=args.heads_per_program or None)
     ops, impls = args.ops.split(","), tuple(args.impls.split(","))
-    unknown = sorted(set(ops) - {"hstu", "projection", "fm", "flash"}) + sorted(set(impls) - {"pallas", "xla"})
+    unknown = sorted(set(ops) - {"hstu", "projection", "fm", "norm", "flash"}) + sorted(set(impls) - {"pallas", "xla"})
     if unknown:
         parser.error(f"unknown --ops/--impls entries: {unknown}")
     if args.smoke:
@@ -254,6 +281,7 @@ def main(argv=None) -> int:
         fm_shapes, matmul_n, block_b = [(16, 8, 16, 4)], 256, 4
         flash_shapes = [(2, 24, 40, 2, 24)]
         projection_shapes = [(2, 32, 2, 16)]
+        norm_shapes = [(12, 5, 3, 24)]
     else:
         lengths, dims, tokens, heads, iters = ([int(x) for x in args.lengths.split(",")],
                                                [int(x) for x in args.dims.split(",")], args.tokens, args.heads,
@@ -265,6 +293,7 @@ def main(argv=None) -> int:
         # layer's 256 + 16 queries, the last layer's NS queries; then a long causal sequence
         flash_shapes = [(512, 528, 528, 8, 48), (512, 272, 528, 8, 48), (512, 16, 528, 8, 48), (8, 4096, 4096, 8, 128)]
         projection_shapes = [(32, 1024, 8, 128)]  # benchmarks/train_step.py's HSTU layer
+        norm_shapes = [(8192, 48, 48, 160)]  # benchmarks/train_step.py's Wukong layer
     result = {
         "benchmark": "kernels",
         "device": jax.devices()[0].device_kind,
@@ -282,6 +311,7 @@ def main(argv=None) -> int:
         "hstu": bench_hstu(lengths, dims, tokens, heads, iters, blocks, impls) if "hstu" in ops else [],
         "hstu_projection": bench_projection(projection_shapes, iters, blocks, impls) if "projection" in ops else [],
         "fm_block": bench_fm(fm_shapes, iters, block_b, impls) if "fm" in ops else [],
+        "residual_layer_norm": bench_norm(norm_shapes, iters, impls) if "norm" in ops else [],
         "flash_attention": bench_flash(flash_shapes, iters, impls) if "flash" in ops else [],
     }
     emit(result, args.out, indent=2)

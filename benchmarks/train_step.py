@@ -5,7 +5,8 @@ with the Pallas kernels (`impl=pallas`) against the XLA references (`impl=xla`).
 
 Each case is a sweep config (sweeps/*.yaml) with large-size overrides, `train.compute_dtype=
 bfloat16` and the kernel knob (HSTU and OneTrans: model.attention_impl, the HSTU and the softmax
-attention kernels; Wukong: model.fm_impl). The step is the training code's own: the
+attention kernels; Wukong: model.fm_impl and model.norm_impl, the FM block and the layer output's
+residual LayerNorm). The step is the training code's own: the
 model, task, optimizers and `StepFunctions.train_step` are built as scaling/train/loop.py builds
 them (one device, state donated), and timed on one real batch repeated `--steps` times after a
 compile + warm-up step (wall clock, block_until_ready at the end).
@@ -49,7 +50,7 @@ from scaling.train.tasks import make_task
 SWEEPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps")
 
 AIMED = ("hstu", "wukong")  # the training-step MFU aims of the kernels' issue are for these
-# name -> (sweep config, kernel knob, large overrides, smoke overrides)
+# name -> (sweep config, kernel knobs (comma-separated: all set to the impl), large overrides, smoke overrides)
 CASES: dict[str, tuple[str, str, list[str], list[str]]] = {
     # HSTU at industrial width (d=1024, 8 heads of 128: the kernels' d=128 case) on 1024-event
     # histories of mean length 600 (256 users: the step reads one batch of 32)
@@ -63,7 +64,7 @@ CASES: dict[str, tuple[str, str, list[str], list[str]]] = {
     ]),
     # Wukong at the scale of the paper's Table 5 (l=8, n_F=n_L=48, k=48, FMB MLP 3x4096, d=160: the
     # ladder's xl, at d=16, is memory-bound whatever the kernels do) on a 96-field CTR world.
-    "wukong": ("quickstart.yaml", "model.fm_impl", [
+    "wukong": ("quickstart.yaml", "model.fm_impl,model.norm_impl", [
         "model.size=custom", "model.embed_dim=160", "model.num_layers=8", "model.num_fm=48", "model.num_lcb=48",
         "model.fm_rank=48", "model.fmb_mlp_width=4096", "model.fmb_mlp_depth=3", "model.top_mlp=[1024,512]",
         "model.dense_mlp=[512,256]", "data.num_fields=96", "train.batch_size=8192", "data.eval_examples=4096",
@@ -84,10 +85,10 @@ def case_overrides(name: str, impl: str, *, smoke: bool, dtype: str = "bfloat16"
     """(sweep config path, overrides) of CASES[name] with its kernel knob at `impl` (auto | pallas
     | xla), in `dtype`, without evaluation, progress or W&B: what this benchmark and
     benchmarks/gpu_aot.py compile."""
-    path, knob, large, small = CASES[name]
+    path, knobs, large, small = CASES[name]
     return os.path.join(SWEEPS, path), [*(small if smoke else large), f"train.compute_dtype={dtype}",
                                         "train.eval_every=0", "logging.progress=false",
-                                        "logging.wandb.mode=disabled", f"{knob}={impl}"]
+                                        "logging.wandb.mode=disabled", *(f"{k}={impl}" for k in knobs.split(","))]
 
 
 def step_time(config, steps: int, dataset=None, roofline_gpu: GpuTarget | None = None) -> dict:

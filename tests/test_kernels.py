@@ -385,7 +385,7 @@ def test_fm_block_tiles_past_the_kernels_fall_back_to_the_reference():
 
 
 # ------------------------------------------------------------------------------------------------
-# The models with the kernels switched on (the `attention_impl` / `fm_impl` knobs)
+# The models with the kernels switched on (the `attention_impl` / `fm_impl` / `norm_impl` knobs)
 
 
 def test_impl_knobs_are_typed_config_fields():
@@ -397,6 +397,7 @@ def test_impl_knobs_are_typed_config_fields():
     assert build(ModelConfig, {**hstu, "attention_impl": "pallas"}).attention_impl == "pallas"
     assert build(ModelConfig, {"name": "hstu_ranker", "attention_impl": "xla"}).attention_impl == "xla"
     assert build(ModelConfig, {"name": "wukong", "fm_impl": "pallas"}).fm_impl == "pallas"
+    assert build(ModelConfig, {"name": "wukong", "norm_impl": "xla"}).norm_impl == "xla"
     with pytest.raises(ConfigError, match="attention_impl"):
         build(ModelConfig, {**hstu, "attention_impl": "triton"})
 

@@ -48,7 +48,7 @@ from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.dispatch import dispatch
 from scaling.kernels.sharded import out_struct
-from scaling.kernels.tiles import contract, tile_dim
+from scaling.kernels.tiles import contract, corner_mask, load_tile, store_tile, tile_dim
 
 __all__ = ["fm_block", "reference_fm_block", "pallas_fm_block"]
 
@@ -96,27 +96,9 @@ def reference_fm_block(x, y, scale, bias, *, eps: float = 1e-5) -> jax.Array:
     return out * scale.astype(x.dtype) + bias.astype(x.dtype)
 
 
-def _mask(rows: int, cols: int, true_rows: int, true_cols: int) -> jax.Array:
-    """bool [rows, cols]: True inside the true [true_rows, true_cols] corner."""
-    shape = (rows, cols)
-    rows_in = lax.broadcasted_iota(jnp.int32, shape, 0) < true_rows
-    return rows_in & (lax.broadcasted_iota(jnp.int32, shape, 1) < true_cols)
-
-
-def _load(ref, e, mask: jax.Array, col=0) -> jax.Array:
-    """Example e's [rows, cols] tile from a [BT, smaller, smaller] ref (from column `col`), zero
-    outside `mask`: the arrays keep their true sizes, so no padded copy of x, the output or dX is
-    written to memory."""
-    return pltr.load(ref.at[e, pl.ds(0, mask.shape[0]), pl.ds(col, mask.shape[1])], mask=mask, other=0)
-
-
-def _store(ref, e, value: jax.Array, mask: jax.Array, col=0) -> None:
-    pltr.store(ref.at[e, pl.ds(0, mask.shape[0]), pl.ds(col, mask.shape[1])], value, mask=mask)
-
-
 def _standardized(z, cfg: _Config):
     """(Z^ fp32, rstd, mask) of Z [n, k] (tile shape) over its true n * k entries."""
-    mask = _mask(cfg.n_p, cfg.k_p, cfg.n, cfg.k)
+    mask = corner_mask(cfg.n_p, cfg.k_p, cfg.n, cfg.k)
     count = cfg.n * cfg.k
     mean = jnp.sum(z) / count  # padded entries of z are exact zeros
     centred = jnp.where(mask, z - mean, 0.0)
@@ -128,8 +110,8 @@ def _x_chunk(x_ref, e, c, cfg: _Config):
     """(columns [c w, (c + 1) w) of example e's x [n_p, w] (zero outside the true [n, d]), their
     mask, the first column)."""
     start = c * cfg.d_chunk
-    mask = _mask(cfg.n_p, cfg.d_chunk, cfg.n, cfg.d - start)
-    return _load(x_ref, e, mask, start), mask, start
+    mask = corner_mask(cfg.n_p, cfg.d_chunk, cfg.n, cfg.d - start)
+    return load_tile(x_ref, e, mask, col=start), mask, start
 
 
 def _z(x_ref, y, e, cfg: _Config) -> jax.Array:
@@ -150,7 +132,7 @@ def _forward_kernel(x_ref, y_ref, scale_ref, bias_ref, o_ref, *, cfg: _Config):
 
     def example(e, carry):
         zhat, _, mask = _standardized(_z(x_ref, y, e, cfg), cfg)
-        _store(o_ref, e, (zhat * scale + bias).astype(o_ref.dtype), mask)
+        store_tile(o_ref, e, (zhat * scale + bias).astype(o_ref.dtype), mask)
         return carry
 
     lax.fori_loop(0, cfg.block_b, example, 0)
@@ -164,7 +146,7 @@ def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref,
     def example(e, carry):
         dy, dscale = carry
         zhat, rstd, mask = _standardized(_z(x_ref, y, e, cfg), cfg)
-        g = _load(g_ref, e, mask).astype(jnp.float32)
+        g = load_tile(g_ref, e, mask).astype(jnp.float32)
         dzhat = g * scale
         dz = jnp.where(mask, rstd * (dzhat - jnp.sum(dzhat) / count - zhat * (jnp.sum(dzhat * zhat) / count)), 0.0)
         dz = dz.astype(x_ref.dtype)
@@ -175,7 +157,7 @@ def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref,
             p = contract(x, y, (0, 0)).astype(x.dtype)
             dp = contract(x, dz, (0, 0)).astype(x.dtype)
             dx = contract(dz, p, (1, 1)) + contract(y, dp, (1, 1))
-            _store(dx_ref, e, dx.astype(dx_ref.dtype), x_mask, start)
+            store_tile(dx_ref, e, dx.astype(dx_ref.dtype), x_mask, col=start)
             return dy + contract(x, dp, (1, 0))
 
         return lax.fori_loop(0, cfg.d_p // cfg.d_chunk, chunk_grads, dy), dscale

@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
 
-__all__ = ["cdiv", "contract", "dot", "heavy_first", "tile_dim"]
+__all__ = ["cdiv", "contract", "corner_mask", "dot", "heavy_first", "load_tile", "store_tile", "tile_dim"]
 
 
 def tile_dim(n: int) -> int:
@@ -38,3 +39,22 @@ def contract(a: jax.Array, b: jax.Array, axes: tuple[int, int]) -> jax.Array:
 def dot(a: jax.Array, b: jax.Array, *, trans_b: bool = False) -> jax.Array:
     """2-D a @ b (or a @ b^T), as `contract`."""
     return contract(a, b, (1, 1) if trans_b else (1, 0))
+
+
+def corner_mask(rows: int, cols: int, true_rows, true_cols) -> jax.Array:
+    """bool [rows, cols]: True inside the [true_rows, true_cols] corner (ints or traced scalars)."""
+    shape = (rows, cols)
+    rows_in = lax.broadcasted_iota(jnp.int32, shape, 0) < true_rows
+    return rows_in & (lax.broadcasted_iota(jnp.int32, shape, 1) < true_cols)
+
+
+def load_tile(ref, e, mask: jax.Array, row=0, col=0) -> jax.Array:
+    """Example e's mask-shaped tile from a [BT, rows, cols] ref starting at (row, col), zero outside
+    `mask`: arrays keep their true sizes in memory and tiles are read past their edges masked, so
+    no padded copy of them is ever written."""
+    return pltr.load(ref.at[e, pl.ds(row, mask.shape[0]), pl.ds(col, mask.shape[1])], mask=mask, other=0)
+
+
+def store_tile(ref, e, value: jax.Array, mask: jax.Array, row=0, col=0) -> None:
+    """`load_tile`'s store: value's entries inside `mask` to example e's tile at (row, col)."""
+    pltr.store(ref.at[e, pl.ds(row, mask.shape[0]), pl.ds(col, mask.shape[1])], value, mask=mask)

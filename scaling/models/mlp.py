@@ -32,6 +32,7 @@ from scaling.sharding.annotate import logical_param
 __all__ = [
     "Linear",
     "LayerNorm",
+    "layer_norm",
     "MLP",
     "linear_flops",
     "layer_norm_flops",
@@ -104,14 +105,19 @@ class LayerNorm(nnx.Module):
         self.bias = logical_param(jnp.zeros(shape, jnp.float32), axes)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dtype = x.dtype
-        x32 = x.astype(jnp.float32)
-        mean = jnp.mean(x32, axis=-1, keepdims=True)
-        centred = x32 - mean
-        var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-        y = centred * jax.lax.rsqrt(var + self.eps)
-        y = y.astype(dtype) * self.scale[...].astype(dtype) + self.bias[...].astype(dtype)
-        return y
+        return layer_norm(x, self.scale[...], self.bias[...], self.eps)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm of x [..., n] over its last axis: statistics in float32, the affine (scale and
+    bias broadcast against x) in x's dtype."""
+    dtype = x.dtype
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    centred = x32 - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + eps)
+    return y.astype(dtype) * scale.astype(dtype) + bias.astype(dtype)
 
 
 class MLP(nnx.Module):

@@ -31,6 +31,7 @@ from scaling.config_schema import ConfigError, knob
 from scaling.data.spec import CTRFeatureSpec
 from scaling.kernels.dispatch import IMPL_HELP, KernelImpl
 from scaling.kernels.fm_block import fm_block
+from scaling.kernels.residual_norm import residual_layer_norm
 from scaling.models.base import CTRModel, CTRModelConfig
 from scaling.models.embedding import FieldEmbedding
 from scaling.models.mlp import MLP, LayerNorm, check_widths, layer_norm_flops, mlp_flops
@@ -87,6 +88,8 @@ class WukongConfig(CTRModelConfig):
     top_mlp: tuple[int, ...] = knob(_DEFAULT["top_mlp"], help="hidden widths of the top MLP (then 1 logit)")
     fmb_out_init_scale: float = knob(0.0, ge=0.0, help="init scale of the FMB MLP's last layer (0 = zero init)")
     fm_impl: KernelImpl = knob("auto", help=f"FMB's X (X^T Y) + LayerNorm (scaling/kernels/fm_block.py). {IMPL_HELP}")
+    norm_impl: KernelImpl = knob("auto", help="each layer's concat + residual + LayerNorm "
+                                 f"(scaling/kernels/residual_norm.py). {IMPL_HELP}")
 
     def check(self) -> None:
         if self.num_fm + self.num_lcb < 1:
@@ -228,6 +231,7 @@ class WukongLayer(nnx.Module):
         # Residual: identity when the shapes match, else a learned n_i -> n_F + n_L compression.
         self.residual = _field_mixing(c.num_outputs, num_inputs, rngs) if num_inputs != c.num_outputs else None
         self.norm = LayerNorm(c.embed_dim, axis_name="embed")
+        self.norm_impl = c.norm_impl
 
     def __call__(self, x: jax.Array) -> jax.Array:
         parts = []
@@ -235,9 +239,10 @@ class WukongLayer(nnx.Module):
             parts.append(self.fmb(x))
         if self.lcb is not None:
             parts.append(self.lcb(x))
-        out = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
         res = x if self.residual is None else jnp.einsum("on,bnd->bod", self.residual[...].astype(x.dtype), x)
-        return self.norm(out + res)
+        # concat + residual + LayerNorm in one kernel (or, off GPU / impl=xla, the same jnp math)
+        return residual_layer_norm(parts[0], parts[1] if len(parts) > 1 else None, res, self.norm.scale[...],
+                                   self.norm.bias[...], eps=self.norm.eps, impl=self.norm_impl)
 
 
 @register_model("wukong", WukongConfig)
