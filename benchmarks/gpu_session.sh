@@ -8,9 +8,9 @@
 #   env      the device (nvidia-smi, JAX and PyTorch devices) and the Python packages' versions
 #   test     JAX_DEFAULT_MATMUL_PRECISION=highest pytest -q tests/test_kernels.py
 #            tests/test_flash_attention.py tests/test_hstu_projection.py tests/test_residual_norm.py
-#            (compiled Triton kernels)
-#   kernels  benchmarks/kernels.py, full grid (HSTU, its fused projection, FM block, Wukong's
-#            layer output, softmax)
+#            tests/test_row_norm.py (compiled Triton kernels)
+#   kernels  benchmarks/kernels.py, full grid (HSTU, its fused projection, FM block, the
+#            LayerNorm kernels, softmax)
 #                                                          -> OUT/kernels.json
 #   profile  benchmarks/kernel_profile.py: device time per kernel at L=4096, d=128, with the bias
 #            and without                                   -> OUT/profile.jsonl
@@ -149,7 +149,7 @@ for step in $STEPS; do
     env) run env "${T_ENV:-30}" bash -c "$(declare -f env_report); env_report" ;;
     test) run test "${T_TEST:-90}" env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -p no:cacheprovider \
             tests/test_kernels.py tests/test_flash_attention.py tests/test_hstu_projection.py \
-            tests/test_residual_norm.py $TEST_SELECT ;;
+            tests/test_residual_norm.py tests/test_row_norm.py $TEST_SELECT ;;
     kernels) run kernels "${T_KERNELS:-140}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
     profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f append_json profile_both); profile_both" ;;
     gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \

@@ -40,11 +40,12 @@ FM block (X (X^T Y), flatten, LayerNorm), bf16: forward and forward + backward f
 matmuls), 3x that forward + backward. Pallas rows say which halves ran as kernels
 (`kernel_forward`, `kernel_backward`: scaling/kernels/fm_block.kernel_fits; the rest ran in XLA).
 
-Wukong's layer output (scaling/kernels/residual_norm.py: concat, residual add, LayerNorm), bf16, at
-the train_step benchmark's layer (B = 8192, 48 + 48 fields, d = 160): forward and forward +
-backward time and the forward's GB/s of the bytes it must move (the parts and the residual in, y
-out; the memory-bound op's TFLOP/s count the project's LayerNorm FLOPs and the add, 3x forward +
-backward).
+The LayerNorm kernels, bf16: HSTU's gated LayerNorm (scaling/kernels/row_norm.py, gate * LN(x))
+at the train_step HSTU layer's 32 x 1024 rows of 1024, and Wukong's layer output (scaling/kernels/
+residual_norm.py: concat, residual add, LayerNorm) at its Wukong layer (B = 8192, 48 + 48 fields,
+d = 160): forward and forward + backward time and the forward's GB/s of the bytes it must move
+(x and the gate, or the parts and the residual, in; y out). Their TFLOP/s count the project's
+LayerNorm FLOPs and the gate's or residual's one per element, 3x that forward + backward.
 
 Softmax attention (OneTrans's, scaling/kernels/flash_attention.py), bf16: B sequences of Nq
 causal queries ending at the last of Nk keys, at OneTrans-L's three layer shapes (d = 48) and one
@@ -72,6 +73,7 @@ from scaling.kernels.flash_attention import flash_mha, visible_pairs
 from scaling.kernels.fm_block import fm_block, kernel_fits, tile_sizes
 from scaling.kernels.hstu_attention import Blocks, hstu_mha, projected_mha
 from scaling.kernels.residual_norm import residual_layer_norm
+from scaling.kernels.row_norm import gated_layer_norm
 from scaling.models.mlp import layer_norm_flops
 
 NUM_BUCKETS = 128
@@ -210,9 +212,19 @@ def bench_fm(shapes, iters: int, block_b: int, impls=("pallas", "xla")) -> list[
     return rows
 
 
-def bench_norm(shapes, iters: int, impls=("pallas", "xla")) -> list[dict]:
-    """`residual_layer_norm` at (B, n1, n2, d) (module docstring)."""
+def bench_norm(shapes, gated_shapes, iters: int, impls=("pallas", "xla")) -> list[dict]:
+    """`residual_layer_norm` at (B, n1, n2, d) and HSTU's `gated_layer_norm` at (rows, d), gated
+    (module docstring)."""
     rows = []
+    for m, d in gated_shapes:
+        rng = np.random.default_rng(5)
+        x, gate, cot = (jnp.asarray(rng.normal(size=(m, d)), jnp.bfloat16) for _ in range(3))
+        flops = layer_norm_flops(d, m) + x.size  # the project's LayerNorm count + the gate
+        for impl in impls:
+            row = {"op": "gated_layer_norm", "impl": impl, "rows": m, "d": d, "dtype": "bfloat16"}
+            forward = functools.partial(gated_layer_norm, impl=impl)
+            rows.append(time_row(row, with_backward(forward, cot), (x, gate), iters, flops, 3 * flops,
+                                 fwd_bytes=3 * 2 * x.size))
     for batch, n1, n2, d in shapes:
         rng = np.random.default_rng(4)
         first, second = (jnp.asarray(rng.normal(size=(batch, n, d)), jnp.bfloat16) for n in (n1, n2))
@@ -281,7 +293,7 @@ def main(argv=None) -> int:
         fm_shapes, matmul_n, block_b = [(16, 8, 16, 4)], 256, 4
         flash_shapes = [(2, 24, 40, 2, 24)]
         projection_shapes = [(2, 32, 2, 16)]
-        norm_shapes = [(12, 5, 3, 24)]
+        norm_shapes, gated_shapes = [(12, 5, 3, 24)], [(21, 40)]
     else:
         lengths, dims, tokens, heads, iters = ([int(x) for x in args.lengths.split(",")],
                                                [int(x) for x in args.dims.split(",")], args.tokens, args.heads,
@@ -293,7 +305,8 @@ def main(argv=None) -> int:
         # layer's 256 + 16 queries, the last layer's NS queries; then a long causal sequence
         flash_shapes = [(512, 528, 528, 8, 48), (512, 272, 528, 8, 48), (512, 16, 528, 8, 48), (8, 4096, 4096, 8, 128)]
         projection_shapes = [(32, 1024, 8, 128)]  # benchmarks/train_step.py's HSTU layer
-        norm_shapes = [(8192, 48, 48, 160)]  # benchmarks/train_step.py's Wukong layer
+        # benchmarks/train_step.py's Wukong layer output, and its HSTU layer's gated LayerNorm
+        norm_shapes, gated_shapes = [(8192, 48, 48, 160)], [(32 * 1024, 1024)]
     result = {
         "benchmark": "kernels",
         "device": jax.devices()[0].device_kind,
@@ -311,7 +324,7 @@ def main(argv=None) -> int:
         "hstu": bench_hstu(lengths, dims, tokens, heads, iters, blocks, impls) if "hstu" in ops else [],
         "hstu_projection": bench_projection(projection_shapes, iters, blocks, impls) if "projection" in ops else [],
         "fm_block": bench_fm(fm_shapes, iters, block_b, impls) if "fm" in ops else [],
-        "residual_layer_norm": bench_norm(norm_shapes, iters, impls) if "norm" in ops else [],
+        "layer_norms": bench_norm(norm_shapes, gated_shapes, iters, impls) if "norm" in ops else [],
         "flash_attention": bench_flash(flash_shapes, iters, impls) if "flash" in ops else [],
     }
     emit(result, args.out, indent=2)

@@ -4,9 +4,9 @@ with the Pallas kernels (`impl=pallas`) against the XLA references (`impl=xla`).
     python -m benchmarks.train_step [--out FILE] [--smoke] [--steps 20] [--cases hstu,wukong,onetrans]
 
 Each case is a sweep config (sweeps/*.yaml) with large-size overrides, `train.compute_dtype=
-bfloat16` and the kernel knob (HSTU and OneTrans: model.attention_impl, the HSTU and the softmax
-attention kernels; Wukong: model.fm_impl and model.norm_impl, the FM block and the layer output's
-residual LayerNorm). The step is the training code's own: the
+bfloat16` and the kernel knobs (HSTU: model.attention_impl and model.norm_impl, its attention and
+LayerNorm kernels; OneTrans: model.attention_impl, the softmax attention; Wukong: model.fm_impl
+and model.norm_impl, the FM block and the layer output's residual LayerNorm). The step is the training code's own: the
 model, task, optimizers and `StepFunctions.train_step` are built as scaling/train/loop.py builds
 them (one device, state donated), and timed on one real batch repeated `--steps` times after a
 compile + warm-up step (wall clock, block_until_ready at the end).
@@ -54,7 +54,7 @@ AIMED = ("hstu", "wukong")  # the training-step MFU aims of the kernels' issue a
 CASES: dict[str, tuple[str, str, list[str], list[str]]] = {
     # HSTU at industrial width (d=1024, 8 heads of 128: the kernels' d=128 case) on 1024-event
     # histories of mean length 600 (256 users: the step reads one batch of 32)
-    "hstu": ("hstu_synthetic.yaml", "model.attention_impl", [
+    "hstu": ("hstu_synthetic.yaml", "model.attention_impl,model.norm_impl", [
         "model.size=custom", "model.embed_dim=1024", "model.num_layers=8", "model.num_heads=8", "model.qk_dim=128",
         "model.v_dim=128", "model.max_len=1024", "model.dropout=0.0", "data.max_length=1024", "data.mean_length=600",
         "data.num_users=256", "data.num_items=20000", "train.batch_size=32",

@@ -13,8 +13,8 @@ xla reference on one device, no mesh: HSTU attention with the relative bias and 
 the FM block (forward and the gradients of x, y, scale, bias), the softmax attention in
 OneTrans's layout (forward and the gradients of q, k, v) and HSTU's fused projection and attention
 (`projected_mha`: u, the attention, and the gradients of the pre-activation and both tables; on
-the tensor mesh its heads stay whole, replicated over tensor) and the Wukong layer's residual
-LayerNorm (forward and every gradient). `sharded`: the traced program
+the tensor mesh its heads stay whole, replicated over tensor), the Wukong layer's residual
+LayerNorm and HSTU's gated LayerNorm (forward and every gradient). `sharded`: the traced program
 runs the kernel under shard_map. `auto_traced`: impl=auto (the CUDA branch: compiled kernels,
 check_vma on) traces forward and backward on the mesh. Steps: a one-layer HSTU, Wukong and
 OneTrans trained two steps from the same init through the partitioner (fsdp layout, data=4 x
@@ -38,8 +38,8 @@ if ROOT not in sys.path:
 
 MESHES = {"data8": ((8, 1, 1), "dp"), "data4_fsdp2": ((4, 2, 1), "fsdp"), "data2_fsdp2_tensor2": ((2, 2, 2), "fsdp_tp")}
 # which kernel cases run on which mesh (the tensor mesh: the heads split over tensor by fsdp_tp)
-CASES = {"data8": ("hstu", "fm", "flash", "projected", "norm"),
-         "data4_fsdp2": ("hstu", "candidates", "fm", "projected", "norm"),
+CASES = {"data8": ("hstu", "fm", "flash", "projected", "norm", "rownorm"),
+         "data4_fsdp2": ("hstu", "candidates", "fm", "projected", "norm", "rownorm"),
          "data2_fsdp2_tensor2": ("hstu", "flash", "projected")}
 N, HEADS, DIM, B = 24, 2, 8, 8
 STEPS = 2
@@ -115,6 +115,12 @@ def _norm_vjp(impl, cot):
     from scaling.kernels.residual_norm import residual_layer_norm
 
     return _jit_vjp(functools.partial(residual_layer_norm, impl=impl), cot)
+
+
+def _rownorm_vjp(impl, cot):
+    from scaling.kernels.row_norm import gated_layer_norm
+
+    return _jit_vjp(functools.partial(gated_layer_norm, impl=impl), cot)
 
 
 def _candidate_inputs():
@@ -200,6 +206,7 @@ def kernel_cases() -> tuple[dict, dict]:
     flash_args, flash_fixed = _flash_inputs()
     pre, proj_cot = _projected_inputs()
     norm_args, norm_cot = _norm_inputs()
+    rownorm_args, rownorm_cot = (norm_args[2], norm_args[2][..., ::-1]), norm_cot  # x and a gate [B, 8, 24]
     proj_args = (pre, *hstu_args[3:])
 
     def candidates(impl):
@@ -209,11 +216,13 @@ def kernel_cases() -> tuple[dict, dict]:
     want = {"hstu": _hstu_vjp("xla", fixed)(*hstu_args), "candidates": candidates("xla")(*cand_args),
             "fm": _fm_vjp("xla", fm_cot)(*fm_args), "flash": _flash_vjp("xla", flash_fixed)(*flash_args),
             "projected": _projected_vjp("xla", fixed, proj_cot)(*proj_args),
-            "norm": _norm_vjp("xla", norm_cot)(*norm_args)}
+            "norm": _norm_vjp("xla", norm_cot)(*norm_args),
+            "rownorm": _rownorm_vjp("xla", rownorm_cot)(*rownorm_args)}
     names = {"hstu": ("out", "dq", "dk", "dv", "dpos_w", "dts_w"), "candidates": ("out",),
              "fm": ("out", "dx", "dy", "dscale", "dbias"), "flash": ("out", "dq", "dk", "dv"),
              "projected": ("u", "out", "dpre", "dpos_w", "dts_w"),
-             "norm": ("out", "dfirst", "dsecond", "dres", "dscale", "dbias")}
+             "norm": ("out", "dfirst", "dsecond", "dres", "dscale", "dbias"),
+             "rownorm": ("out", "dx", "dgate")}
     results, traced = {}, {}
     for mesh_name, (shape, layout) in MESHES.items():
         mesh = jax.make_mesh(shape, ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3)
@@ -221,7 +230,8 @@ def kernel_cases() -> tuple[dict, dict]:
             fns = {"hstu": (_hstu_vjp("pallas", fixed), hstu_args), "candidates": (candidates("pallas"), cand_args),
                    "fm": (_fm_vjp("pallas", fm_cot), fm_args), "flash": (_flash_vjp("pallas", flash_fixed), flash_args),
                    "projected": (_projected_vjp("pallas", fixed, proj_cot), proj_args),
-                   "norm": (_norm_vjp("pallas", norm_cot), norm_args)}
+                   "norm": (_norm_vjp("pallas", norm_cot), norm_args),
+                   "rownorm": (_rownorm_vjp("pallas", rownorm_cot), rownorm_args)}
             for case in CASES[mesh_name]:
                 fn, args = fns[case]
                 sharded = "shard_map" in str(fn.trace(*args).jaxpr)
@@ -230,7 +240,8 @@ def kernel_cases() -> tuple[dict, dict]:
                 auto = [_hstu_vjp("auto", fixed).trace(*hstu_args), _fm_vjp("auto", fm_cot).trace(*fm_args),
                         _flash_vjp("auto", flash_fixed).trace(*flash_args),
                         _projected_vjp("auto", fixed, proj_cot).trace(*proj_args),
-                        _norm_vjp("auto", norm_cot).trace(*norm_args)]
+                        _norm_vjp("auto", norm_cot).trace(*norm_args),
+                        _rownorm_vjp("auto", rownorm_cot).trace(*rownorm_args)]
                 traced[mesh_name] = all(str(t.jaxpr).count("shard_map") >= 2 for t in auto)
     return results, traced
 
@@ -245,7 +256,7 @@ def train_steps() -> dict:
     mesh = ["sharding.layout=fsdp", "sharding.mesh.data=4", "sharding.mesh.fsdp=2", "model.num_layers=1"]
     extra = {"hstu": ["model.qk_dim=16", "model.v_dim=16"]}  # heads the fused projection takes
     out = {}
-    for family, knobs in {"hstu": "model.attention_impl", "wukong": "model.fm_impl,model.norm_impl",
+    for family, knobs in {"hstu": "model.attention_impl,model.norm_impl", "wukong": "model.fm_impl,model.norm_impl",
                           "onetrans": "model.attention_impl"}.items():
         setups = {impl: prepare(cfg, dataset_of(cfg.data))
                   for impl, cfg in ((impl, config(family, [*mesh, *extra.get(family, []), *(f"{k}={impl}" for k in knobs.split(","))])) for impl in ("pallas", "xla"))}

@@ -2,7 +2,7 @@
 
 The 8-device cases run in one subprocess (tests/kernel_sharding_cases.py: XLA_FLAGS must be set
 before JAX starts): HSTU attention, M-FALCON's candidate attention, the FM block and the softmax
-attention, HSTU's fused projection and the Wukong layer's residual LayerNorm with impl=pallas (interpreted) under data=8, data=4 x fsdp=2 and data=2 x fsdp=2 x
+attention, HSTU's fused projection and LayerNorms and the Wukong layer's residual LayerNorm with impl=pallas (interpreted) under data=8, data=4 x fsdp=2 and data=2 x fsdp=2 x
 tensor=2 meshes equal the single-device xla path in fp32 (forward and every gradient, rtol 1e-5),
 and a one-layer HSTU, Wukong and OneTrans trained through the partitioner give the same losses
 with the kernels on and off.
@@ -37,6 +37,7 @@ def test_kernels_on_8_devices_equal_the_single_device_reference(cases):
     assert "data8/flash" in kernels and "data2_fsdp2_tensor2/flash" in kernels
     assert all(f"{mesh}/projected" in kernels for mesh in ("data8", "data4_fsdp2", "data2_fsdp2_tensor2"))
     assert "data8/norm" in kernels and "data4_fsdp2/norm" in kernels
+    assert "data8/rownorm" in kernels and "data4_fsdp2/rownorm" in kernels
     for name, case in kernels.items():
         assert case["sharded"], f"{name}: the kernel did not run under shard_map"
         for tensor, err in case["errors"].items():

@@ -30,6 +30,7 @@ from scaling.config_schema import knob
 from scaling.data.spec import SequenceSpec
 from scaling.kernels.dispatch import IMPL_HELP, KernelImpl
 from scaling.kernels.hstu_attention import hstu_mha, projected_mha, projection_fusable
+from scaling.kernels.row_norm import gated_layer_norm
 from scaling.models.embedding import embedding_table
 from scaling.sharding.embedding import lookup, natural_table
 from scaling.models.hstu_attention import time_buckets
@@ -79,6 +80,8 @@ class HSTUConfig(SequenceModelConfig):
     relative_bias: bool = knob(True, help="learned position + time bias in attention (false: the newer STU's none)")
     attention_alpha: float = knob(1.0, gt=0.0, help="score scale silu(alpha q.k + rab); the newer STU uses 1/sqrt(qk_dim)")
     attention_impl: KernelImpl = knob("auto", help=f"HSTU attention (scaling/kernels/hstu_attention.py). {IMPL_HELP}")
+    norm_impl: KernelImpl = knob("auto", help="the LayerNorms and the output gate "
+                                 f"(scaling/kernels/row_norm.py). {IMPL_HELP}")
 
     def encoder_flops(self, n: int | None = None, *, causal: bool = False) -> float:
         """Forward FLOPs of the encoder over one padded sequence of length n (default max_len).
@@ -104,14 +107,6 @@ class HSTUConfig(SequenceModelConfig):
             pointwise += n * h * self.qk_dim
         buckets = 22 * pairs if self.relative_bias else 0.0
         return float(self.num_layers * (matmuls + pointwise) + buckets + 5 * n * d)
-
-
-def _layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
-    """LayerNorm without learnable scale or shift (float32 statistics)."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
 
 
 def _xavier_uniform(key, fan_in: int, fan_out: int) -> jax.Array:
@@ -140,7 +135,7 @@ class HSTUBlock(nnx.Module):
 
     def pre_activation(self, x: jax.Array) -> jax.Array:
         """x [..., D] -> LN(x) @ W_uvqk [..., 2 h dv + 2 h dqk], the projection before its SiLU."""
-        return _layer_norm(x) @ self.w_uvqk[...]
+        return gated_layer_norm(x, impl=self.cfg.norm_impl) @ self.w_uvqk[...]
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
         """x [..., D] -> u [..., h*dv] (the gate), v [..., h, dv], q [..., h, dqk], k [..., h, dqk]."""
@@ -167,7 +162,7 @@ class HSTUBlock(nnx.Module):
 
     def output(self, x: jax.Array, u: jax.Array, attn: jax.Array) -> jax.Array:
         """Residual output x + W_o(dropout(u * LN(attn))) + b_o; x [..., D], u [..., h*dv], attn [..., h, dv]."""
-        gated = u * _layer_norm(attn.reshape(*attn.shape[:-2], -1))
+        gated = gated_layer_norm(attn.reshape(*attn.shape[:-2], -1), u, impl=self.cfg.norm_impl)
         return x + self.dropout(gated) @ self.w_o[...] + self.b_o[...]
 
     def _bias(self, n: int, timestamps, query_timestamps, buckets) -> dict[str, Any]:
