@@ -2,7 +2,7 @@
 
     python -m benchmarks.kernel_compile --triton-python PY [--dims 64,128] [--length 4096]
         [--tiles 64x64:64x64,64x64:64x32,...] [--warps 4,8] [--heads 2] [--head-groups 0]
-        [--op hstu|fm|flash] [--projected] [--dtype bfloat16|float32] [--out FILE]
+        [--op hstu|fm|flash|norm] [--projected] [--dtype bfloat16|float32] [--out FILE]
 
 JAX lowers each kernel to Triton IR here (cross-lowering for an abstract H100, bf16 unless
 --dtype float32: the fp32 dots then lower at JAX's default matmul precision, TF32, or IEEE fp32
@@ -23,6 +23,8 @@ tiles and warps. For HSTU, tiles are forward BQxBK:backward BQxBK, or `default`
 relative bias, for every head dim, warp count and heads-per-program setting (--head-groups, of
 --heads heads; 0: the library's default, `Blocks.resolve`). One program
 holds G heads' accumulators, so G is bounded by registers: this is where to see the bound.
+`--op norm` compiles HSTU's LayerNorm kernels (scaling/kernels/row_norm.py, with and without the
+gate) for row widths --norm-dims at the library's rows per program (`block_rows`).
 `--projected` lowers HSTU through `projected_mha`, the model's training path, whose backward
 kernels also write the packed projection's gradient (they hold one more tile at the end).
 """
@@ -38,7 +40,7 @@ import subprocess
 import tempfile
 
 from benchmarks.json_report import emit
-from benchmarks.triton_ir import flash_ttir, fm_ttir, hstu_ttir
+from benchmarks.triton_ir import flash_ttir, fm_ttir, hstu_ttir, norm_ttir
 
 SMEM_LIMIT = 227 * 1024  # H100: the most shared memory one block may use
 
@@ -129,8 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-stages", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2, help="HSTU heads (one sequence of --length tokens)")
     parser.add_argument("--head-groups", default="0", help="heads per program, comma-separated; 0: the default")
-    parser.add_argument("--op", default="hstu", choices=("hstu", "fm", "flash"),
-                        help="HSTU attention, the Wukong FM block or the softmax (OneTrans) attention")
+    parser.add_argument("--norm-dims", default="256,1024,2048,4096", help="--op norm: row widths d")
+    parser.add_argument("--op", default="hstu", choices=("hstu", "fm", "flash", "norm"),
+                        help="HSTU attention, the Wukong FM block, the softmax (OneTrans) attention or HSTU's LayerNorm")
     parser.add_argument("--fm-shapes", default="27x16x12,48x64x24,64x64x32,64x128x24,128x64x32,96x160x48",
                         help="FM block n x d x k settings (--op fm), with the library's warps")
     parser.add_argument("--flash-shapes", default="528x528x48,272x528x48,16x528x48,4096x4096x64,4096x4096x128",
@@ -170,6 +173,15 @@ def main(argv: list[str] | None = None) -> dict:
                              "num_stages": args.num_stages,
                              "tiles": list(FlashBlocks().resolve(itemsize))})
                 jobs.append({"ttir": path, "num_warps": warps, "num_stages": args.num_stages})
+        for d in (int(x) for x in args.norm_dims.split(",")) if args.op == "norm" else ():
+            from scaling.kernels.row_norm import ROW_WARPS, block_rows
+            from scaling.kernels.tiles import tile_dim
+
+            for gated in (False, True):
+                for kernel, path in sorted(norm_ttir(d, gated, tempfile.mkdtemp(dir=work), args.dtype).items()):
+                    rows.append({"kernel": kernel, "d": d, "gated": gated, "num_warps": ROW_WARPS,
+                                 "num_stages": args.num_stages, "block_rows": block_rows(tile_dim(d), itemsize)})
+                    jobs.append({"ttir": path, "num_warps": ROW_WARPS, "num_stages": args.num_stages})
         for dim in (int(d) for d in args.dims.split(",")) if args.op == "hstu" else ():
             settings = itertools.product(parse_tiles(args.tiles), (int(w) for w in args.warps.split(",")),
                                          (int(g) for g in args.head_groups.split(",")))

@@ -129,3 +129,20 @@ def flash_ttir(nq: int, nk: int, dim: int, directory: str, heads: int = 8, block
 
     grads = jax.value_and_grad(loss, argnums=(0, 1, 2))
     return captured(lambda: jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)), directory)
+
+
+def norm_ttir(d: int, gated: bool, directory: str, dtype: str = "bfloat16", rows: int = 32768) -> dict[str, str]:
+    """{kernel name: path of its Triton IR} for the gradient of HSTU's `auto` gated_layer_norm over
+    `rows` rows of d (`gated`: times a gate) in `dtype`."""
+    import jax
+    import jax.numpy as jnp
+
+    from scaling.kernels.row_norm import gated_layer_norm
+
+    x = jax.ShapeDtypeStruct((rows, d), dtype)
+
+    def loss(x, gate):
+        return jnp.sum(gated_layer_norm(x, gate if gated else None, impl="auto").astype(jnp.float32) ** 2)
+
+    return captured(lambda: jax.jit(jax.grad(loss, argnums=(0, 1))).trace(x, x).lower(
+        lowering_platforms=("cuda",)), directory)

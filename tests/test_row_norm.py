@@ -1,6 +1,6 @@
 """HSTU's LayerNorm kernel (scaling/kernels/row_norm.py): LN(x) and gate * LN(x) against the jnp
-reference, in interpret mode on CPU. Tolerances as in tests/test_kernels.py. Shapes cover a row
-count that is not a whole number of 16-row blocks (3 x 7 = 21) and d padded in registers (40)."""
+reference, in interpret mode on CPU. Tolerances as in tests/test_kernels.py. Shapes cover several
+programs with a row count that is not a whole number of them and d padded in registers (40)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from scaling.kernels.row_norm import gated_layer_norm
 from tests.test_kernels import _close, _cuda_lowering, _err
 
-SHAPE = (3, 7, 40)
+SHAPE = (5, 30, 40)  # 150 rows: 3 programs of 64 (bf16 and fp32 at d_p = 64), the last partial
 
 
 def _inputs(dtype=jnp.float32, seed=0, gated=True):
@@ -31,6 +31,10 @@ def _vjp(impl, x, gate, cot):
 
 @pytest.mark.parametrize("gated", [False, True])
 def test_row_layer_norm_matches_reference_fp32(gated):
+    from scaling.kernels.row_norm import block_rows
+
+    assert block_rows(64, 4) == 64 and 150 % 64  # several programs, the last one partial
+    assert block_rows(1024, 2) == 16 and block_rows(1024, 4) == 8 and block_rows(32768, 4) == 1
     x, gate, cot = _inputs(gated=gated)
     (out, grads), (ref_out, ref_grads) = _vjp("pallas", x, gate, cot), _vjp("xla", x, gate, cot)
     _close(out, ref_out, name="out")

@@ -14,8 +14,10 @@ the fewest a fused LayerNorm can:
   backward  recomputes the row statistics from x, reads the cotangent (and the gate) and writes
             dx (and d gate = g * LN(x)): 3 passes (5 with the gate)
 
-Grid (M / ROWS,) over the M = B N rows; a program holds ROWS rows of d entries (d padded to a
-power of two in registers only; loads and stores are masked at the true d and M).
+Grid (M / R,) over the M = B N rows; a program holds R rows of d entries (d padded to a power of
+two in registers only; loads and stores are masked at the true d and M). R = `block_rows`: 16 at
+HSTU's d = 1024 in bf16, fewer for wider rows or fp32, so that a program's tiles stay within
+registers (the gated backward holds 245 of them at d = 1024, bf16, R = 16).
 
     x^ = (x - mean) rstd,  g^ = g (x gate),  dx = rstd (g^ - mean(g^) - x^ mean(g^ x^))
 """
@@ -35,20 +37,28 @@ from scaling.kernels.dispatch import dispatch
 from scaling.kernels.sharded import out_struct
 from scaling.kernels.tiles import corner_mask, load_tile, store_tile, tile_dim
 
-__all__ = ["gated_layer_norm", "reference_gated_layer_norm", "pallas_gated_layer_norm"]
+__all__ = ["gated_layer_norm", "reference_gated_layer_norm", "pallas_gated_layer_norm", "block_rows"]
 
-ROWS = 16  # rows a program normalizes
+ROW_WARPS = 8  # warps per program
+TILE_ELEMENTS = 16384  # R x d_p of one program's 16-bit tiles (half that for fp32): `block_rows`
+
+
+def block_rows(d_p: int, itemsize: int) -> int:
+    """R, the rows one program normalizes: TILE_ELEMENTS / d_p for 16-bit inputs, half for fp32,
+    between 1 and 64 (a power of two, as d_p is)."""
+    return max(1, min(64, TILE_ELEMENTS // (d_p * max(1, itemsize // 2))))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
     rows: int  # M, the true number of rows
+    block: int  # R, rows per program
     d: int
     d_p: int
     eps: float
     gated: bool
     interpret: bool
-    num_warps: int = 8
+    num_warps: int = ROW_WARPS
     num_stages: int = 2
 
 
@@ -61,17 +71,17 @@ def reference_gated_layer_norm(x, gate=None, *, eps: float = 1e-6) -> jax.Array:
     return y if gate is None else gate * y
 
 
-def _block():
+def _block(cfg: _Config):
     """(this program's first row, the block's index on the [1, M, d] view's leading axis: 0, traced,
     which load_tile's masked loads past d need in interpret mode)."""
-    first = pl.program_id(0) * ROWS
+    first = pl.program_id(0) * cfg.block
     return first, first - first
 
 
 def _normalized(x_ref, cfg: _Config):
-    """(x^ fp32 [ROWS, d_p], rstd [ROWS, 1], mask) of this program's rows."""
-    first, e = _block()
-    mask = corner_mask(ROWS, cfg.d_p, cfg.rows - first, cfg.d)
+    """(x^ fp32 [R, d_p], rstd [R, 1], mask) of this program's rows."""
+    first, e = _block(cfg)
+    mask = corner_mask(cfg.block, cfg.d_p, cfg.rows - first, cfg.d)
     x = load_tile(x_ref, e, mask).astype(jnp.float32)
     mean = jnp.sum(x, axis=1, keepdims=True) / cfg.d  # entries outside the mask are exact zeros
     centred = jnp.where(mask, x - mean, 0.0)
@@ -82,7 +92,7 @@ def _normalized(x_ref, cfg: _Config):
 def _forward_kernel(*refs, cfg: _Config):
     x_ref, *gate_ref, o_ref = refs
     xhat, _, mask = _normalized(x_ref, cfg)
-    e = _block()[1]
+    e = _block(cfg)[1]
     y = xhat.astype(o_ref.dtype)
     if cfg.gated:
         y = load_tile(gate_ref[0], e, mask) * y
@@ -95,7 +105,7 @@ def _backward_kernel(*refs, cfg: _Config):
     else:
         x_ref, g_ref, dx_ref = refs
     xhat, rstd, mask = _normalized(x_ref, cfg)
-    e = _block()[1]
+    e = _block(cfg)[1]
     g = load_tile(g_ref, e, mask)
     if cfg.gated:
         store_tile(dgate_ref, e, g * xhat.astype(g.dtype), mask)
@@ -108,8 +118,8 @@ def _backward_kernel(*refs, cfg: _Config):
 
 
 def _spec(cfg: _Config):
-    """ROWS rows of the [1, M, d] view per program (the leading 1: load_tile's example axis)."""
-    return pl.BlockSpec((1, ROWS, cfg.d), lambda i: (0, i, 0))
+    """R rows of the [1, M, d] view per program (the leading 1: load_tile's example axis)."""
+    return pl.BlockSpec((1, cfg.block, cfg.d), lambda i: (0, i, 0))
 
 
 def _call_forward(x, gate, cfg: _Config):
@@ -117,7 +127,7 @@ def _call_forward(x, gate, cfg: _Config):
     return pl.pallas_call(
         functools.partial(_forward_kernel, cfg=cfg),
         out_shape=out_struct(x.shape, x.dtype, *inputs),
-        grid=(x.shape[1] // ROWS,),
+        grid=(x.shape[1] // cfg.block,),
         in_specs=[_spec(cfg)] * len(inputs),
         out_specs=_spec(cfg),
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -144,7 +154,7 @@ def _norm_bwd(cfg: _Config, residuals, g):
     grads = pl.pallas_call(
         functools.partial(_backward_kernel, cfg=cfg),
         out_shape=tuple(out_struct(o.shape, o.dtype, *inputs) for o in outs),
-        grid=(x.shape[1] // ROWS,),
+        grid=(x.shape[1] // cfg.block,),
         in_specs=[_spec(cfg)] * len(inputs),
         out_specs=tuple(_spec(cfg) for _ in outs),
         compiler_params=pltr.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
@@ -165,13 +175,15 @@ def pallas_gated_layer_norm(x, gate=None, *, eps: float = 1e-6, interpret: bool 
         raise ValueError(f"the gate {gate.shape} must have x's shape {x.shape}")
     d = x.shape[-1]
     rows = x.size // d
-    padded = -(-rows // ROWS) * ROWS  # whole blocks (a copy only when M is not a multiple of ROWS)
+    d_p = tile_dim(d)
+    block = block_rows(d_p, jnp.dtype(x.dtype).itemsize)
+    padded = -(-rows // block) * block  # whole blocks (a copy only when M is not a multiple of R)
 
     def view(a):
         a = a.reshape(1, rows, d)
         return a if padded == rows else jnp.pad(a, ((0, 0), (0, padded - rows), (0, 0)))
 
-    cfg = _Config(rows=rows, d=d, d_p=tile_dim(d), eps=float(eps), gated=gate is not None, interpret=interpret)
+    cfg = _Config(rows=rows, block=block, d=d, d_p=d_p, eps=float(eps), gated=gate is not None, interpret=interpret)
     out = _norm(view(x), None if gate is None else view(gate.astype(x.dtype)), cfg)
     return out[:, :rows].reshape(x.shape)
 
