@@ -6,8 +6,8 @@ equals HSTU's non-affine LayerNorm (scaling/models/hstu.py) `layer_norm(x)`, or 
 layer_norm(x)` with a gate (the block's output u * LN(attention)): statistics in fp32 over the
 row's d entries, the normalized row cast to x's dtype, then the gate's product in that dtype.
 
-As XLA compiles HSTU's step, the two LayerNorms of a block and the gate take about 23 passes over
-a [B N, d] activation per layer forward and backward (benchmarks/gpu_aot.py). The kernels make
+As XLA compiled HSTU's step, the two LayerNorms of a block and the gate took about 23 passes over
+a [B N, d] activation per layer, forward and backward (benchmarks/gpu_aot.py). The kernels make
 the fewest a fused LayerNorm can:
 
   forward   reads x (and the gate) and writes y: 2 passes (3 with the gate)
@@ -17,7 +17,7 @@ the fewest a fused LayerNorm can:
 Grid (M / R,) over the M = B N rows; a program holds R rows of d entries (d padded to a power of
 two in registers only; loads and stores are masked at the true d and M). R = `block_rows`: 16 at
 HSTU's d = 1024 in bf16, fewer for wider rows or fp32, so that a program's tiles stay within
-registers (the gated backward holds 245 of them at d = 1024, bf16, R = 16).
+registers (the gated backward uses 245 registers at d = 1024, bf16, R = 16).
 
     x^ = (x - mean) rstd,  g^ = g (x gate),  dx = rstd (g^ - mean(g^) - x^ mean(g^ x^))
 """
