@@ -399,6 +399,7 @@ def test_impl_knobs_are_typed_config_fields():
     assert build(ModelConfig, {"name": "wukong", "fm_impl": "pallas"}).fm_impl == "pallas"
     assert build(ModelConfig, {"name": "wukong", "norm_impl": "xla"}).norm_impl == "xla"
     assert build(ModelConfig, {**hstu, "norm_impl": "pallas"}).norm_impl == "pallas"
+    assert build(ModelConfig, {"name": "hstu_ranker", "norm_impl": "xla"}).norm_impl == "xla"
     with pytest.raises(ConfigError, match="attention_impl"):
         build(ModelConfig, {**hstu, "attention_impl": "triton"})
 

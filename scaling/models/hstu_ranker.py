@@ -70,6 +70,7 @@ class HSTURankerConfig(RankingModelConfig):
     seq_len: int = knob(0, ge=0, help="most recent events read per sequence (0: all the data gives)")
     head_mlp: tuple[int, ...] = knob((64,), help="hidden widths of the head over the candidate token")
     attention_impl: KernelImpl = knob("auto", help=f"HSTU attention. {IMPL_HELP}")
+    norm_impl: KernelImpl = knob("auto", help=f"HSTU's LayerNorms and output gate. {IMPL_HELP}")
 
     def check(self) -> None:
         check_widths("head_mlp", self.head_mlp)
@@ -82,7 +83,8 @@ class HSTURankerConfig(RankingModelConfig):
         """The HSTU layers' config (attention divided by the padded length, as in 3/7)."""
         return HSTUConfig(embed_dim=self.embed_dim, num_layers=self.num_layers, num_heads=self.num_heads,
                           qk_dim=self.qk_dim, v_dim=self.v_dim, max_len=self.tokens(spec),
-                          num_buckets=self.num_buckets, dropout=self.dropout, attention_impl=self.attention_impl)
+                          num_buckets=self.num_buckets, dropout=self.dropout, attention_impl=self.attention_impl,
+                          norm_impl=self.norm_impl)
 
     def flops_per_example(self, spec: RankingSpec) -> float:
         """Events (add, padding select), the candidate's placement, the HSTU layers (3/7's count),
