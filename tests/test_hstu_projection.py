@@ -6,13 +6,16 @@ section in place). Interpret mode on CPU, tolerances as in tests/test_kernels.py
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from scaling.kernels.hstu_attention import Blocks, projected_mha, projection_fusable
-from tests.test_kernels import _abstract_mesh, _close, _cuda_lowering, _err
+from tests.test_kernels import (_abstract_mesh, _assert_same_loss_and_block_grads, _close, _cuda_lowering,
+                                _encoder_loss_and_grads, _err, _hstu_batch, _hstu_model)
 
 N, HEADS, DIM = 40, 2, 16
 LENGTHS = (0, 1, 16, 37, 40)  # 0, 1, a block, a non-multiple, the full width (padded to 48)
@@ -107,52 +110,22 @@ def test_projection_fusable_needs_one_power_of_two_head_width_and_whole_heads():
             assert projection_fusable(4, 16, 16)
 
 
-def _hstu_model(impl: str, qk_dim: int = 16):
-    from flax import nnx
-
-    from scaling.data.spec import SequenceSpec
-    from scaling.models.hstu import HSTU, HSTUConfig
-
-    cfg = HSTUConfig(embed_dim=16, num_layers=2, num_heads=2, qk_dim=qk_dim, v_dim=qk_dim, max_len=20, num_buckets=32,
-                     dropout=0.0, attention_impl=impl, attention_alpha=0.5)
-    model = HSTU(cfg, SequenceSpec(num_items=30, num_negatives=0), rngs=nnx.Rngs(0))
-    rng = np.random.default_rng(8)
-    for block in model.blocks:  # scores of order 1 and biases that matter
-        block.w_uvqk[...] = 10.0 * block.w_uvqk[...]
-        block.pos_w[...] = jnp.asarray(rng.standard_normal(block.pos_w.shape), jnp.float32)
-        block.ts_w[...] = jnp.asarray(rng.standard_normal(block.ts_w.shape), jnp.float32)
-    return model
-
-
 def test_hstu_model_trains_through_the_fused_projection_and_matches_xla():
     """With 16-wide heads the block runs `projected_mha`: its kernel backward (the dQ kernel writing
     in place into dK/dV's buffer) is in the program, and loss and every block gradient equal the
     xla path's."""
     from flax import nnx
 
-    rng = np.random.default_rng(9)
-    lengths = jnp.asarray([20, 7, 1], jnp.int32)
-    items = jnp.asarray(rng.integers(1, 31, size=(3, 20)) * (np.arange(20)[None] < np.asarray(lengths)[:, None]),
-                        jnp.int32)
-    ts = jnp.asarray(1_600_000_000 + np.cumsum(rng.integers(0, 100_000, size=(3, 20)), axis=1), jnp.int32)
-
-    def loss_and_grads(model):
-        def loss(model):
-            return jnp.sum(jnp.sin(3.0 * model.encode(items, ts, lengths)))
-
-        return nnx.value_and_grad(loss)(model)
-
-    kernel, reference = _hstu_model("pallas"), _hstu_model("xla")
+    batch = _hstu_batch()
+    run = functools.partial(_encoder_loss_and_grads, batch=batch)
+    kernel, reference = (_hstu_model(impl, qk_dim=16, v_dim=16, attention_alpha=0.5) for impl in ("pallas", "xla"))
     graphdef, state = nnx.split(kernel)
-    jaxpr = str(jax.make_jaxpr(lambda state: loss_and_grads(nnx.merge(graphdef, state)))(state))
+    jaxpr = str(jax.make_jaxpr(lambda state: run(nnx.merge(graphdef, state)))(state))
     assert "hstu_attention_dq" in jaxpr and "input_output_aliases=((7, 0),)" in jaxpr
-    (value, grads), (ref_value, ref_grads) = nnx.jit(loss_and_grads)(kernel), nnx.jit(loss_and_grads)(reference)
-    _close(value, ref_value)
-    flat, ref_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(ref_grads))
-    for path in [p for p in ref_flat if "blocks" in p]:
-        _close(flat[path][...], ref_flat[path][...], rtol=2e-5, name=str(path))
+    _assert_same_loss_and_block_grads(nnx.jit(run)(kernel), nnx.jit(run)(reference))
     # the unfused block (what forward_with_kv, M-FALCON's cache, runs) gives the same block output
-    block, x = kernel.blocks[0], jnp.asarray(rng.normal(size=(3, 20, 16)), jnp.float32)
+    items, ts, lengths = batch
+    block, x = kernel.blocks[0], jnp.asarray(np.random.default_rng(10).normal(size=(3, 20, 16)), jnp.float32)
     _close(block(x, ts, lengths), block.forward_with_kv(x, ts, lengths)[0])
 
 

@@ -404,44 +404,59 @@ def test_impl_knobs_are_typed_config_fields():
         build(ModelConfig, {**hstu, "attention_impl": "triton"})
 
 
-def _hstu_model(impl: str):
+def _hstu_model(impl: str, **overrides):
+    """A 2-layer HSTU encoder with `attention_impl=impl` (and config `overrides`), its projection
+    scaled up and both bias tables random so that scores are of order 1 and the biases matter."""
     from flax import nnx
 
     from scaling.data.spec import SequenceSpec
     from scaling.models.hstu import HSTU, HSTUConfig
 
-    cfg = HSTUConfig(embed_dim=16, num_layers=2, num_heads=2, qk_dim=8, v_dim=8, max_len=20, num_buckets=32,
-                     dropout=0.0, attention_impl=impl)
-    model = HSTU(cfg, SequenceSpec(num_items=30, num_negatives=0), rngs=nnx.Rngs(0))
+    base = dict(embed_dim=16, num_layers=2, num_heads=2, qk_dim=8, v_dim=8, max_len=20, num_buckets=32, dropout=0.0,
+                attention_impl=impl)
+    model = HSTU(HSTUConfig(**{**base, **overrides}), SequenceSpec(num_items=30, num_negatives=0), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(8)
-    for block in model.blocks:  # scores of order 1 and biases that matter
+    for block in model.blocks:
         block.w_uvqk[...] = 10.0 * block.w_uvqk[...]
         block.pos_w[...] = jnp.asarray(rng.standard_normal(block.pos_w.shape), jnp.float32)
         block.ts_w[...] = jnp.asarray(rng.standard_normal(block.ts_w.shape), jnp.float32)
     return model
 
 
-def test_hstu_model_forward_and_gradients_with_pallas_equal_xla():
-    from flax import nnx
-
+def _hstu_batch():
+    """(items, timestamps, lengths): 3 sequences of 20, 7 and 1 events (padding 0)."""
     rng = np.random.default_rng(9)
     lengths = jnp.asarray([20, 7, 1], jnp.int32)
     items = jnp.asarray(rng.integers(1, 31, size=(3, 20)) * (np.arange(20)[None] < np.asarray(lengths)[:, None]),
                         jnp.int32)
     ts = jnp.asarray(1_600_000_000 + np.cumsum(rng.integers(0, 100_000, size=(3, 20)), axis=1), jnp.int32)
+    return items, ts, lengths
 
-    @nnx.jit
-    def loss_and_grads(model):
-        def loss(model):
-            return jnp.sum(jnp.sin(3.0 * model.encode(items, ts, lengths)))
 
-        return nnx.value_and_grad(loss)(model)
+def _encoder_loss_and_grads(model, batch):
+    """(sum(sin(3 encode(batch))), its gradient state) of an HSTU model."""
+    from flax import nnx
 
-    (value, grads), (ref_value, ref_grads) = loss_and_grads(_hstu_model("pallas")), loss_and_grads(_hstu_model("xla"))
+    items, ts, lengths = batch
+    return nnx.value_and_grad(lambda m: jnp.sum(jnp.sin(3.0 * m.encode(items, ts, lengths))))(model)
+
+
+def _assert_same_loss_and_block_grads(got, want):
+    """Equal losses and every block parameter's gradient (incl. both bias tables), rtol 2e-5."""
+    from flax import nnx
+
+    (value, grads), (ref_value, ref_grads) = got, want
     _close(value, ref_value)
     flat, ref_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(ref_grads))
-    for path in [p for p in ref_flat if "blocks" in p]:  # every block parameter incl. both bias tables
+    for path in [p for p in ref_flat if "blocks" in p]:
         _close(flat[path][...], ref_flat[path][...], rtol=2e-5, name=str(path))
+
+
+def test_hstu_model_forward_and_gradients_with_pallas_equal_xla():
+    from flax import nnx
+
+    run = nnx.jit(functools.partial(_encoder_loss_and_grads, batch=_hstu_batch()))
+    _assert_same_loss_and_block_grads(run(_hstu_model("pallas")), run(_hstu_model("xla")))
 
 
 def test_mfalcon_scores_with_pallas_equal_xla():

@@ -4,13 +4,16 @@ programs with a row count that is not a whole number of them and d padded in reg
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from scaling.kernels.row_norm import gated_layer_norm
-from tests.test_kernels import _close, _cuda_lowering, _err
+from tests.test_kernels import (_assert_same_loss_and_block_grads, _close, _cuda_lowering, _encoder_loss_and_grads,
+                                _err, _hstu_batch, _hstu_model)
 
 SHAPE = (5, 30, 40)  # 150 rows: 3 programs of 64 (bf16 and fp32 at d_p = 64), the last partial
 
@@ -69,26 +72,9 @@ def test_hstu_with_the_norm_kernel_equals_xla():
     model's output and every block gradient (the attention through xla in both)."""
     from flax import nnx
 
-    from scaling.data.spec import SequenceSpec
-    from scaling.models.hstu import HSTU, HSTUConfig
-
-    rng = np.random.default_rng(9)
-    lengths = jnp.asarray([20, 7, 1], jnp.int32)
-    items = jnp.asarray(rng.integers(1, 31, size=(3, 20)) * (np.arange(20)[None] < np.asarray(lengths)[:, None]),
-                        jnp.int32)
-    ts = jnp.asarray(1_600_000_000 + np.cumsum(rng.integers(0, 100_000, size=(3, 20)), axis=1), jnp.int32)
-
-    def loss_and_grads(model):
-        return nnx.value_and_grad(lambda m: jnp.sum(jnp.sin(3.0 * m.encode(items, ts, lengths))))(model)
-
-    models = [HSTU(HSTUConfig(embed_dim=24, num_layers=2, num_heads=2, qk_dim=12, v_dim=12, max_len=20,
-                              num_buckets=32, dropout=0.0, attention_impl="xla", norm_impl=impl),
-                   SequenceSpec(num_items=30, num_negatives=0), rngs=nnx.Rngs(0)) for impl in ("pallas", "xla")]
-    (value, grads), (ref_value, ref_grads) = (nnx.jit(loss_and_grads)(m) for m in models)
-    _close(value, ref_value)
-    flat, ref_flat = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(ref_grads))
-    for path in [p for p in ref_flat if "blocks" in p]:
-        _close(flat[path][...], ref_flat[path][...], rtol=2e-5, name=str(path))
+    run = nnx.jit(functools.partial(_encoder_loss_and_grads, batch=_hstu_batch()))
+    got, want = (run(_hstu_model("xla", norm_impl=impl)) for impl in ("pallas", "xla"))
+    _assert_same_loss_and_block_grads(got, want)
 
 
 def test_row_layer_norm_lowers_to_triton():

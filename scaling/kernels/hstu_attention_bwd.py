@@ -71,17 +71,23 @@ class Packed(NamedTuple):
     alpha: float = 1.0
 
 
+def _silu_derivative(s: jax.Array, sig: jax.Array) -> jax.Array:
+    """d silu(s) / ds from s and sigmoid(s)."""
+    return sig * (1.0 + s * (1.0 - sig))
+
+
 def _silu_grad(s: jax.Array, cfg: MhaConfig, fast: bool) -> tuple[jax.Array, jax.Array]:
     """(d silu(s) / ds, silu(s)), fp32 (the 1 / norm is applied by the caller)."""
     sig = sigmoid(s, cfg, fast)
-    return sig * (1.0 + s * (1.0 - sig)), s * sig
+    return _silu_derivative(s, sig), s * sig
 
 
-def _through_silu(grad: jax.Array, pre: jax.Array, cfg: MhaConfig) -> jax.Array:
-    """The pre-activation's gradient grad * silu'(pre), fp32 (once per output element)."""
+def _through_silu(grad: jax.Array, pre: jax.Array) -> jax.Array:
+    """The pre-activation's gradient grad * silu'(pre), fp32, once per output element. The sigmoid
+    is (1 + tanh(x / 2)) / 2 with the exact tanh: the logistic's IEEE division made one fp32
+    kernel spill (benchmarks/kernel_compile.py --projected)."""
     x = pre.astype(jnp.float32)
-    sig = 0.5 + 0.5 * jnp.tanh(0.5 * x)
-    return grad * (sig * (1.0 + x * (1.0 - sig)))
+    return grad * _silu_derivative(x, 0.5 + 0.5 * jnp.tanh(0.5 * x))
 
 
 def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool, packed: bool):
@@ -132,10 +138,10 @@ def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool, packed: bool):
     for g, dk, dv in zip(heads, dks, dvs):
         dk, dv = dk * (1.0 / cfg.norm), dv * (1.0 / cfg.norm)
         if packed:
-            d_ref[:, K, g, :] = _through_silu(dk, pre_ref[:, K, g, :], cfg).astype(d_ref.dtype)
-            d_ref[:, V, g, :] = _through_silu(dv, pre_ref[:, V, g, :], cfg).astype(d_ref.dtype)
+            d_ref[:, K, g, :] = _through_silu(dk, pre_ref[:, K, g, :]).astype(d_ref.dtype)
+            d_ref[:, V, g, :] = _through_silu(dv, pre_ref[:, V, g, :]).astype(d_ref.dtype)
             du = du_ref[:, g, :].astype(jnp.float32)
-            d_ref[:, U, g, :] = _through_silu(du, pre_ref[:, U, g, :], cfg).astype(d_ref.dtype)
+            d_ref[:, U, g, :] = _through_silu(du, pre_ref[:, U, g, :]).astype(d_ref.dtype)
         else:
             dk_ref[:, g, :] = dk.astype(dk_ref.dtype)
             dv_ref[:, g, :] = dv.astype(dv_ref.dtype)
@@ -158,7 +164,7 @@ def _dq_kernel(*refs, cfg: MhaConfig, alpha: float | None):
         pre_ref = packed_in[0]
 
         def epilogue(g, dq):  # q = alpha silu(pre): the q section of d pre
-            return _through_silu(alpha * dq, pre_ref[:, g, :], cfg)
+            return _through_silu(alpha * dq, pre_ref[:, g, :])
     blk = query_block(len_ref, hist_ref, qts_ref, cfg.bwd_block_q, cfg)
     heads = program_heads(cfg)
     qs, dos = [q_ref[:, g, :] for g in heads], [do_ref[:, g, :] for g in heads]
@@ -255,7 +261,7 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     if fused:
         out_shape += (drab_struct,)
         out_specs += (pl.BlockSpec((None, bk, n), lambda i, b, h: (b, i, 0)),)
-    dk, *dv = pl.pallas_call(
+    outs = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg, dbias=fused, packed=packed is not None),
         out_shape=out_shape,
         grid=(n // bk, bsz, heads // g),
@@ -268,10 +274,11 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
         interpret=cfg.interpret,
         name="hstu_attention_dkdv",
     )(lengths, n_hist, q, k, v, do, *packed_args, *bias_args)
-    fused_drab = dv[-1:] if fused else []
-    dv = None if packed else dv[0]
+    fused_drab = outs[-1] if fused else None
+    # packed: outs[0] is the d pre buffer, whose q section the dQ kernel fills in place
+    dk, dv = (None, None) if packed else outs[:2]
 
-    dq_args = (packed.pre, dk) if packed else ()
+    dq_args = (packed.pre, outs[0]) if packed else ()
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, alpha=packed.alpha if packed else None),
         out_shape=out_shape[0] if packed else out_struct(q.shape, q.dtype, *inputs),
@@ -289,13 +296,11 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
         interpret=cfg.interpret,
         name="hstu_attention_dq",
     )(lengths, n_hist, q, k, v, do, *dq_args, *bias_args)
-    if packed:
-        dq, dk = dq, None
 
     if not cfg.has_bias:
         return dq, dk, dv, None
     if fused:
-        return dq, dk, dv, fused_drab[0]
+        return dq, dk, dv, fused_drab
 
     def tile(size, d, at):
         return pl.BlockSpec((None, size, heads, d), lambda j, i, b: (b, at(j, i), 0, 0))

@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.dispatch import dispatch
+from scaling.kernels.row_norm import standardize_rows, standardized_rows_grad
 from scaling.kernels.sharded import out_struct
 from scaling.kernels.tiles import cdiv, corner_mask, load_tile, store_tile, tile_dim
 from scaling.models.mlp import layer_norm
@@ -83,10 +84,8 @@ def _normalized(part_ref, res_ref, e, row, out_row, n, cfg: _Config):
     of example e: x = part + residual, summed in their dtype, normalized over the true d."""
     mask = corner_mask(ROWS, cfg.d_p, n - row, cfg.d)
     x = (load_tile(part_ref, e, mask, row) + load_tile(res_ref, e, mask, out_row)).astype(jnp.float32)
-    mean = jnp.sum(x, axis=1, keepdims=True) / cfg.d  # entries outside the mask are exact zeros
-    centred = jnp.where(mask, x - mean, 0.0)
-    rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / cfg.d + cfg.eps)
-    return centred * rstd, rstd, mask
+    xhat, rstd = standardize_rows(x, mask, cfg.d, cfg.eps)
+    return xhat, rstd, mask
 
 
 def _forward_kernel(*refs, cfg: _Config):
@@ -116,10 +115,7 @@ def _backward_kernel(*refs, cfg: _Config):
             dscale, dbias = carry
             xhat, rstd, mask = _normalized(parts[p], res_ref, e, row, out_row, n, cfg)
             g = load_tile(g_ref, e, mask, out_row).astype(jnp.float32)
-            gs = g * scale
-            mean_g = jnp.sum(gs, axis=1, keepdims=True) / cfg.d
-            mean_gx = jnp.sum(gs * xhat, axis=1, keepdims=True) / cfg.d
-            dx = jnp.where(mask, rstd * (gs - mean_g - xhat * mean_gx), 0.0).astype(dres_ref.dtype)
+            dx = standardized_rows_grad(g * scale, xhat, rstd, mask, cfg.d).astype(dres_ref.dtype)
             store_tile(d_parts[p], e, dx, mask, row)
             store_tile(dres_ref, e, dx, mask, out_row)
             return dscale + jnp.sum(g * xhat, axis=0), dbias + jnp.sum(g, axis=0)

@@ -78,15 +78,28 @@ def _block(cfg: _Config):
     return first, first - first
 
 
+def standardize_rows(x: jax.Array, mask: jax.Array, d: int, eps: float) -> tuple[jax.Array, jax.Array]:
+    """(x^ [R, d_p], rstd [R, 1]) of fp32 rows x [R, d_p] over their true d entries: x^ = (x - mean)
+    rstd. Entries of x outside `mask` must be zeros (masked loads); they stay zeros in x^."""
+    centred = jnp.where(mask, x - jnp.sum(x, axis=1, keepdims=True) / d, 0.0)
+    rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / d + eps)
+    return centred * rstd, rstd
+
+
+def standardized_rows_grad(g: jax.Array, xhat: jax.Array, rstd: jax.Array, mask: jax.Array, d: int) -> jax.Array:
+    """dx [R, d_p] for the fp32 cotangent g of x^ = `standardize_rows(x)`: rstd (g - mean(g) - x^
+    mean(g x^)), zeros outside `mask`."""
+    mean_g = jnp.sum(g, axis=1, keepdims=True) / d
+    mean_gx = jnp.sum(g * xhat, axis=1, keepdims=True) / d
+    return jnp.where(mask, rstd * (g - mean_g - xhat * mean_gx), 0.0)
+
+
 def _normalized(x_ref, cfg: _Config):
     """(x^ fp32 [R, d_p], rstd [R, 1], mask) of this program's rows."""
     first, e = _block(cfg)
     mask = corner_mask(cfg.block, cfg.d_p, cfg.rows - first, cfg.d)
-    x = load_tile(x_ref, e, mask).astype(jnp.float32)
-    mean = jnp.sum(x, axis=1, keepdims=True) / cfg.d  # entries outside the mask are exact zeros
-    centred = jnp.where(mask, x - mean, 0.0)
-    rstd = lax.rsqrt(jnp.sum(centred * centred, axis=1, keepdims=True) / cfg.d + cfg.eps)
-    return centred * rstd, rstd, mask
+    xhat, rstd = standardize_rows(load_tile(x_ref, e, mask).astype(jnp.float32), mask, cfg.d, cfg.eps)
+    return xhat, rstd, mask
 
 
 def _forward_kernel(*refs, cfg: _Config):
@@ -110,10 +123,7 @@ def _backward_kernel(*refs, cfg: _Config):
     if cfg.gated:
         store_tile(dgate_ref, e, g * xhat.astype(g.dtype), mask)
         g = g.astype(jnp.float32) * load_tile(gate_ref, e, mask).astype(jnp.float32)
-    g = g.astype(jnp.float32)
-    mean_g = jnp.sum(g, axis=1, keepdims=True) / cfg.d
-    mean_gx = jnp.sum(g * xhat, axis=1, keepdims=True) / cfg.d
-    dx = jnp.where(mask, rstd * (g - mean_g - xhat * mean_gx), 0.0)
+    dx = standardized_rows_grad(g.astype(jnp.float32), xhat, rstd, mask, cfg.d)
     store_tile(dx_ref, e, dx.astype(dx_ref.dtype), mask)
 
 
