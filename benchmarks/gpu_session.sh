@@ -22,9 +22,9 @@
 # so a step cut short keeps its finished rows); OUT/summary.txt lists each step's exit status and
 # seconds (124 = timed out). At most 7 files: what a device call brings back (8 at most).
 #
-# Budget: a device command may run 10 minutes, so the step timeouts (seconds, override with
-# T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TILES, T_TRAIN) sum to 560 and a global deadline (DEADLINE=570
-# seconds from the start) cuts the last step short rather than lose the whole call. Steps can be
+# Budget: a device command may run 10 minutes, so a global deadline (DEADLINE=570 seconds from the
+# start) cuts the last step short rather than lose the whole call; the step timeouts (seconds,
+# override with T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TILES, T_TRAIN) sum to 580. Steps can be
 # split over two calls on a warm machine: `... OUT env test kernels profile` then `... OUT gr tiles train`.
 #
 # Packages: the device image's python3 has JAX (CUDA), flax, optax, orbax, PyTorch and Triton, but
@@ -126,18 +126,22 @@ profile_both() {
 }
 
 tile_sweep() {
-  # (block_q, block_k, bwd_block_q, bwd_block_k, num_warps, num_stages, heads_per_program).
+  # (forward BQ, BK, dK/dV BQ, BK, dQ BQ, BK, num_warps, num_stages, heads per program, dK/dV's).
   # Only settings that compile without register spills at d = 128 with the bias
-  # (benchmarks/kernel_compile.py): one head per program on 64-wide tiles, or two heads sharing
-  # each bias tile on halved tiles (the defaults for G = 1 and G = 2 among them).
-  local settings="64,64,64,32,8,2,1 64,64,64,32,8,3,1 64,64,32,32,8,2,1 64,32,32,32,8,2,2 64,32,32,32,8,3,2 32,64,32,32,8,2,2"
+  # (benchmarks/kernel_compile.py): the default (dK/dV one head per program on wgmma, the others
+  # two), the former default (one backward tile, both kernels on mma.sync), the default with
+  # dK/dV at two heads on mma.sync, one head everywhere (all wgmma) beside the former one-head
+  # default (dK/dV on mma.sync), and the default with a deeper pipeline.
+  local settings="64,32,32,64,64,16,8,2,2,1 64,32,32,32,32,32,8,2,2,2 64,32,32,32,64,16,8,2,2,2
+    64,64,32,64,64,32,8,2,1,1 64,64,64,32,64,32,8,2,1,1 64,32,32,64,64,16,8,3,2,1"
   : > "$OUT/tiles.jsonl"
   for s in $settings; do
-    IFS=, read -r bq bk bbq bbk nw ns g <<< "$s"
+    IFS=, read -r bq bk kvq kvk dqq dqk nw ns g gkv <<< "$s"
     echo "-- tiles $s"
     "$PY" -m benchmarks.kernels --ops hstu --impls pallas --lengths 4096 --dims 128 --iters 10 $SMOKE_FLAG \
-      --block-q "$bq" --block-k "$bk" --bwd-block-q "$bbq" --bwd-block-k "$bbk" --num-warps "$nw" --num-stages "$ns" \
-      --heads-per-program "$g" \
+      --block-q "$bq" --block-k "$bk" --dkdv-block-q "$kvq" --dkdv-block-k "$kvk" --dq-block-q "$dqq" \
+      --dq-block-k "$dqk" --num-warps "$nw" --num-stages "$ns" --heads-per-program "$g" \
+      --dkdv-heads-per-program "$gkv" \
       --out /tmp/gpu_session_tile.json > /dev/null || echo "setting $s failed"
     append_json /tmp/gpu_session_tile.json "$OUT/tiles.jsonl"
   done
@@ -154,7 +158,7 @@ for step in $STEPS; do
     profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f append_json profile_both); profile_both" ;;
     gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
           --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
-    tiles) run tiles "${T_TILES:-60}" bash -c "$(declare -f append_json tile_sweep); tile_sweep" ;;
+    tiles) run tiles "${T_TILES:-80}" bash -c "$(declare -f append_json tile_sweep); tile_sweep" ;;
     train) run train "${T_TRAIN:-120}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
              $SMOKE_FLAG ;;
     *) echo "unknown step $step (expected env test kernels profile gr tiles train)" | tee -a "$OUT/summary.txt" ;;

@@ -110,7 +110,7 @@ def ours(arrays: dict[str, np.ndarray], name: str, impl: str) -> dict[str, np.nd
 
     def attention(q, k, v):
         return hstu_mha(q, k, v, lengths, norm=float(q.shape[1]), num_candidates=candidates, impl=impl,
-                        blocks=Blocks(16, 16, 16, 16))
+                        blocks=Blocks.uniform(16))
 
     out, pullback = jax.vjp(attention, q, k, v)
     return dict(zip(("out", "dq", "dk", "dv"), (np.asarray(t) for t in (out, *pullback(cot)))))

@@ -168,7 +168,7 @@ def main(argv=None) -> int:
     from scaling.kernels.hstu_attention import Blocks
 
     if args.smoke:
-        lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 3, Blocks(16, 16, 16, 16)
+        lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 3, Blocks.uniform(16)
     else:
         lengths, dims = [int(x) for x in args.lengths.split(",")], [int(x) for x in args.dims.split(",")]
         tokens, heads, iters, blocks = args.tokens, args.heads, args.iters, None

@@ -1,15 +1,17 @@
 """Registers, spills and shared memory of the Pallas kernels compiled for an H100, without a GPU.
 
     python -m benchmarks.kernel_compile --triton-python PY [--dims 64,128] [--length 4096]
-        [--tiles 64x64:64x64,64x64:64x32,...] [--warps 4,8] [--heads 2] [--head-groups 0]
+        [--tiles 64x64:32x64:64x32,64x64:64x32,...] [--warps 4,8] [--heads 2] [--head-groups 0]
         [--op hstu|fm|flash|norm] [--projected] [--dtype bfloat16|float32] [--out FILE]
 
 JAX lowers each kernel to Triton IR here (cross-lowering for an abstract H100, bf16 unless
 --dtype float32: the fp32 dots then lower at JAX's default matmul precision, TF32, or IEEE fp32
-with JAX_DEFAULT_MATMUL_PRECISION=highest); a child
-process of PY (any Python with the `triton` package, whose wheel carries ptxas) compiles that IR
-to sm_90a PTX and a cubin with the same num_warps / num_stages, and `ptxas -v` reports registers
-per thread, spill bytes and the kernel's shared memory. Spills (local-memory traffic in the inner
+with JAX_DEFAULT_MATMUL_PRECISION=highest); a child process of PY (any Python with the `triton`
+package, whose wheel carries ptxas) compiles that IR to sm_90a PTX and a cubin with the same
+num_warps / num_stages, and `ptxas -v` reports registers per thread, spill bytes and the kernel's
+shared memory. The PTX's tensor-core instructions are counted too: `wgmma` (Hopper's warpgroup
+MMA) and `mma_sync` (Ampere's, which Triton falls back to for a dot whose output has fewer than
+64 rows, at a fraction of the H100's tensor-core rate). Spills (local-memory traffic in the inner
 loop) and shared memory beyond 227 KB per block (a launch failure) rule a tile setting out before
 any GPU time is spent on it; the fastest of the rest is for the GPU to say (gpu_session.sh's tile
 sweep). The Triton in PY need not be the one inside jaxlib, so the counts are what a recent
@@ -18,11 +20,12 @@ Triton makes of the same IR, not necessarily what XLA's build will.
 `--op fm` compiles the Wukong FM block's two kernels instead, for n x d x k settings (B = 4096)
 with the warps the library picks; `--op flash` the softmax attention's three (OneTrans), for
 Nq x Nk x d settings (--heads heads, causal, the queries ending at the last key) at the library's
-tiles and warps. For HSTU, tiles are forward BQxBK:backward BQxBK, or `default`
-(with --warps 0: the library's defaults, `Blocks()`); each setting is lowered with and without the
-relative bias, for every head dim, warp count and heads-per-program setting (--head-groups, of
---heads heads; 0: the library's default, `Blocks.resolve`). One program
-holds G heads' accumulators, so G is bounded by registers: this is where to see the bound.
+tiles and warps. For HSTU, tiles are forward BQxBK:dK/dV BQxBK:dQ BQxBK (given one backward
+tile, both kernels take it), or `default` (with --warps 0: the library's defaults, `Blocks()`);
+each setting is lowered with and without the relative bias, for every head dim, warp count and
+heads-per-program setting (--head-groups, of --heads heads; 0: the library's default,
+`Blocks.resolve`). One program holds G heads' accumulators, so G is bounded by registers: this is
+where to see the bound.
 `--op norm` compiles HSTU's LayerNorm kernels (scaling/kernels/row_norm.py, with and without the
 gate) for row widths --norm-dims at the library's rows per program (`block_rows`).
 `--projected` lowers HSTU through `projected_mha`, the model's training path, whose backward
@@ -61,7 +64,10 @@ for job in jobs:
                               text=True).stderr
         regs = re.search(r"Used (\d+) registers", info)
         spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-        out.append({"registers": int(regs.group(1)) if regs else None,
+        ptx = kernel.asm["ptx"]
+        out.append({"wgmma": len(re.findall(r"\bwgmma\.mma_async\b", ptx)),
+                    "mma_sync": len(re.findall(r"\bmma\.sync\b", ptx)),
+                    "registers": int(regs.group(1)) if regs else None,
                     "spill_store_bytes": int(spill.group(1)) if spill else None,
                     "spill_load_bytes": int(spill.group(2)) if spill else None,
                     "shared_bytes": int(kernel.metadata.shared)})
@@ -96,15 +102,19 @@ def compile_ttir(jobs: list[dict], triton_python: str) -> tuple[str, list[dict]]
     return compiled["triton"], compiled["results"]
 
 
-def parse_tiles(text: str) -> list[tuple[int, int, int, int] | None]:
-    """'64x64:64x32,default' -> [(64, 64, 64, 32), None] (None: the library's defaults)."""
+def parse_tiles(text: str) -> list[tuple[int, ...] | None]:
+    """'64x32:32x64:64x32,64x64:64x32,default' -> [(64, 32, 32, 64, 64, 32), (64, 64, 64, 32, 64, 32),
+    None]: forward, dK/dV and dQ tiles (BQxBK each; one backward tile: both kernels'), None: the
+    library's defaults."""
     out = []
     for item in text.split(","):
         if item == "default":
             out.append(None)
             continue
-        fwd, bwd = item.split(":")
-        out.append(tuple(int(x) for x in (*fwd.split("x"), *bwd.split("x"))))
+        parts = item.split(":")
+        if len(parts) == 2:
+            parts.append(parts[1])
+        out.append(tuple(int(x) for part in parts for x in part.split("x")))
     return out
 
 
@@ -125,8 +135,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--triton-python", required=True, help="a Python with the triton package")
     parser.add_argument("--dims", default="64,128")
     parser.add_argument("--length", type=int, default=4096)
-    parser.add_argument("--tiles", default="64x64:64x64,128x64:64x64,64x64:64x32,64x64:32x64,64x64:32x32",
-                        help="forward BQxBK:backward BQxBK, comma-separated; 'default': the library's tiles")
+    parser.add_argument("--tiles", default="64x64:64x64,128x64:64x64,64x64:32x64:64x32,64x32:32x64:64x32,64x64:32x32",
+                        help="forward BQxBK:dK/dV BQxBK[:dQ BQxBK] (dQ's defaults to dK/dV's), comma-separated; "
+                             "'default': the library's tiles")
     parser.add_argument("--warps", default="4,8", help="0: the library's default")
     parser.add_argument("--num-stages", type=int, default=2)
     parser.add_argument("--heads", type=int, default=2, help="HSTU heads (one sequence of --length tokens)")
@@ -192,10 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
                     ttir = hstu_ttir(dim, args.length, blocks, bias, where, args.heads, dtype=args.dtype,
                                      projected=args.projected)
                     for kernel, path in sorted(ttir.items()):
-                        rows.append({"kernel": kernel, "d": dim, "bias": bias, "projected": args.projected, "forward_tile": list(used[:2]),
-                                     "backward_tile": list(used[2:4]), "num_warps": nw,
+                        rows.append({"kernel": kernel, "d": dim, "bias": bias, "projected": args.projected,
+                                     "forward_tile": list(used[:2]), "dkdv_tile": list(used[2:4]),
+                                     "dq_tile": list(used[4:6]), "num_warps": nw,
                                      "num_stages": args.num_stages, "heads": args.heads,
                                      "heads_per_program": used.heads_per_program,
+                                     "dkdv_heads_per_program": used.dkdv_heads_per_program,
                                      "defaults": tiles is None and not warps and not group})
                         jobs.append({"ttir": path, "num_warps": nw, "num_stages": args.num_stages})
         version, results = compile_ttir(jobs, args.triton_python)

@@ -63,7 +63,7 @@ def measure(length: int, dim: int, block: int, bias: bool, group: int = 1) -> di
     from scaling.kernels.hstu_attention import Blocks
 
     with tempfile.TemporaryDirectory() as directory:
-        paths = hstu_ttir(dim, length, Blocks(block, block, block, block, heads_per_program=group), bias, directory)
+        paths = hstu_ttir(dim, length, Blocks.uniform(block, heads_per_program=group), bias, directory)
         out = {}
         for name, path in sorted(paths.items()):
             with open(path) as f:

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     blocks = Blocks(heads_per_program=args.heads_per_program or None)
     if args.smoke:
-        small = Blocks(16, 16, 16, 16, heads_per_program=blocks.heads_per_program)
+        small = Blocks.uniform(16, heads_per_program=blocks.heads_per_program)
         report = profile(64, 16, 2, 128, not args.no_bias, small, 2, 256)
     else:
         report = profile(args.length, args.dim, args.heads, args.tokens, not args.no_bias, blocks, args.iters, 8192)

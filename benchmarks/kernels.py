@@ -4,8 +4,8 @@ their XLA references.
     python -m benchmarks.kernels [--out FILE] [--smoke] [--lengths 512,1024,2048,4096,8192]
                                  [--dims 64,128] [--tokens 32768] [--heads 4] [--iters 20]
                                  [--ops hstu,projection,fm,norm,flash] [--impls pallas,xla] [--block-q 64 --block-k 64
-                                 --bwd-block-q 64 --bwd-block-k 32 --heads-per-program 2
-                                 --num-warps 8 --num-stages 2]
+                                 --dkdv-block-q 32 --dkdv-block-k 64 --dq-block-q 64 --dq-block-k 32
+                                 --heads-per-program 2 --dkdv-heads-per-program 1 --num-warps 8 --num-stages 2]
 
 The tile flags set the HSTU kernel's `Blocks` (each left at 0 takes the library's default for the
 head dim and heads per program, see `Blocks`): a tile sweep is one call per setting with
@@ -71,7 +71,7 @@ import numpy as np
 from benchmarks.json_report import emit
 from scaling.kernels.flash_attention import flash_mha, visible_pairs
 from scaling.kernels.fm_block import fm_block, kernel_fits, tile_sizes
-from scaling.kernels.hstu_attention import Blocks, hstu_mha, projected_mha
+from scaling.kernels.hstu_attention import TILE_FIELDS, Blocks, hstu_mha, projected_mha
 from scaling.kernels.residual_norm import residual_layer_norm
 from scaling.kernels.row_norm import gated_layer_norm
 from scaling.models.mlp import layer_norm_flops
@@ -269,10 +269,15 @@ def main(argv=None) -> int:
     parser.add_argument("--block-q", type=int, default=0, help="0 (every tile flag): the library's default, "
                         "which depends on the head dim and heads per program (scaling.kernels.hstu_attention.Blocks)")
     parser.add_argument("--block-k", type=int, default=0)
-    parser.add_argument("--bwd-block-q", type=int, default=0)
-    parser.add_argument("--bwd-block-k", type=int, default=0)
+    parser.add_argument("--dkdv-block-q", type=int, default=0, help="dK/dV (and dbias): streamed query blocks")
+    parser.add_argument("--dkdv-block-k", type=int, default=0, help="dK/dV (and dbias): its stationary key block")
+    parser.add_argument("--dq-block-q", type=int, default=0, help="dQ: its stationary query block")
+    parser.add_argument("--dq-block-k", type=int, default=0, help="dQ: streamed key blocks")
     parser.add_argument("--heads-per-program", type=int, default=0, help="default: 2 (with the bias) where it divides "
                         "--heads")
+    parser.add_argument("--dkdv-heads-per-program", type=int, default=0,
+                        help="dK/dV's heads per program; default: --heads-per-program's, or 1 at head dims >= 128 "
+                             "(scaling.kernels.hstu_attention.Blocks)")
     parser.add_argument("--num-warps", type=int, default=0, help="default: 8, or 4 for head dims <= 32")
     parser.add_argument("--num-stages", type=int, default=2)
     parser.add_argument("--ops", default="hstu,projection,fm,norm,flash",
@@ -281,15 +286,19 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes (CPU: interpret mode)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
-    blocks = Blocks(args.block_q or None, args.block_k or None, args.bwd_block_q or None, args.bwd_block_k or None,
-                    num_warps=args.num_warps or None, num_stages=args.num_stages,
-                    heads_per_program=args.heads_per_program or None)
+    try:
+        blocks = Blocks(*(getattr(args, name) or None for name in TILE_FIELDS),
+                        num_warps=args.num_warps or None, num_stages=args.num_stages,
+                        heads_per_program=args.heads_per_program or None,
+                        dkdv_heads_per_program=args.dkdv_heads_per_program or None)
+    except ValueError as err:
+        parser.error(str(err))
     ops, impls = args.ops.split(","), tuple(args.impls.split(","))
     unknown = sorted(set(ops) - {"hstu", "projection", "fm", "norm", "flash"}) + sorted(set(impls) - {"pallas", "xla"})
     if unknown:
         parser.error(f"unknown --ops/--impls entries: {unknown}")
     if args.smoke:
-        lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 3, Blocks(16, 16, 16, 16)
+        lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 3, Blocks.uniform(16)
         fm_shapes, matmul_n, block_b = [(16, 8, 16, 4)], 256, 4
         flash_shapes = [(2, 24, 40, 2, 24)]
         projection_shapes = [(2, 32, 2, 16)]
@@ -315,8 +324,9 @@ def main(argv=None) -> int:
         "jax": jax.__version__,
         "smoke": args.smoke,
         "tokens": tokens,
-        "blocks": [blocks.block_q, blocks.block_k, blocks.bwd_block_q, blocks.bwd_block_k],  # None: the default
+        "blocks": {name: getattr(blocks, name) for name in TILE_FIELDS},  # None: the default
         "heads_per_program": blocks.heads_per_program,
+        "dkdv_heads_per_program": blocks.dkdv_heads_per_program,
         "num_warps": blocks.num_warps,
         "num_stages": blocks.num_stages,
         "matmul_bf16_tflops": matmul_tflops(matmul_n, max(iters, 3)),

@@ -75,7 +75,7 @@ def _hstu_vjp(impl, fixed):
 
     def f(q, k, v, pos_w, ts_w):
         return hstu_mha(q, k, v, fixed["lengths"], norm=float(N), pos_w=pos_w, ts_w=ts_w, timestamps=fixed["ts"],
-                        num_candidates=fixed["cands"], impl=impl, blocks=Blocks(16, 16, 16, 16))
+                        num_candidates=fixed["cands"], impl=impl, blocks=Blocks.uniform(16))
 
     return _jit_vjp(f, fixed["cot"])
 
@@ -95,7 +95,7 @@ def _projected_vjp(impl, fixed, cot):
 
     def f(pre, pos_w, ts_w):
         return projected_mha(pre, fixed["lengths"], heads=HEADS, norm=float(N), alpha=0.5, pos_w=pos_w, ts_w=ts_w,
-                             timestamps=fixed["ts"], impl=impl, blocks=Blocks(16, 16, 16, 16))
+                             timestamps=fixed["ts"], impl=impl, blocks=Blocks.uniform(16))
 
     return _jit_vjp(f, cot)
 
@@ -210,7 +210,7 @@ def kernel_cases() -> tuple[dict, dict]:
     proj_args = (pre, *hstu_args[3:])
 
     def candidates(impl):
-        return jax.jit(functools.partial(candidate_mha, impl=impl, blocks=Blocks(16, 16, 16, 16), **cand_kw))
+        return jax.jit(functools.partial(candidate_mha, impl=impl, blocks=Blocks.uniform(16), **cand_kw))
 
     # references: the xla path on one device, no mesh
     want = {"hstu": _hstu_vjp("xla", fixed)(*hstu_args), "candidates": candidates("xla")(*cand_args),

@@ -19,7 +19,7 @@ from tests.test_kernels import (_abstract_mesh, _assert_same_loss_and_block_grad
 
 N, HEADS, DIM = 40, 2, 16
 LENGTHS = (0, 1, 16, 37, 40)  # 0, 1, a block, a non-multiple, the full width (padded to 48)
-SMALL = Blocks(16, 16, 16, 16)
+SMALL = Blocks.uniform(16)
 
 
 def _inputs(dtype=jnp.float32, seed=0):
@@ -52,8 +52,11 @@ def _vjp(impl, blocks, ts, cots, *, alpha=1.0, bias=True):
 
 @pytest.mark.parametrize("blocks, alpha, bias", [
     (SMALL, 1.0, True),  # one head per program: a separate dbias kernel
-    (Blocks(16, 16, 16, 16, heads_per_program=2), 0.25, True),  # dK/dV also writes the bias gradient
-    (Blocks(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=32), 0.5, False),  # BM != BN, no bias
+    (Blocks.uniform(16, heads_per_program=2), 0.25, True),  # dK/dV also writes the bias gradient
+    # BM != BN in every kernel, no bias
+    (Blocks(block_q=32, block_k=16, dkdv_block_q=16, dkdv_block_k=32, dq_block_q=32, dq_block_k=16), 0.5, False),
+    # dQ with both heads per program, dK/dV (the u, v, k sections) with one, then dbias
+    (Blocks(16, 16, 16, 16, 32, 16, heads_per_program=2, dkdv_heads_per_program=1), 0.5, True),
 ])
 def test_projected_kernel_matches_reference_fp32(blocks, alpha, bias):
     args, ts, cots = _inputs()
@@ -82,7 +85,7 @@ def test_projected_kernel_bf16_within_the_xla_reference_error():
     args, ts, cots = _inputs(jnp.bfloat16, seed=2)
     up = [a.astype(jnp.float32) for a in args]
     exact = _vjp("xla", SMALL, ts, tuple(c.astype(jnp.float32) for c in cots), alpha=0.5)(*up)
-    kernel = _vjp("pallas", Blocks(16, 16, 16, 16, heads_per_program=2), ts, cots, alpha=0.5)(*args)
+    kernel = _vjp("pallas", Blocks.uniform(16, heads_per_program=2), ts, cots, alpha=0.5)(*args)
     xla = _vjp("xla", SMALL, ts, cots, alpha=0.5)(*args)
     assert kernel[1][0].dtype == jnp.bfloat16
     triples = zip(jax.tree.leaves(kernel), jax.tree.leaves(xla), jax.tree.leaves(exact))

@@ -27,8 +27,9 @@ from scaling.models.hstu_attention import candidate_attention, candidate_bias
 
 N, HEADS, DIM, NUM_BUCKETS = 40, 2, 8, 32
 LENGTHS = (0, 1, 16, 37, 40)
-SMALL = Blocks(16, 16, 16, 16)
-MIXED = Blocks(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=32)  # BM != BN in every kernel
+SMALL = Blocks.uniform(16)
+# BM != BN in every kernel
+MIXED = Blocks(block_q=32, block_k=16, dkdv_block_q=16, dkdv_block_k=32, dq_block_q=32, dq_block_k=16)
 
 
 def _hstu_inputs(dtype=jnp.float32, seed=0):
@@ -80,11 +81,19 @@ def test_hstu_kernel_matches_reference_fp32(candidates, blocks):
     assert np.all(np.asarray(out)[~valid] == 0)
 
 
-@pytest.mark.parametrize("group", [1, 2, 4])
-def test_head_groups_share_the_bias_and_match_the_reference(group):
-    """4 heads, `group` per program: the bias tile is computed once per program for its heads.
-    With 1 or 2 the dbias kernel sums dS over all 4 heads; with 4 (every head in one program)
-    dK/dV writes the bias gradient itself."""
+@pytest.mark.parametrize("blocks", [
+    Blocks.uniform(16, heads_per_program=1),
+    Blocks.uniform(16, heads_per_program=2),
+    Blocks.uniform(16, heads_per_program=4),  # every head in one program: dK/dV writes d rab
+    # dK/dV with fewer heads per program than the forward and dQ (so dbias runs), and the dbias
+    # kernel on its own 32-key tile (the widest block) beside dK/dV's 16
+    Blocks(32, 16, 16, 16, 16, 16, heads_per_program=4, dkdv_heads_per_program=2),
+    Blocks(16, 16, 16, 16, 32, 16, heads_per_program=2, dkdv_heads_per_program=1),
+], ids=["g1", "g2", "g4", "g4-kv2", "g2-kv1"])
+def test_head_groups_share_the_bias_and_match_the_reference(blocks):
+    """4 heads, G per program: the bias tile is computed once per program for its heads. With
+    dK/dV's G below 4 the dbias kernel sums dS over all 4 heads; with 4 (every head in one
+    program) dK/dV writes the bias gradient itself."""
     rng = np.random.default_rng(7)
     b, n, h, d = 3, 40, 4, 8
     q, k, v, cot = (jnp.asarray(rng.normal(size=(b, n, h, d)), jnp.float32) for _ in range(4))
@@ -95,7 +104,7 @@ def test_head_groups_share_the_bias_and_match_the_reference(group):
     def vjp(impl):
         def f(q, k, v, pos_w, ts_w):
             return hstu_mha(q, k, v, lengths, norm=float(n), pos_w=pos_w, ts_w=ts_w, timestamps=ts,
-                            num_candidates=cands, impl=impl, blocks=Blocks(16, 16, 16, 16, heads_per_program=group))
+                            num_candidates=cands, impl=impl, blocks=blocks)
 
         out, pullback = jax.vjp(f, q, k, v, pos_w, ts_w)
         return out, pullback(cot)
@@ -107,18 +116,33 @@ def test_head_groups_share_the_bias_and_match_the_reference(group):
 
 
 def test_blocks_resolve_heads_per_program_and_tiles():
-    assert Blocks().resolve(4, 64, has_bias=False) == (64, 64, 64, 64, 1)
-    assert Blocks().resolve(4, 128, has_bias=False) == (64, 64, 64, 32, 1)
-    assert Blocks().resolve(4, 64, has_bias=True) == (64, 32, 64, 32, 2)  # G = 2: smaller tiles
-    assert Blocks().resolve(8, 128, has_bias=True) == (64, 32, 32, 32, 2)
-    assert Blocks().resolve(2, 32, has_bias=True) == (64, 64, 64, 64, 1)  # G = 1 at d <= 32
-    assert Blocks(heads_per_program=2).resolve(2, 32, has_bias=True) == (64, 32, 32, 16, 2)
+    # (forward BQ, BK, dK/dV BQ, BK, dQ BQ, BK, G, dK/dV's G): the stationary side of each kernel
+    # (forward and dQ: BQ, dK/dV: BK) at 64 wherever that fits (Blocks' table)
+    assert Blocks().resolve(4, 64, has_bias=False) == (64, 64, 64, 64, 64, 64, 1, 1)
+    assert Blocks().resolve(4, 128, has_bias=False) == (64, 64, 32, 64, 64, 32, 1, 1)
+    assert Blocks().resolve(4, 64, has_bias=True) == (64, 32, 16, 64, 64, 32, 2, 2)  # G = 2: smaller tiles
+    # two heads of 128 fit dK/dV only on mma.sync tiles: dK/dV takes one head per program...
+    assert Blocks().resolve(8, 128, has_bias=True) == (64, 32, 32, 64, 64, 16, 2, 1)
+    # ... unless G is every head (dK/dV then writes the bias gradient: no dbias kernel)
+    assert Blocks().resolve(2, 128, has_bias=True) == (64, 32, 32, 32, 64, 16, 2, 2)
+    assert Blocks(dkdv_heads_per_program=2).resolve(8, 128, has_bias=True) == (64, 32, 32, 32, 64, 16, 2, 2)
+    assert Blocks().resolve(2, 32, has_bias=True) == (64, 64, 64, 64, 64, 64, 1, 1)  # G = 1 at d <= 32
+    assert Blocks(heads_per_program=2).resolve(2, 32, has_bias=True) == (64, 32, 16, 64, 64, 16, 2, 2)
     assert Blocks().resolve(3, 128, has_bias=True).heads_per_program == 1  # 2 does not divide 3
     assert Blocks(heads_per_program=3).program_heads(8, 16, has_bias=False) == 2
-    assert Blocks(16, heads_per_program=1).resolve(2, 32, has_bias=True) == (16, 64, 64, 64, 1)
-    # float32 inputs: one head per program and half-size tiles (the bf16 ones spill in fp32)
-    assert Blocks().resolve(8, 128, has_bias=True, itemsize=4) == (32, 32, 32, 16, 1)
-    assert Blocks(64, heads_per_program=2).resolve(8, 64, has_bias=True, itemsize=4) == (64, 32, 32, 16, 2)
+    assert Blocks(16, heads_per_program=1).resolve(2, 32, has_bias=True) == (16, 64, 64, 64, 64, 64, 1, 1)
+    assert Blocks(dq_block_k=16).resolve(4, 64, has_bias=False) == (64, 64, 64, 64, 64, 16, 1, 1)  # one field
+    # float32 inputs: one head per program and narrower streamed blocks (the bf16 tiles spill in fp32)
+    assert Blocks().resolve(8, 128, has_bias=True, itemsize=4) == (64, 32, 32, 16, 64, 16, 1, 1)
+    assert Blocks().resolve(8, 64, has_bias=True, itemsize=4) == (64, 32, 16, 64, 64, 16, 1, 1)
+    assert Blocks(64, heads_per_program=2).resolve(8, 64, has_bias=True, itemsize=4) == (64, 32, 32, 16, 32, 16, 2, 2)
+    with jax.default_matmul_precision("highest"):  # IEEE fp32 dots: no tensor-core path, small tiles
+        assert Blocks().resolve(8, 64, has_bias=True, itemsize=4) == (32, 32, 32, 16, 32, 16, 1, 1)
+    assert Blocks.uniform(32, heads_per_program=2) == Blocks(32, 32, 32, 32, 32, 32, heads_per_program=2)
+    with pytest.raises(ValueError, match="dq_block_k"):
+        Blocks(dq_block_k=48)
+    with pytest.raises(ValueError, match="dkdv_heads_per_program"):
+        Blocks(dkdv_heads_per_program=0)
     with pytest.raises(ValueError, match="heads_per_program"):
         Blocks(heads_per_program=0)
 

@@ -55,8 +55,11 @@ from scaling.kernels.tiles import tile_dim
 from scaling.models.hstu_attention import (candidate_attention, hstu_attention, next_timestamps, relative_bias,
                                            time_buckets)
 
-__all__ = ["Blocks", "Tiles", "hstu_mha", "projected_mha", "projection_fusable", "candidate_mha", "reference_mha",
-           "pallas_mha"]
+__all__ = ["TILE_FIELDS", "Blocks", "Tiles", "hstu_mha", "projected_mha", "projection_fusable", "candidate_mha",
+           "reference_mha", "pallas_mha", "ieee_fp32_dots"]
+
+
+TILE_FIELDS = ("block_q", "block_k", "dkdv_block_q", "dkdv_block_k", "dq_block_q", "dq_block_k")
 
 
 class Tiles(NamedTuple):
@@ -64,9 +67,42 @@ class Tiles(NamedTuple):
 
     block_q: int
     block_k: int
-    bwd_block_q: int
-    bwd_block_k: int
+    dkdv_block_q: int
+    dkdv_block_k: int
+    dq_block_q: int
+    dq_block_k: int
     heads_per_program: int
+    dkdv_heads_per_program: int
+
+
+def _largest_divisor(heads: int, limit: int) -> int:
+    return max(g for g in range(1, min(limit, heads) + 1) if heads % g == 0)
+
+
+def ieee_fp32_dots() -> bool:
+    """Whether the kernels' float32 dots lower as IEEE fp32 (JAX's default matmul precision
+    'highest'), with no tensor-core path, rather than TF32."""
+    return str(jax.config.jax_default_matmul_precision) in ("highest", "float32")
+
+
+def _default_tiles(head_dim: int, g: int, g_kv: int, itemsize: int) -> tuple[int, ...]:
+    """(forward BQ, BK, dK/dV BQ, BK, dQ BQ, BK) for tile width head_dim, G heads per program (G_kv
+    for dK/dV) and inputs of `itemsize` bytes (the table and its reasons: `Blocks`' docstring)."""
+    wide = head_dim >= 128
+    if itemsize > 2:
+        small = ieee_fp32_dots()  # no tensor-core path: the tiles that spill least
+        forward, dq = ((32, 32), (32, 16)) if small or g > 1 else ((64, 32), (64, 16))
+        dkdv = (32, 16) if small or g_kv > 1 or wide else (16, 64)
+    else:
+        if g == 1:
+            forward, dq = (64, 64), ((64, 32) if wide else (64, 64))
+        else:
+            forward, dq = (64, 32), ((64, 32) if head_dim == 64 else (64, 16))
+        if g_kv == 1:
+            dkdv = (32, 64) if wide else (64, 64)
+        else:
+            dkdv = (32, 32) if wide else (16, 64)
+    return (*forward, *dkdv, *dq)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,49 +115,71 @@ class Blocks:
     forward's whole-tile loop at G = 1: benchmarks/kernel_ir.py), is computed once for G heads;
     with G = heads the dK/dV kernel also sums the bias gradient over the heads, and the separate
     dbias pass (two more matmuls per tile and head) is skipped. G must divide the heads (the
-    largest divisor up to the setting is taken). Default: 2 with the bias at head dims >= 64; 1
-    without it (nothing to share) and at head dims <= 32 (where two heads spill on most backward
-    tiles of 32 x 32 and up).
+    largest divisor up to the setting is taken). Default: 2 with the bias at head dims >= 64 for
+    16-bit inputs; 1 without the bias (nothing to share), at head dims <= 32 and for float32.
 
-    The default tiles are the H100 settings that compile without register spills for 2 and 4 heads
-    of dims 32, 64 and 128, with and without the bias, at L = 4096 (`python -m
-    benchmarks.kernel_compile`, Triton 3.8, sm_90a), at 8 warps (4 for head dims <= 32):
+    Each kernel has its own tile: the forward's (BQ query rows x BK keys per step), dK/dV's (a
+    stationary key block of BK rows, query blocks of BQ streamed past it) and dQ's (a stationary
+    query block, key blocks streamed); the dbias kernel takes dK/dV's BQ and the widest block as
+    its BK. On an H100 a dot runs on Hopper's warpgroup MMA (wgmma) only when its output has >= 64
+    rows; otherwise Triton falls back to Ampere's mma.sync at a fraction of the tensor cores' rate.
+    The output rows are the stationary block: BQ for the forward and dQ, BK for dK/dV and dbias
+    (computed key-major). So the defaults keep that side at 64 and stream the other in smaller
+    blocks, as FlashAttention-2's Triton backward does, wherever that compiles without register
+    spills for 2 and 4 heads of dims 32, 64 and 128, with and without the bias, at L = 4096
+    (`python -m benchmarks.kernel_compile --tiles default --warps 0 [--dtype float32]
+    [--projected]`, Triton 3.8, sm_90a; its `wgmma` and `mma_sync` columns count each kind), at 8
+    warps (4 for head dims <= 32). Forward | dK/dV | dQ, BQ x BK:
 
-        G = 1   forward 64 x 64, backward 64 x 64 (64 x 32 for head dims >= 128)
-        G = 2   forward 64 x 32, backward 64 x 32 (32 x 32 for head dims >= 128, 32 x 16 for <= 32)
+        bf16, G = 1, d <= 64     64 x 64 | 64 x 64 | 64 x 64
+        bf16, G = 1, d >= 128    64 x 64 | 32 x 64 | 64 x 32
+        bf16, G = 2, d <= 32     64 x 32 | 16 x 64 | 64 x 16
+        bf16, G = 2, d = 64      64 x 32 | 16 x 64 | 64 x 32
+        bf16, G = 2, d >= 128    64 x 32 | 32 x 64 | 64 x 16   dK/dV one head per program
+        bf16, G = h = 2, d >= 128  64 x 32 | 32 x 32 | 64 x 16   dK/dV on mma.sync
+        fp32, G = 1, d <= 64     64 x 32 | 16 x 64 | 64 x 16
+        fp32, G = 1, d >= 128    64 x 32 | 32 x 16 | 64 x 16   dK/dV on mma.sync
+        fp32, G = 2 or IEEE      32 x 32 | 32 x 16 | 32 x 16   all on mma.sync (or none)
 
-    G accumulators share one thread's 255 registers, so G = 2 halves a tile (G = 2 on 64 x 64
-    tiles spills at head dims 32, 64 and 128; G = 4 spilled in most kernels at 64 x 64). Their
-    speed is for a GPU to measure (benchmarks/kernels.py, gpu_session.sh's tile sweep).
-
-    float32 inputs (train.compute_dtype's default) hold twice the bytes per tile: the bf16
-    defaults spilled up to 4.4 KB per thread in fp32, so fp32 takes G = 1 and 32 x 32 forward,
-    32 x 16 backward tiles. With TF32 dots (JAX's default matmul precision) they compile without
-    spills at head dims 32, 64 and 128, with and without the bias; with IEEE fp32 ('highest') two
-    kernels spill 4 B and 32 B (`kernel_compile --dtype float32 --tiles default --warps 0`).
+    dK/dV holds two fp32 accumulators [BK, d] per head. Two heads of 128 (bf16), or one in fp32,
+    spill with 64 stationary keys (0.4-1.4 KB per thread), so there dK/dV must run on mma.sync
+    tiles or hold fewer heads: by default it takes one head per program
+    (`dkdv_heads_per_program`, its own G; the forward and dQ keep sharing the bias tile over two)
+    unless G is every head, when dK/dV also writes the bias gradient and saves the whole dbias
+    kernel. G accumulators share one thread's 255 registers, so G = 2 halves a tile (G = 4 spilled
+    in most kernels at 64 x 64). float32 inputs (train.compute_dtype's default) hold twice the
+    bytes per tile; their dots run as TF32 wgmma at JAX's default matmul precision. Under IEEE fp32
+    dots ('highest': `ieee_fp32_dots`, no tensor-core path) the wgmma tiles spilled up to 1 KB per
+    thread, so that mode keeps the small tiles, whose worst spill is 32 B. Which setting is fastest
+    is for a GPU to measure (benchmarks/kernels.py, gpu_session.sh's tile sweep, which also runs
+    the former one-tile backward defaults, on mma.sync, for the A/B).
     """
 
     block_q: int | None = None
     block_k: int | None = None
-    bwd_block_q: int | None = None
-    bwd_block_k: int | None = None
+    dkdv_block_q: int | None = None
+    dkdv_block_k: int | None = None
+    dq_block_q: int | None = None
+    dq_block_k: int | None = None
     num_warps: int | None = None  # None: 8, or 4 for head dims <= 32
     num_stages: int = 2
     heads_per_program: int | None = None
+    dkdv_heads_per_program: int | None = None  # None: G, or 1 where G heads' dK/dV misses wgmma
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
+        for name in TILE_FIELDS:
             size = getattr(self, name)
             if size is not None and (size < 16 or size & (size - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {size}")
-        if self.heads_per_program is not None and self.heads_per_program < 1:
-            raise ValueError(f"heads_per_program must be >= 1, got {self.heads_per_program}")
+        for name in ("heads_per_program", "dkdv_heads_per_program"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def program_heads(self, heads: int, head_dim: int, has_bias: bool, itemsize: int = 2) -> int:
         """G: the largest divisor of `heads` up to heads_per_program (default: 2 with the bias at
         head dims >= 64 for 16-bit inputs, else 1)."""
-        limit = self.heads_per_program or (2 if has_bias and head_dim >= 64 and itemsize == 2 else 1)
-        return max(g for g in range(1, min(limit, heads) + 1) if heads % g == 0)
+        return _largest_divisor(heads, self.heads_per_program or (2 if has_bias and head_dim >= 64 and itemsize == 2
+                                                                   else 1))
 
     def resolve(self, heads: int, head_dim: int, has_bias: bool, itemsize: int = 2) -> Tiles:
         """The tiles and G for `heads` heads of width head_dim (the larger of q/k's and v's, as
@@ -129,14 +187,19 @@ class Blocks:
         filled in (class docstring)."""
         head_dim = tile_dim(head_dim)
         g = self.program_heads(heads, head_dim, has_bias, itemsize)
-        if itemsize > 2:  # fp32 tiles hold twice the bytes: half-size tiles (class docstring)
-            default = (32, 32, 32, 16)
-        elif g == 1:
-            default = (64, 64, 64, 32 if head_dim >= 128 else 64)
-        else:
-            default = (64, 32, *((32, 16) if head_dim <= 32 else (64, 32) if head_dim < 128 else (32, 32)))
-        given = (self.block_q, self.block_k, self.bwd_block_q, self.bwd_block_k)
-        return Tiles(*(d if v is None else v for v, d in zip(given, default)), heads_per_program=g)
+        if self.dkdv_heads_per_program is not None:
+            g_kv = _largest_divisor(heads, self.dkdv_heads_per_program)
+        else:  # G > 1 heads of 128 hold dK/dV only on mma.sync tiles; G = h saves the dbias kernel
+            g_kv = 1 if itemsize == 2 and head_dim >= 128 and 1 < g < heads else g
+        default = _default_tiles(head_dim, g, g_kv, itemsize)
+        given = tuple(getattr(self, name) for name in TILE_FIELDS)
+        return Tiles(*(d if v is None else v for v, d in zip(given, default)), heads_per_program=g,
+                     dkdv_heads_per_program=g_kv)
+
+    @classmethod
+    def uniform(cls, size: int, **knobs) -> "Blocks":
+        """Every tile size `size` (tests use small ones); knobs: the other fields."""
+        return cls(*(size,) * len(TILE_FIELDS), **knobs)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,17 +291,18 @@ def _config(norm, sizes, tiles: Tiles, blocks: Blocks, pos_w, ts_w, n: int, inte
             num_candidates=None, candidates_only: bool = False) -> MhaConfig:
     has_bias = pos_w is not None
     return MhaConfig(
-        norm=float(norm), block_q=sizes[0], block_k=sizes[1], bwd_block_q=sizes[2], bwd_block_k=sizes[3],
+        norm=float(norm), **dict(zip(TILE_FIELDS, sizes)),
         num_pos=(pos_w.shape[0] + 1) // 2 if has_bias else 0, num_buckets=ts_w.shape[0] - 1 if has_bias else 0,
         candidates=num_candidates is not None or candidates_only, candidates_only=candidates_only,
         interpret=interpret, num_warps=blocks.num_warps, num_stages=blocks.num_stages, seq_len=n,
-        heads_per_program=tiles.heads_per_program)
+        heads_per_program=tiles.heads_per_program, dkdv_heads_per_program=tiles.dkdv_heads_per_program,
+        dbias_block_k=max(sizes))
 
 
 def _tiling(blocks: Blocks, n: int, heads: int, head_dim: int, has_bias: bool, dtype) -> tuple[Tiles, list[int], int]:
-    """(tiles, the four block sizes capped at the padded length, N padded to a multiple of them)."""
+    """(tiles, the six block sizes capped at the padded length, N padded to a multiple of them)."""
     tiles = blocks.resolve(heads, head_dim, has_bias, jnp.dtype(dtype).itemsize)
-    sizes = [min(s, tile_dim(n)) for s in tiles[:4]]
+    sizes = [min(s, tile_dim(n)) for s in tiles[:len(TILE_FIELDS)]]
     return tiles, sizes, -(-n // max(sizes)) * max(sizes)
 
 

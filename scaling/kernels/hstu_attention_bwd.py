@@ -21,6 +21,13 @@ holding G heads (`heads_per_program`) that share its tiles' mask and relative bi
          tile loops over all the heads (recomputing s and dP per head, the bias once per tile),
          sums dS in fp32 registers and writes the tile.
 
+Each kernel has its own tile (BQ, BK): dK/dV's (MhaConfig.dkdv_block_q, dkdv_block_k), dQ's
+(dq_block_q, dq_block_k), and dbias's (dkdv_block_q, dbias_block_k: the widest block, which its
+lone [BK, BQ] fp32 accumulator affords where dK/dV's two [BK, d] per head do not). A kernel's
+stationary block (dK/dV's and dbias's keys, dQ's queries) is the row count of its dots' outputs,
+which Hopper's wgmma needs at >= 64 (hstu_attention.Blocks). dK/dV may also hold fewer heads per
+program than the other kernels (dkdv_heads_per_program), for the same reason.
+
 Fused with the projection's SiLU (`Packed`, the training step's path: hstu_attention.projected_mha):
 q, k, v are silu(pre) of one packed pre-activation [B, N, 4, h, d] = (u, v, q, k) sections, and
 instead of dQ, dK, dV the kernels write the pre-activation's gradient into one packed buffer:
@@ -41,6 +48,7 @@ dS enters them linearly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -98,7 +106,7 @@ def _dkdv_kernel(*refs, cfg: MhaConfig, dbias: bool, packed: bool):
         d_ref, *drab_ref = outs  # [BK, 4, G, d]: writes the u, v, k sections
     else:
         dk_ref, dv_ref, *drab_ref = outs
-    bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
+    bq, bk = cfg.dkdv_block_q, cfg.dkdv_block_k
     kb, b = pl.program_id(0), pl.program_id(1)
     length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
     k_lo = kb * bk
@@ -165,7 +173,7 @@ def _dq_kernel(*refs, cfg: MhaConfig, alpha: float | None):
 
         def epilogue(g, dq):  # q = alpha silu(pre): the q section of d pre
             return _through_silu(alpha * dq, pre_ref[:, g, :])
-    blk = query_block(len_ref, hist_ref, qts_ref, cfg.bwd_block_q, cfg)
+    blk = query_block(len_ref, hist_ref, qts_ref, cfg.dq_block_q, cfg)
     heads = program_heads(cfg)
     qs, dos = [q_ref[:, g, :] for g in heads], [do_ref[:, g, :] for g in heads]
     fast = fast_math(q_ref.dtype)
@@ -175,12 +183,12 @@ def _dq_kernel(*refs, cfg: MhaConfig, alpha: float | None):
         ds = zero_unseen(dot(dos[g], v, trans_b=True) * grad, mask)
         return dq + dot(ds.astype(k.dtype), k)
 
-    walk_query_block(head_step, blk, k_ref, v_ref, ts_ref, bias_refs, dq_ref, cfg.bwd_block_k, cfg, epilogue=epilogue)
+    walk_query_block(head_step, blk, k_ref, v_ref, ts_ref, bias_refs, dq_ref, cfg.dq_block_k, cfg, epilogue=epilogue)
 
 
 def _dbias_kernel(len_ref, hist_ref, q_ref, k_ref, v_ref, do_ref, ts_ref, qts_ref, pos_ref, tsw_ref, edges_ref,
                   drab_ref, *, cfg: MhaConfig, heads: int):
-    bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
+    bq, bk = cfg.dkdv_block_q, cfg.dbias_block_k
     kb, qb, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     length, n_hist, q_first = seq_scalars(len_ref, hist_ref, b, cfg)
     q_lo, k_lo = qb * bq, kb * bk
@@ -221,8 +229,10 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     projection's gradient in place of dq, dk, dv (which then must share one head dim)."""
     bsz, n, heads, dqk = q.shape
     dv_dim = v.shape[-1]
-    bq, bk, g = cfg.bwd_block_q, cfg.bwd_block_k, cfg.heads_per_program
-    fused = cfg.has_bias and g == heads
+    bq, bk, dq_bq = cfg.dkdv_block_q, cfg.dkdv_block_k, cfg.dq_block_q
+    g, g_kv = cfg.heads_per_program, cfg.dkdv_heads_per_program or cfg.heads_per_program
+    kv_cfg = dataclasses.replace(cfg, heads_per_program=g_kv)
+    fused = cfg.has_bias and g_kv == heads
     scalar = pl.BlockSpec(lengths.shape, lambda *_: (0,))
     bias_args = (ts, qts, pos_w, ts_w, edges) if cfg.has_bias else ()
     pairs = bsz * heads * pair_count(n)
@@ -233,14 +243,14 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     drab_struct = out_struct((bsz, n, n), jnp.float32, *inputs)
     rab_ops = pairs // g if cfg.has_bias else 0  # the bias, once per tile for G heads
 
-    def whole(d):
-        return pl.BlockSpec((None, n, g, d), lambda i, b, h: (b, 0, h, 0))
+    def whole(d, heads_at=g):
+        return pl.BlockSpec((None, n, heads_at, d), lambda i, b, h: (b, 0, h, 0))
 
-    def block(size, d):
-        return pl.BlockSpec((None, size, g, d), lambda i, b, h: (b, i, h, 0))
+    def block(size, d):  # dK/dV's key block
+        return pl.BlockSpec((None, size, g_kv, d), lambda i, b, h: (b, i, h, 0))
 
     def query_block(d):  # the dq grid runs its query blocks heavy_first
-        return pl.BlockSpec((None, bq, g, d), lambda i, b, h: (b, heavy_first(i, n // bq), h, 0))
+        return pl.BlockSpec((None, dq_bq, g, d), lambda i, b, h: (b, heavy_first(i, n // dq_bq), h, 0))
 
     packed_args, dkdv_extra, dq_extra, packed_bytes = (), [], [], 0
     if packed:
@@ -249,8 +259,9 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
                              f"{q.shape}, {v.shape}; got {packed.pre.shape}, {packed.du.shape}")
         packed_args = (packed.pre, packed.du)
         # dK/dV: its key rows' four sections (reads u, v, k; writes u, v, k); dQ: the q section.
-        sections = pl.BlockSpec((None, bk, 4, g, dqk), lambda i, b, h: (b, i, 0, h, 0))
-        q_section = pl.BlockSpec((None, bq, None, g, dqk), lambda i, b, h: (b, heavy_first(i, n // bq), Q, h, 0))
+        sections = pl.BlockSpec((None, bk, 4, g_kv, dqk), lambda i, b, h: (b, i, 0, h, 0))
+        q_section = pl.BlockSpec((None, dq_bq, None, g, dqk),
+                                 lambda i, b, h: (b, heavy_first(i, n // dq_bq), Q, h, 0))
         dkdv_extra, dq_extra = [sections, block(bk, dqk)], [q_section, q_section]
         packed_bytes = itemsize * (packed.pre.size + packed.du.size + 2 * v.size)  # + the u section's read
         out_shape = (out_struct(packed.pre.shape, q.dtype, *inputs, *packed_args),)
@@ -262,14 +273,15 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
         out_shape += (drab_struct,)
         out_specs += (pl.BlockSpec((None, bk, n), lambda i, b, h: (b, i, 0)),)
     outs = pl.pallas_call(
-        functools.partial(_dkdv_kernel, cfg=cfg, dbias=fused, packed=packed is not None),
+        functools.partial(_dkdv_kernel, cfg=kv_cfg, dbias=fused, packed=packed is not None),
         out_shape=out_shape,
-        grid=(n // bk, bsz, heads // g),
-        in_specs=[scalar, scalar, whole(dqk), block(bk, dqk), block(bk, dv_dim), whole(dv_dim), *dkdv_extra,
+        grid=(n // bk, bsz, heads // g_kv),
+        in_specs=[scalar, scalar, whole(dqk, g_kv), block(bk, dqk), block(bk, dv_dim), whole(dv_dim, g_kv), *dkdv_extra,
                   *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges)],
         out_specs=out_specs,
         compiler_params=params,
-        cost_estimate=pl.CostEstimate(flops=4 * pairs * (dqk + dv_dim) + 12 * pairs, transcendentals=pairs + rab_ops,
+        cost_estimate=pl.CostEstimate(flops=4 * pairs * (dqk + dv_dim) + 12 * pairs,
+                                      transcendentals=pairs + (pairs // g_kv if cfg.has_bias else 0),
                                       bytes_accessed=tensor_bytes + packed_bytes + (4 * bsz * n * n if fused else 0)),
         interpret=cfg.interpret,
         name="hstu_attention_dkdv",
@@ -282,7 +294,7 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg, alpha=packed.alpha if packed else None),
         out_shape=out_shape[0] if packed else out_struct(q.shape, q.dtype, *inputs),
-        grid=(n // bq, bsz, heads // g),
+        grid=(n // dq_bq, bsz, heads // g),
         in_specs=[scalar, scalar, query_block(dqk), whole(dqk), whole(dv_dim), query_block(dv_dim), *dq_extra,
                   *bias_specs(cfg, n, lambda i, b, h: (b, 0), pos_w, ts_w, edges)],
         out_specs=dq_extra[-1] if packed else query_block(dqk),
@@ -305,6 +317,7 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     def tile(size, d, at):
         return pl.BlockSpec((None, size, heads, d), lambda j, i, b: (b, at(j, i), 0, 0))
 
+    bk = cfg.dbias_block_k  # its own key block: it holds no [BK, d] accumulators (module docstring)
     drab = pl.pallas_call(
         functools.partial(_dbias_kernel, cfg=cfg, heads=heads),
         out_shape=drab_struct,

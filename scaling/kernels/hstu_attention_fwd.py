@@ -59,10 +59,12 @@ class MhaConfig:
     """Static kernel parameters (hashable: a custom_vjp nondiff argument)."""
 
     norm: float
-    block_q: int = 64
+    block_q: int = 64  # the forward's query and key blocks
     block_k: int = 64
-    bwd_block_q: int = 64
-    bwd_block_k: int = 64
+    dkdv_block_q: int = 64  # dK/dV (and dbias): query blocks streamed past a key block
+    dkdv_block_k: int = 64
+    dq_block_q: int = 64  # dQ: key blocks streamed past a query block
+    dq_block_k: int = 64
     num_pos: int = 0  # P: pos_w has 2P - 1 entries (0: no relative bias)
     num_buckets: int = 0  # ts_w has num_buckets + 1 entries
     candidates: bool = False  # some sequences end in candidates (positions clamped to n_hist)
@@ -72,6 +74,8 @@ class MhaConfig:
     num_stages: int = 2
     seq_len: int = 0  # the unpadded N (the bias tables' gradient reduction skips the padding)
     heads_per_program: int = 1  # G: one program computes G heads, the bias tile once for all of them
+    dkdv_heads_per_program: int = 0  # dK/dV's G (0: heads_per_program)
+    dbias_block_k: int = 64  # the dbias kernel's key block (its query block is dK/dV's)
 
     @property
     def has_bias(self) -> bool:
