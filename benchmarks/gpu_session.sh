@@ -16,8 +16,9 @@
 #            and without                                   -> OUT/profile.jsonl
 #   gr       benchmarks/hstu_reference_side_by_side.py vs generative-recommenders' Triton hstu_mha
 #                                                          -> OUT/hstu_side_by_side.json
-#   tiles    HSTU tile sweep at L=4096, d=128, pallas only -> OUT/tiles.jsonl (one JSON per setting)
 #   train    benchmarks/train_step.py                      -> OUT/train_step.json
+#   tiles    HSTU tile sweep at L=4096, d=128, pallas only -> OUT/tiles.jsonl (one JSON per setting)
+#            (last: the aims' figures come first if the deadline cuts the session short)
 # Everything the steps print goes to OUT/session.log (benchmark rows as JSON lines as they finish,
 # so a step cut short keeps its finished rows); OUT/summary.txt lists each step's exit status and
 # seconds (124 = timed out). At most 7 files: what a device call brings back (8 at most).
@@ -25,7 +26,7 @@
 # Budget: a device command may run 10 minutes, so a global deadline (DEADLINE=570 seconds from the
 # start) cuts the last step short rather than lose the whole call; the step timeouts (seconds,
 # override with T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TILES, T_TRAIN) sum to 580. Steps can be
-# split over two calls on a warm machine: `... OUT env test kernels profile` then `... OUT gr tiles train`.
+# split over two calls on a warm machine: `... OUT env test kernels profile` then `... OUT gr train tiles`.
 #
 # Packages: the device image's python3 has JAX (CUDA), flax, optax, orbax, PyTorch and Triton, but
 # not grain (train_step needs it). Carry wheels in .whl/ (installed here into /tmp/site when the
@@ -39,9 +40,9 @@
 # and carry [".whl", ".gr"]. PYTHON picks the interpreter (default python3). SMOKE=1 checks the
 # script itself anywhere (CPU included): every benchmark with --smoke, one quick test.
 set -u
-OUT=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [env test kernels profile gr tiles train]}
+OUT=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [env test kernels profile gr train tiles]}
 shift
-STEPS=${*:-env test kernels profile gr tiles train}
+STEPS=${*:-env test kernels profile gr train tiles}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -161,7 +162,7 @@ for step in $STEPS; do
     tiles) run tiles "${T_TILES:-80}" bash -c "$(declare -f append_json tile_sweep); tile_sweep" ;;
     train) run train "${T_TRAIN:-120}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
              $SMOKE_FLAG ;;
-    *) echo "unknown step $step (expected env test kernels profile gr tiles train)" | tee -a "$OUT/summary.txt" ;;
+    *) echo "unknown step $step (expected env test kernels profile gr train tiles)" | tee -a "$OUT/summary.txt" ;;
   esac
 done
 echo "gpu_session: done in $(($(date +%s) - START))s" | tee -a "$OUT/summary.txt"
