@@ -6,7 +6,7 @@
 # STEPs (default: all, in this order; each under its own `timeout`, a failure or timeout is logged
 # and the next step runs):
 #   env      the device (nvidia-smi, JAX and PyTorch devices) and the Python packages' versions
-#   test     JAX_DEFAULT_MATMUL_PRECISION=highest pytest -q tests/test_kernels.py
+#   test     JAX_DEFAULT_MATMUL_PRECISION=highest pytest -q tests/test_kernels.py tests/test_fm_block.py
 #            tests/test_flash_attention.py tests/test_hstu_projection.py tests/test_residual_norm.py
 #            tests/test_row_norm.py (compiled Triton kernels)
 #   kernels  benchmarks/kernels.py, full grid (HSTU, its fused projection, FM block, the
@@ -153,7 +153,7 @@ for step in $STEPS; do
   case $step in
     env) run env "${T_ENV:-30}" bash -c "$(declare -f env_report); env_report" ;;
     test) run test "${T_TEST:-90}" env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -p no:cacheprovider \
-            tests/test_kernels.py tests/test_flash_attention.py tests/test_hstu_projection.py \
+            tests/test_kernels.py tests/test_fm_block.py tests/test_flash_attention.py tests/test_hstu_projection.py \
             tests/test_residual_norm.py tests/test_row_norm.py $TEST_SELECT ;;
     kernels) run kernels "${T_KERNELS:-140}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
     profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f append_json profile_both); profile_both" ;;

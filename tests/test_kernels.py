@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.triton_ir import abstract_h100
 from scaling.kernels.dispatch import selected_impl
-from scaling.kernels.fm_block import fm_block, kernel_fits, pallas_fm_block, reference_fm_block
+from scaling.kernels.fm_block import fm_block
 from scaling.kernels.hstu_attention import Blocks, candidate_mha, hstu_mha
 from scaling.models.hstu_attention import candidate_attention, candidate_bias
 
@@ -343,6 +343,10 @@ def test_kernel_profile_sums_device_stream_time_per_kernel(tmp_path):
     assert kernel_of("hstu_attention_dq") == "hstu_attention_dq" and kernel_of("loop_reduce_fusion") is None
 
 
+# ------------------------------------------------------------------------------------------------
+# The FM block's inputs and VJP (its tests: tests/test_fm_block.py; the mesh tests below use them too)
+
+
 def _fm_inputs(b, n, d, k, dtype, seed=5):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.normal(size=(b, n, d)), dtype)
@@ -359,53 +363,6 @@ def _fm_vjp(impl, cot):
 
     return jax.jit(run)
 
-
-def _assert_fm_matches_reference(args, cot):
-    """The pallas path's output and four gradients equal the XLA reference's (fp32 tolerances)."""
-    out, grads = _fm_vjp("pallas", cot)(*args)
-    ref_out, ref_grads = _fm_vjp("xla", cot)(*args)
-    _close(out, ref_out)
-    for g, r in zip(grads, ref_grads):
-        _close(g, r)
-
-
-def test_fm_block_matches_reference_fp32():
-    _assert_fm_matches_reference(*_fm_inputs(10, 7, 5, 3, jnp.float32))  # 10 examples: a partial last tile of 4
-
-
-def test_fm_block_bf16_within_the_xla_reference_error():
-    args, cot = _fm_inputs(8, 26, 16, 8, jnp.bfloat16, seed=6)
-    up = [a.astype(jnp.float32) for a in args]
-    exact = _fm_vjp("xla", cot.astype(jnp.float32))(*up)
-    kernel, xla = _fm_vjp("pallas", cot)(*args), _fm_vjp("xla", cot)(*args)
-    pairs = [(kernel[0], xla[0], exact[0])] + list(zip(kernel[1], xla[1], exact[1]))
-    for name, (got, base, ref) in zip(("out", "x", "y", "scale", "bias"), pairs):
-        scale = float(np.abs(np.asarray(ref, np.float64)).max())
-        assert _err(got, ref) <= 2 * _err(base, ref) + 1e-3 * scale, name
-
-
-def test_fm_block_backward_walks_d_in_chunks():
-    # d = 100 -> d_p = 128: four column chunks of 32, the last one three quarters masked
-    _assert_fm_matches_reference(*_fm_inputs(6, 7, 100, 3, jnp.float32, seed=7))
-
-
-def test_fm_block_tiles_past_the_kernels_fall_back_to_the_reference():
-    # The envelope measured with benchmarks/kernel_compile.py --op fm (sm_90a, no spills)
-    assert kernel_fits(128, 64, 32) == (True, True) and kernel_fits(128, 256, 64) == (True, True)
-    assert kernel_fits(256, 128, 32) == (True, False) and kernel_fits(256, 64, 64) == (False, False)
-    assert kernel_fits(128, 1024, 32) == (True, True) and kernel_fits(64, 2048, 16) == (False, False)
-    # float32 x: the forward alike (d walked in chunks), the backward up to n * k = 4096
-    assert kernel_fits(128, 256, 64, itemsize=4) == (True, False)  # Wukong's paper shape
-    assert kernel_fits(64, 256, 64, itemsize=4) == (True, True)
-    # n = 150, d = 10, k = 9 -> tiles (256, 16, 16): the forward kernel, the backward through XLA
-    args, cot = _fm_inputs(6, 150, 10, 9, jnp.float32)
-    assert kernel_fits(256, 16, 16, itemsize=4) == (True, False)
-    jaxpr = str(jax.make_jaxpr(_fm_vjp("pallas", cot))(*args))
-    assert "wukong_fm_block_fwd" in jaxpr and "wukong_fm_block_bwd" not in jaxpr
-    _assert_fm_matches_reference(args, cot)
-    with pytest.warns(UserWarning, match="larger than the kernel holds"):  # tiles (256, 16, 64): all XLA
-        wide, _ = _fm_inputs(2, 150, 10, 40, jnp.float32)
-        np.testing.assert_array_equal(pallas_fm_block(*wide, interpret=True), reference_fm_block(*wide))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -499,26 +456,6 @@ def test_mfalcon_scores_with_pallas_equal_xla():
     for model in models:
         model.eval()
     got, expected = (score(m, items, ts, lengths, request, candidates, micro_batch=4) for m in models)
-    _close(got, expected)
-
-
-def test_wukong_forward_with_the_fm_kernel_equals_xla():
-    from flax import nnx
-
-    from scaling.config import ModelConfig
-    from scaling.config_schema import build
-    from scaling.data.spec import CTRFeatureSpec
-    from scaling.models.registry import build_model
-
-    spec = CTRFeatureSpec(cardinalities=(5, 7, 3, 11), num_dense=3)
-    base = dict(name="wukong", embed_dim=4, num_layers=2, num_fm=2, num_lcb=3, fm_rank=3, fmb_mlp_width=8,
-                fmb_mlp_depth=1, dense_mlp=(6,), top_mlp=(8,), fmb_out_init_scale=1.0)
-    rng = np.random.default_rng(11)
-    batch = {"sparse": jnp.asarray(rng.integers(0, 3, size=(6, 4)), jnp.int32),
-             "dense": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32)}
-    forward = nnx.jit(lambda model, batch: model(batch))
-    got, expected = (forward(build_model(build(ModelConfig, {**base, "fm_impl": impl}), spec, rngs=nnx.Rngs(0)), batch)
-                     for impl in ("pallas", "xla"))
     _close(got, expected)
 
 

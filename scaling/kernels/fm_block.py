@@ -11,19 +11,20 @@ saves the [B, d, k] and [B, n, k] round trips to memory (the block is memory-bou
 Grid (B / BT,): a program holds Y, scale and bias and walks its BT examples with 2-D dots (Triton
 has no batched 3-D dot): P = X^T Y [d, k] (fp32 accumulation, cast to the input dtype as the
 reference's einsum rounds it), Z = X P [n, k] in fp32, statistics and the affine in fp32 over the
-true n * k entries. Tiles are [n_p, D_CHUNK] column chunks of x and [n_p, k_p], n, d, k rounded
-up to powers of two >= 16 for tl.dot; x, the output and dX stay at their true sizes in memory and are read and
-written with masked loads and stores (zero outside), so XLA never writes a padded copy of them
-(at Wukong's d = 160 that copy was 2.1x x). The padding is masked out of the statistics.
+true n * k entries. Tiles are [n_p, 64 or 32] column chunks of x (`chunk_width`) and [n_p, k_p],
+n, d, k rounded up to powers of two >= 16 for tl.dot; x, the output and dX stay at their true
+sizes in memory and are read and written with masked loads and stores (zero outside), so XLA
+never writes a padded copy of them (at Wukong's d = 160 that copy was 2.1x x). The padding is
+masked out of the statistics.
 
 Backward (custom_vjp, a second kernel on the same grid, recomputing Z from X and Y):
 
     dZ^ = g * scale,  dZ = rstd (dZ^ - mean(dZ^) - Z^ mean(dZ^ Z^)),
     dX = dZ P^T + Y dP^T with dP = X^T dZ,  dY = sum_b X dP,  dscale = sum_b g Z^,  dbias = sum_b g
 
-walking d in column chunks of D_CHUNK (Z summed over the chunks first, then dP, dX and dY per
-chunk), so x, P, dP and dX are never held whole. The forward sums Z over the same chunks
-(Z = sum_c X_c (X_c^T Y): P's rows are per column of x), so neither kernel holds a [n, d] tile.
+walking d in column chunks (Z summed over the chunks first, then dP, dX and dY per chunk), so x,
+P, dP and dX are never held whole. The forward sums Z over the same chunks (Z = sum_c X_c (X_c^T
+Y): P's rows are per column of x), so neither kernel holds a [n, d] tile.
 
 Past the tiles the backward kernel holds (`kernel_fits`: n <= 128, n * k <= 8192 in bf16, 4096
 in fp32, padded sizes) the backward is the reference's VJP (XLA), and past the forward's
@@ -48,12 +49,18 @@ from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.dispatch import dispatch
 from scaling.kernels.sharded import out_struct
-from scaling.kernels.tiles import contract, corner_mask, load_tile, store_tile, tile_dim
+from scaling.kernels.tiles import contract, corner_mask, ieee_fp32_dots, load_tile, store_tile, tile_dim
 
-__all__ = ["fm_block", "reference_fm_block", "pallas_fm_block"]
+__all__ = ["fm_block", "reference_fm_block", "pallas_fm_block", "chunk_width", "kernel_fits"]
 
 
-D_CHUNK = 32  # both kernels hold x (and P, dP, dX) for this many columns of d at a time
+# The kernels hold x (and P, dP, dX) for this many columns of d at a time. P_c = X_c^T Y and dP_c
+# have D_CHUNK rows, and Hopper's wgmma needs >= 64 output rows (else Triton emits Ampere's
+# mma.sync), so 64 where it fits: in the forward always, in the backward up to n * k * itemsize of
+# 8192 bytes (`chunk_width`: past that 64 columns spill, 712 B at Wukong's paper shape), and
+# 32 under IEEE fp32 dots (no tensor-core path; 64 columns spilled up to 6.7 KB there).
+D_CHUNK = 64
+NARROW_CHUNK = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +84,9 @@ class _Config:
         """False: the backward is the reference's VJP (tiles too large for the backward kernel)."""
         return kernel_fits(self.n_p, self.d_p, self.k_p, self.itemsize)[1]
 
-    @property
-    def d_chunk(self) -> int:
-        """The width of the column chunks the kernels walk d in."""
-        return min(self.d_p, D_CHUNK)
+    def d_chunk(self, backward: bool = False) -> int:
+        """The width of the column chunks a kernel walks d in."""
+        return chunk_width(self.n_p, self.d_p, self.k_p, self.itemsize, backward=backward)
 
 
 def reference_fm_block(x, y, scale, bias, *, eps: float = 1e-5) -> jax.Array:
@@ -106,24 +112,24 @@ def _standardized(z, cfg: _Config):
     return centred * rstd, rstd, mask
 
 
-def _x_chunk(x_ref, e, c, cfg: _Config):
+def _x_chunk(x_ref, e, c, width: int, cfg: _Config):
     """(columns [c w, (c + 1) w) of example e's x [n_p, w] (zero outside the true [n, d]), their
     mask, the first column)."""
-    start = c * cfg.d_chunk
-    mask = corner_mask(cfg.n_p, cfg.d_chunk, cfg.n, cfg.d - start)
+    start = c * width
+    mask = corner_mask(cfg.n_p, width, cfg.n, cfg.d - start)
     return load_tile(x_ref, e, mask, col=start), mask, start
 
 
-def _z(x_ref, y, e, cfg: _Config) -> jax.Array:
+def _z(x_ref, y, e, cfg: _Config, width: int) -> jax.Array:
     """Z = X (X^T Y) [n_p, k_p] fp32 of example e, summed over x's column chunks: P's rows are
     per column of x, so Z = sum_c X_c P_c with P_c = X_c^T Y (cast to x's dtype, as the reference
     rounds P)."""
 
     def add(c, z):
-        x, _, _ = _x_chunk(x_ref, e, c, cfg)
+        x, _, _ = _x_chunk(x_ref, e, c, width, cfg)
         return z + contract(x, contract(x, y, (0, 0)).astype(x.dtype), (1, 0))
 
-    return lax.fori_loop(0, cfg.d_p // cfg.d_chunk, add, jnp.zeros((cfg.n_p, cfg.k_p), jnp.float32))
+    return lax.fori_loop(0, cfg.d_p // width, add, jnp.zeros((cfg.n_p, cfg.k_p), jnp.float32))
 
 
 def _forward_kernel(x_ref, y_ref, scale_ref, bias_ref, o_ref, *, cfg: _Config):
@@ -131,7 +137,7 @@ def _forward_kernel(x_ref, y_ref, scale_ref, bias_ref, o_ref, *, cfg: _Config):
     scale, bias = scale_ref[...], bias_ref[...]
 
     def example(e, carry):
-        zhat, _, mask = _standardized(_z(x_ref, y, e, cfg), cfg)
+        zhat, _, mask = _standardized(_z(x_ref, y, e, cfg, cfg.d_chunk()), cfg)
         store_tile(o_ref, e, (zhat * scale + bias).astype(o_ref.dtype), mask)
         return carry
 
@@ -142,10 +148,11 @@ def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref,
     y = y_ref[...].astype(x_ref.dtype)
     scale = scale_ref[...]
     count = cfg.n * cfg.k
+    width = cfg.d_chunk(backward=True)
 
     def example(e, carry):
         dy, dscale = carry
-        zhat, rstd, mask = _standardized(_z(x_ref, y, e, cfg), cfg)
+        zhat, rstd, mask = _standardized(_z(x_ref, y, e, cfg, width), cfg)
         g = load_tile(g_ref, e, mask).astype(jnp.float32)
         dzhat = g * scale
         dz = jnp.where(mask, rstd * (dzhat - jnp.sum(dzhat) / count - zhat * (jnp.sum(dzhat * zhat) / count)), 0.0)
@@ -153,14 +160,14 @@ def _backward_kernel(x_ref, y_ref, scale_ref, g_ref, dx_ref, dy_ref, dscale_ref,
         dscale = dscale + g * zhat  # before the chunk loop: g and Z^ die here
 
         def chunk_grads(c, dy):  # per column chunk: P_c, dP_c = X_c^T dZ, dX_c = dZ P_c^T + Y dP_c^T
-            x, x_mask, start = _x_chunk(x_ref, e, c, cfg)
+            x, x_mask, start = _x_chunk(x_ref, e, c, width, cfg)
             p = contract(x, y, (0, 0)).astype(x.dtype)
             dp = contract(x, dz, (0, 0)).astype(x.dtype)
             dx = contract(dz, p, (1, 1)) + contract(y, dp, (1, 1))
             store_tile(dx_ref, e, dx.astype(dx_ref.dtype), x_mask, col=start)
             return dy + contract(x, dp, (1, 0))
 
-        return lax.fori_loop(0, cfg.d_p // cfg.d_chunk, chunk_grads, dy), dscale
+        return lax.fori_loop(0, cfg.d_p // width, chunk_grads, dy), dscale
 
     zeros = jnp.zeros(dy_ref.shape, jnp.float32)
     dy, dscale = lax.fori_loop(0, cfg.block_b, example, (zeros, zeros))
@@ -266,12 +273,13 @@ def kernel_fits(n_p: int, d_p: int, k_p: int, itemsize: int = 2) -> tuple[bool, 
     sm_90a (python -m benchmarks.kernel_compile --op fm; padded sizes n_p x d_p x k_p; x of
     `itemsize` bytes).
 
-    Both kernels walk d in chunks of D_CHUNK columns, so d costs them loop trips, not registers;
-    their [n, k] tiles (Z, Z^, dZ, dY, dscale) decide. bf16: the forward spills nothing up to
-    n * k = 8192 at any d <= 1024 (at most 34 KiB of shared memory) and 88-188 B at
-    n * k = 16384; the backward nothing up to n * k = 4096 and at Wukong's n = 96, d = 160, k = 48
-    (255 registers, 52 KiB), 4 B at (128, 128, 64) and 8 B at (128, 512, 64), 240-264 B at n = 256. float32 (TF32
-    dots): the forward likewise (at most 68 KiB); the backward nothing up to n * k = 4096,
+    Both kernels walk d in column chunks (`chunk_width`), so d costs them loop trips, not
+    registers; their [n, k] tiles (Z, Z^, dZ, dY, dscale) decide. bf16, 64-column chunks: the
+    forward spills nothing up to n * k = 8192 at any d <= 1024 (at most 88 KiB of shared memory;
+    with 32-column chunks it spilled 88-188 B at n * k = 16384); the backward nothing up to
+    n * k = 4096, and with 32-column chunks at Wukong's n = 96, d = 160, k = 48 (255 registers,
+    52 KiB), 4 B at (128, 128, 64) and 8 B at (128, 512, 64), 240-264 B at n = 256. float32 (TF32
+    dots): the forward likewise (at most 160 KiB); the backward nothing up to n * k = 4096,
     344-428 B at n * k = 8192. Before the chunks the forward held [n, d] whole: in bf16 176 KiB at
     (128, 256, 64), in fp32 288 KiB there, more than an H100 block may have (227 KiB), so fp32
     Wukong at the paper's scale could not have launched; and the backward at (128, 256, 64)
@@ -283,6 +291,22 @@ def kernel_fits(n_p: int, d_p: int, k_p: int, itemsize: int = 2) -> tuple[bool, 
     forward = n_p * k_p <= 8192 and d_p <= 1024
     backward = forward and n_p <= 128 and n_p * k_p <= (8192 if itemsize <= 2 else 4096)
     return forward, backward
+
+
+def chunk_width(n_p: int, d_p: int, k_p: int, itemsize: int = 2, *, backward: bool = False) -> int:
+    """The columns of d a kernel holds at a time for padded sizes (D_CHUNK's comment). The
+    backward takes 64 while its [n, k] register tiles leave room for 64-column chunks of x, P, dP
+    and dX: compiled for sm_90a (kernel_compile --op fm), every shape up to n * k * itemsize = 8192
+    bytes holds them (at most 226 registers), all dots then on wgmma; at Wukong's (96, 160, 48)
+    in bf16 they spilled 712 B, in fp32 at (128, 64, 32) 40 B. Under IEEE fp32 dots both kernels
+    take 32."""
+    if itemsize > 2 and ieee_fp32_dots():
+        width = NARROW_CHUNK
+    elif backward and n_p * k_p * itemsize > 8192:
+        width = NARROW_CHUNK
+    else:
+        width = D_CHUNK
+    return min(d_p, width)
 
 
 def launch_warps(n_p: int, d_p: int, k_p: int) -> tuple[int, int]:

@@ -51,12 +51,12 @@ from scaling.kernels.hstu_attention_bwd import Packed, mha_backward
 from scaling.kernels.hstu_attention_fwd import MhaConfig, mha_forward
 from scaling.kernels.hstu_bias import edges_table, table_grads
 from scaling.kernels.sharded import splits_heads
-from scaling.kernels.tiles import tile_dim
+from scaling.kernels.tiles import ieee_fp32_dots, tile_dim
 from scaling.models.hstu_attention import (candidate_attention, hstu_attention, next_timestamps, relative_bias,
                                            time_buckets)
 
 __all__ = ["TILE_FIELDS", "Blocks", "Tiles", "hstu_mha", "projected_mha", "projection_fusable", "candidate_mha",
-           "reference_mha", "pallas_mha", "ieee_fp32_dots"]
+           "reference_mha", "pallas_mha"]
 
 
 TILE_FIELDS = ("block_q", "block_k", "dkdv_block_q", "dkdv_block_k", "dq_block_q", "dq_block_k")
@@ -77,12 +77,6 @@ class Tiles(NamedTuple):
 
 def _largest_divisor(heads: int, limit: int) -> int:
     return max(g for g in range(1, min(limit, heads) + 1) if heads % g == 0)
-
-
-def ieee_fp32_dots() -> bool:
-    """Whether the kernels' float32 dots lower as IEEE fp32 (JAX's default matmul precision
-    'highest'), with no tensor-core path, rather than TF32."""
-    return str(jax.config.jax_default_matmul_precision) in ("highest", "float32")
 
 
 def _default_tiles(head_dim: int, g: int, g_kv: int, itemsize: int) -> tuple[int, ...]:

@@ -9,7 +9,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-__all__ = ["cdiv", "contract", "corner_mask", "dot", "heavy_first", "load_tile", "store_tile", "tile_dim"]
+__all__ = ["cdiv", "contract", "corner_mask", "dot", "heavy_first", "ieee_fp32_dots", "load_tile", "store_tile",
+           "tile_dim"]
 
 
 def tile_dim(n: int) -> int:
@@ -26,6 +27,12 @@ def heavy_first(i, count):
 def cdiv(a, b: int):
     """Ceiling division of a non-negative traced int by a static one (lax.div: Triton-safe)."""
     return lax.div(a + (b - 1), b)
+
+
+def ieee_fp32_dots() -> bool:
+    """Whether float32 dots lower as IEEE fp32 (JAX's default matmul precision 'highest'), with no
+    tensor-core path, rather than TF32 (`contract`): the kernels' tiles for that mode differ."""
+    return str(jax.config.jax_default_matmul_precision) in ("highest", "float32")
 
 
 def contract(a: jax.Array, b: jax.Array, axes: tuple[int, int]) -> jax.Array:
