@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
             for kernel, path in sorted(flash_ttir(nq, nk, d, where, args.heads, dtype=args.dtype).items()):
                 rows.append({"kernel": kernel, "nq": nq, "nk": nk, "d": d, "heads": args.heads, "num_warps": warps,
                              "num_stages": args.num_stages,
-                             "tiles": list(FlashBlocks().resolve(itemsize))})
+                             "tiles": list(FlashBlocks().resolve(itemsize, d))})
                 jobs.append({"ttir": path, "num_warps": warps, "num_stages": args.num_stages})
         for d in (int(x) for x in args.norm_dims.split(",")) if args.op == "norm" else ():
             from scaling.kernels.row_norm import ROW_WARPS, block_rows

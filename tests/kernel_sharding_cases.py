@@ -158,7 +158,7 @@ def _flash_vjp(impl, fixed):
 
     def f(q, k, v):  # OneTrans's layout: 12 queries ending at the last of N keys
         return flash_mha(q, k, v, key_start=fixed["key_start"], q_offset=N - 12, impl=impl,
-                         blocks=FlashBlocks(16, 16, 16, 16))
+                         blocks=FlashBlocks.uniform(16))
 
     return _jit_vjp(f, fixed["cot"])
 

@@ -18,8 +18,9 @@ from scaling.kernels.dispatch import interpret_default
 from scaling.kernels.flash_attention import FlashBlocks, flash_mha, pallas_flash_mha, reference_flash_mha
 
 INTERPRET = interpret_default()  # compiled through Triton on a GPU (gpu_session.sh's test step)
-SMALL = FlashBlocks(16, 16, 16, 16)
-MIXED = FlashBlocks(block_q=32, block_k=16, bwd_block_q=16, bwd_block_k=32)  # BQ != BK in every kernel
+SMALL = FlashBlocks.uniform(16)
+# BQ != BK in every kernel, and the two backward kernels' tiles differ
+MIXED = FlashBlocks(block_q=32, block_k=16, dkdv_block_q=16, dkdv_block_k=32, dq_block_q=32, dq_block_k=16)
 
 
 def _inputs(b, nq, nk, h, d, dv, dtype=jnp.float32, seed=0):
@@ -131,8 +132,8 @@ def test_block_ranges_cover_every_seen_pair_and_skip_masks_only_on_whole_tiles(c
     nq, nk, bq, bk = 40, 72, 16, 8
     for q_offset, start, end in itertools.product((0, 5, 32, 45), (0, 3, 8, 40, 72), (72, 50, 8)):
         cfg = fa._Config(nq=nq, nk=nk, d=16, dv=16, d_p=16, dv_p=16, q_offset=q_offset, causal=causal,
-                         block_q=bq, block_k=bk, bwd_block_q=bq, bwd_block_k=bk, num_warps=4, num_stages=2,
-                         interpret=True)
+                         block_q=bq, block_k=bk, dkdv_block_q=bq, dkdv_block_k=bk, dq_block_q=bq, dq_block_k=bk,
+                         num_warps=4, num_stages=2, interpret=True)
         padded = np.zeros((-(-nq // bq) * bq, -(-nk // bk) * bk), bool)
         padded[:nq, :nk] = _np_mask(nq, nk, q_offset, causal, start, end)
         for qb in range(padded.shape[0] // bq):
@@ -189,8 +190,15 @@ def test_blocks_validate_and_warps_follow_the_head_dim():
     assert fa.launch_warps(48, 48, FlashBlocks()) == 4 and fa.launch_warps(128, 128, FlashBlocks()) == 8
     assert fa.launch_warps(96, 64, FlashBlocks()) == 8 and fa.launch_warps(64, 64, FlashBlocks(num_warps=2)) == 2
     assert fa.launch_warps(48, 48, FlashBlocks(), itemsize=4) == 8  # float32: 8 warps, half-size tiles
-    assert FlashBlocks().resolve(2) == (64, 64, 64, 64) and FlashBlocks().resolve(4) == (32, 32, 32, 32)
-    assert FlashBlocks(block_k=128).resolve(4) == (32, 128, 32, 32)
+    # forward, dK/dV, dQ (BQ, BK): each kernel's held block (dK/dV's keys, the others' queries) at 64
+    assert FlashBlocks().resolve(2) == (64,) * 6
+    assert FlashBlocks().resolve(4, 48) == (64, 64, 32, 64, 64, 32)  # TF32
+    assert FlashBlocks().resolve(4, 128) == (64, 64, 32, 32, 64, 32)  # 64 held keys spill at d = 128
+    assert FlashBlocks(block_k=128, dq_block_k=16).resolve(4) == (64, 128, 32, 64, 64, 16)
+    with jax.default_matmul_precision("highest"):  # IEEE fp32 dots: no tensor-core path
+        assert FlashBlocks().resolve(4) == (32,) * 6
+        assert FlashBlocks().resolve(2) == (64,) * 6
+    assert FlashBlocks.uniform(16) == FlashBlocks(16, 16, 16, 16, 16, 16)
     assert fa.visible_pairs(3, 5, 2, True) == 3 + 4 + 5 and fa.visible_pairs(3, 5, 0, False) == 15
 
 

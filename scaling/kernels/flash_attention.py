@@ -44,12 +44,15 @@ from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.dispatch import dispatch
 from scaling.kernels.sharded import out_struct
-from scaling.kernels.tiles import cdiv, dot, heavy_first, tile_dim
+from scaling.kernels.tiles import cdiv, dot, heavy_first, ieee_fp32_dots, tile_dim
 from scaling.models.transformer import dot_product_attention
 
-__all__ = ["FlashBlocks", "flash_mha", "flops_per_pair", "pallas_flash_mha", "reference_flash_mha", "visible_pairs"]
+__all__ = ["FLASH_TILE_FIELDS", "FlashBlocks", "flash_mha", "flops_per_pair", "pallas_flash_mha", "reference_flash_mha", "visible_pairs"]
 
 _LOG2E = 1.4426950408889634
+
+
+FLASH_TILE_FIELDS = ("block_q", "block_k", "dkdv_block_q", "dkdv_block_k", "dq_block_q", "dq_block_k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,31 +60,55 @@ class FlashBlocks:
     """Tile sizes (powers of two >= 16, capped at the lengths rounded up to powers of two) and
     Triton launch knobs; None picks the default (`resolve`, `launch_warps`).
 
-    Defaults: 64 x 64 tiles for 16-bit inputs; 32 x 32 and 8 warps for float32 (twice the bytes
-    per tile: at 64 x 64 the fp32 dK/dV kernel spilled, 132 B per thread with TF32 dots, 53 KB with
-    IEEE fp32, and at 4 warps IEEE still spilled 1 KB); 8 warps at head dims over 64, else 4.
-    `python -m benchmarks.kernel_compile --op flash [--dtype float32]`: no spill in bf16, or in
-    fp32 with TF32 dots (JAX's default); IEEE fp32 (matmul precision 'highest') spills 12-596 B per
-    thread at head dim 128."""
+    Each kernel has its own tile: the forward's (BQ query rows, BK keys per step), dK/dV's (a
+    held key block of BK rows, query blocks of BQ streamed past it) and dQ's (a held query block,
+    key blocks streamed). The held block is the row count of the kernel's dots' outputs, which
+    Hopper's wgmma needs at >= 64 (else Triton emits Ampere's mma.sync; hstu_attention.Blocks has
+    the same split). Defaults (`python -m benchmarks.kernel_compile --op flash [--dtype float32]`,
+    which counts both instruction kinds), forward | dK/dV | dQ, BQ x BK:
+
+        16-bit                    64 x 64 | 64 x 64 | 64 x 64   all on wgmma, no spill
+        float32 (TF32), d <= 64   64 x 64 | 32 x 64 | 64 x 32   all on wgmma, no spill
+        float32 (TF32), d = 128   64 x 64 | 32 x 32 | 64 x 32   dK/dV on mma.sync: 64 held keys
+                                                                spilled 288-368 B there
+        float32 (IEEE, 'highest') 32 x 32 everywhere (no tensor-core path)
+
+    8 warps at head dims over 64 or for float32 inputs, else 4. A shared 64 x 64 backward tile
+    had spilled in fp32 (dK/dV 132 B per thread with TF32 dots, 53 KB with IEEE fp32), and the
+    former fp32 defaults, 32 x 32 everywhere, put every kernel on mma.sync. IEEE fp32 spills
+    12-596 B per thread at head dim 128 even on 32 x 32 tiles."""
 
     block_q: int | None = None
     block_k: int | None = None
-    bwd_block_q: int | None = None
-    bwd_block_k: int | None = None
+    dkdv_block_q: int | None = None
+    dkdv_block_k: int | None = None
+    dq_block_q: int | None = None
+    dq_block_k: int | None = None
     num_warps: int | None = None
     num_stages: int = 2
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "bwd_block_q", "bwd_block_k"):
+        for name in FLASH_TILE_FIELDS:
             size = getattr(self, name)
             if size is not None and (size < 16 or size & (size - 1)):
                 raise ValueError(f"{name} must be a power of two >= 16, got {size}")
 
-    def resolve(self, itemsize: int) -> tuple[int, int, int, int]:
-        """(block_q, block_k, bwd_block_q, bwd_block_k) for inputs of `itemsize` bytes."""
-        default = 64 if itemsize <= 2 else 32
-        given = (self.block_q, self.block_k, self.bwd_block_q, self.bwd_block_k)
-        return tuple(default if size is None else size for size in given)
+    def resolve(self, itemsize: int, head_dim: int = 64) -> tuple[int, ...]:
+        """(forward BQ, BK, dK/dV BQ, BK, dQ BQ, BK) for inputs of `itemsize` bytes and head dims
+        up to head_dim (class docstring)."""
+        if itemsize <= 2:
+            default = (64,) * 6
+        elif ieee_fp32_dots():
+            default = (32,) * 6
+        else:  # TF32: dK/dV's 64 held keys spill at head dim 128
+            default = (64, 64, *((32, 32) if tile_dim(head_dim) >= 128 else (32, 64)), 64, 32)
+        given = tuple(getattr(self, name) for name in FLASH_TILE_FIELDS)
+        return tuple(d if size is None else size for size, d in zip(given, default))
+
+    @classmethod
+    def uniform(cls, size: int, **knobs) -> "FlashBlocks":
+        """Every tile size `size` (tests use small ones); knobs: the other fields."""
+        return cls(*(size,) * len(FLASH_TILE_FIELDS), **knobs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +125,10 @@ class _Config:
     causal: bool
     block_q: int
     block_k: int
-    bwd_block_q: int
-    bwd_block_k: int
+    dkdv_block_q: int
+    dkdv_block_k: int
+    dq_block_q: int
+    dq_block_k: int
     num_warps: int
     num_stages: int
     interpret: bool
@@ -107,7 +136,7 @@ class _Config:
     def lse_len(self, backward: bool) -> int:
         """Rows of the log-sum-exp buffer the forward writes (Nq rounded up to its query block), or
         the backward reads (rounded up to both query blocks: the forward's is padded with +inf)."""
-        step = max(self.block_q, self.bwd_block_q) if backward else self.block_q
+        step = max(self.block_q, self.dkdv_block_q, self.dq_block_q) if backward else self.block_q
         return _blocks(self.nq, step) * step
 
     @property
@@ -313,7 +342,7 @@ def _forward(q, k, v, key_start, key_end, cfg: _Config):
 
 def _dkdv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
                  cfg: _Config):
-    bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
+    bq, bk = cfg.dkdv_block_q, cfg.dkdv_block_k
     b = pl.program_id(1)
     start, end = start_ref[b], end_ref[b]
     k_lo = pl.program_id(0) * bk
@@ -343,7 +372,7 @@ def _dkdv_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta
 
 
 def _dq_kernel(start_ref, end_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Config):
-    bq, bk = cfg.bwd_block_q, cfg.bwd_block_k
+    bq, bk = cfg.dq_block_q, cfg.dq_block_k
     b = pl.program_id(1)
     start, end = start_ref[b], end_ref[b]
     q_lo, rows = _query_block(bq)
@@ -382,7 +411,7 @@ def _backward(q, k, v, key_start, key_end, out, lse, do, cfg: _Config):
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, cfg=cfg),
         out_shape=(out_struct(k.shape, k.dtype, *args), out_struct(v.shape, v.dtype, *args)),
-        grid=(_blocks(nk, cfg.bwd_block_k), bsz, heads),
+        grid=(_blocks(nk, cfg.dkdv_block_k), bsz, heads),
         out_specs=(_sequence_spec(k.shape), _sequence_spec(v.shape)),
         cost_estimate=_cost(q, k, v, cfg, "flash_attention_dkdv"),
         name="flash_attention_dkdv",
@@ -391,7 +420,7 @@ def _backward(q, k, v, key_start, key_end, out, lse, do, cfg: _Config):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, cfg=cfg),
         out_shape=out_struct(q.shape, q.dtype, *args),
-        grid=(_blocks(nq, cfg.bwd_block_q), bsz, heads),
+        grid=(_blocks(nq, cfg.dq_block_q), bsz, heads),
         out_specs=_sequence_spec(q.shape),
         cost_estimate=_cost(q, k, v, cfg, "flash_attention_dq"),
         name="flash_attention_dq",
@@ -441,10 +470,10 @@ def pallas_flash_mha(q, k, v, key_start, key_end, *, q_offset: int = 0, causal: 
     if q_offset < 0:
         raise ValueError(f"q_offset must be >= 0, got {q_offset}")
     d_p, dv_p = tile_dim(d), tile_dim(dv)
-    bq, bk, bbq, bbk = blocks.resolve(jnp.dtype(q.dtype).itemsize)
+    tiles = blocks.resolve(jnp.dtype(q.dtype).itemsize, max(d, dv))
     cfg = _Config(nq=nq, nk=nk, d=d, dv=dv, d_p=d_p, dv_p=dv_p, q_offset=int(q_offset), causal=bool(causal),
-                  block_q=_tile(bq, nq), block_k=_tile(bk, nk), bwd_block_q=_tile(bbq, nq),
-                  bwd_block_k=_tile(bbk, nk),
+                  **{name: _tile(size, nk if name.endswith("_k") else nq)
+                     for name, size in zip(FLASH_TILE_FIELDS, tiles)},
                   num_warps=launch_warps(d, dv, blocks, jnp.dtype(q.dtype).itemsize), num_stages=blocks.num_stages,
                   interpret=interpret)
     key_start = jnp.clip(key_start.astype(jnp.int32), 0, nk)
