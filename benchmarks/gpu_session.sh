@@ -21,7 +21,9 @@
 #            (last: the aims' figures come first if the deadline cuts the session short)
 # Everything the steps print goes to OUT/session.log (benchmark rows as JSON lines as they finish,
 # so a step cut short keeps its finished rows); OUT/summary.txt lists each step's exit status and
-# seconds (124 = timed out). At most 7 files: what a device call brings back (8 at most).
+# seconds (124 = timed out), then the issue's speed aims as measured (`python -m benchmarks.aims
+# OUT`: each aim's worst value, its target and whether it is met). At most 7 files: what a device
+# call brings back (8 at most).
 #
 # Budget: a device command may run 10 minutes, so a global deadline (DEADLINE=570 seconds from the
 # start) cuts the last step short rather than lose the whole call; the step timeouts (seconds,
@@ -165,4 +167,7 @@ for step in $STEPS; do
     *) echo "unknown step $step (expected env test kernels profile gr train tiles)" | tee -a "$OUT/summary.txt" ;;
   esac
 done
+# the aims from whatever the steps wrote (benchmarks/aims.py; for a session split over two calls,
+# run it again on a folder holding both calls' files)
+"$PY" -m benchmarks.aims "$OUT" >> "$OUT/summary.txt" 2>&1 || echo "aims: failed (summary.txt)" >> "$OUT/summary.txt"
 echo "gpu_session: done in $(($(date +%s) - START))s" | tee -a "$OUT/summary.txt"

@@ -316,6 +316,9 @@ def main(argv=None) -> int:
         projection_shapes = [(32, 1024, 8, 128)]  # benchmarks/train_step.py's HSTU layer
         # benchmarks/train_step.py's Wukong layer output, and its HSTU layer's gated LayerNorm
         norm_shapes, gated_shapes = [(8192, 48, 48, 160)], [(32 * 1024, 1024)]
+    peak = matmul_tflops(matmul_n, max(iters, 3))
+    # printed first, so a run cut short still says it (benchmarks/aims.py reads the log)
+    print(json.dumps({"matmul_bf16_tflops": peak, "interpret": jax.default_backend() != "gpu"}), file=sys.stderr)
     result = {
         "benchmark": "kernels",
         "device": jax.devices()[0].device_kind,
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
         "dkdv_heads_per_program": blocks.dkdv_heads_per_program,
         "num_warps": blocks.num_warps,
         "num_stages": blocks.num_stages,
-        "matmul_bf16_tflops": matmul_tflops(matmul_n, max(iters, 3)),
+        "matmul_bf16_tflops": peak,
         "flops_convention": "causal model FLOPs: fwd = 4 d B h L(L+1)/2, fwd+bwd = 3.5 x fwd (module docstring)",
         "hstu": bench_hstu(lengths, dims, tokens, heads, iters, blocks, impls) if "hstu" in ops else [],
         "hstu_projection": bench_projection(projection_shapes, iters, blocks, impls) if "projection" in ops else [],
