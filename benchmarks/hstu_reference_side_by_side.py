@@ -2,7 +2,7 @@
 this repo's Pallas kernel and XLA reference (JAX), on the same shapes, without the relative bias.
 
     python -m benchmarks.hstu_reference_side_by_side [--gr-path DIR] [--out FILE] [--smoke]
-        [--lengths 512,1024,2048,4096,8192] [--dims 64,128] [--tokens 32768] [--heads 4]
+        [--lengths 512,1024,2048,4096,8192] [--dims 128,64] [--tokens 32768] [--heads 4]
         [--iters 20] [--impls gr,pallas,xla]
 
 --gr-path (or the GR_PATH environment variable): a directory holding the `generative_recommenders`
@@ -151,7 +151,8 @@ def main(argv=None) -> int:
     parser.add_argument("--gr-path", default=os.environ.get("GR_PATH", ""),
                         help="directory holding generative_recommenders/ (default: $GR_PATH)")
     parser.add_argument("--lengths", default="512,1024,2048,4096,8192")
-    parser.add_argument("--dims", default="64,128")
+    parser.add_argument("--dims", default="128,64", help="head dims, in order (128 first: a run cut short keeps "
+                        "the d = 128 rows the speed targets are read from)")
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / L)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--iters", type=int, default=20)
