@@ -47,7 +47,8 @@ from scaling.kernels.sharded import out_struct
 from scaling.kernels.tiles import cdiv, dot, heavy_first, ieee_fp32_dots, tile_dim
 from scaling.models.transformer import dot_product_attention
 
-__all__ = ["FLASH_TILE_FIELDS", "FlashBlocks", "flash_mha", "flops_per_pair", "pallas_flash_mha", "reference_flash_mha", "visible_pairs"]
+__all__ = ["FLASH_TILE_FIELDS", "FlashBlocks", "flash_mha", "flops_per_pair", "pallas_flash_mha", "reference_flash_mha",
+           "visible_pairs"]
 
 _LOG2E = 1.4426950408889634
 

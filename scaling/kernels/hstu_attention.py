@@ -17,7 +17,7 @@ fixed `norm` (the padded length in the research code, never the row's valid coun
 
 The kernel path (`pallas_mha`) pads N to a multiple of the blocks and the head dims to powers of
 two >= 16 (Triton's tl.dot minimum), runs the forward kernel (hstu_attention_fwd.py) under a
-custom_vjp whose backward runs the dK/dV, dQ and (unless one program holds every head) dbias
+custom_vjp whose backward runs the dK/dV, dQ and (unless a dK/dV program holds every head) dbias
 kernels (hstu_attention_bwd.py) and reduces the bias tables' gradients in XLA (hstu_bias.py).
 Residuals are the inputs only (no statistics). Gradients flow to q, k, v, pos_w and ts_w; lengths,
 candidates and timestamps are integers.
@@ -125,15 +125,15 @@ class Blocks:
     [--projected]`, Triton 3.8, sm_90a; its `wgmma` and `mma_sync` columns count each kind), at 8
     warps (4 for head dims <= 32). Forward | dK/dV | dQ, BQ x BK:
 
-        bf16, G = 1, d <= 64     64 x 64 | 64 x 64 | 64 x 64
-        bf16, G = 1, d >= 128    64 x 64 | 32 x 64 | 64 x 32
-        bf16, G = 2, d <= 32     64 x 32 | 16 x 64 | 64 x 16
-        bf16, G = 2, d = 64      64 x 32 | 16 x 64 | 64 x 32
-        bf16, G = 2, d >= 128    64 x 32 | 32 x 64 | 64 x 16   dK/dV one head per program
-        bf16, G = h = 2, d >= 128  64 x 32 | 32 x 32 | 64 x 16   dK/dV on mma.sync
-        fp32, G = 1, d <= 64     64 x 32 | 16 x 64 | 64 x 16
-        fp32, G = 1, d >= 128    64 x 32 | 32 x 16 | 64 x 16   dK/dV on mma.sync
-        fp32, G = 2 or IEEE      32 x 32 | 32 x 16 | 32 x 16   all on mma.sync (or none)
+        bf16, G = 1, d <= 64         64 x 64 | 64 x 64 | 64 x 64
+        bf16, G = 1, d >= 128        64 x 64 | 32 x 64 | 64 x 32
+        bf16, G = 2, d <= 32         64 x 32 | 16 x 64 | 64 x 16
+        bf16, G = 2, d = 64          64 x 32 | 16 x 64 | 64 x 32
+        bf16, G = 2 < h, d >= 128    64 x 32 | 32 x 64 | 64 x 16   dK/dV one head per program
+        bf16, G = 2 = h, d >= 128    64 x 32 | 32 x 32 | 64 x 16   dK/dV on mma.sync
+        fp32, G = 1, d <= 64         64 x 32 | 16 x 64 | 64 x 16
+        fp32, G = 1, d >= 128        64 x 32 | 32 x 16 | 64 x 16   dK/dV on mma.sync
+        fp32, G = 2, or IEEE fp32    32 x 32 | 32 x 16 | 32 x 16   all on mma.sync (or none)
 
     dK/dV holds two fp32 accumulators [BK, d] per head. Two heads of 128 (bf16), or one in fp32,
     spill with 64 stationary keys (0.4-1.4 KB per thread), so there dK/dV must run on mma.sync
@@ -172,8 +172,8 @@ class Blocks:
     def program_heads(self, heads: int, head_dim: int, has_bias: bool, itemsize: int = 2) -> int:
         """G: the largest divisor of `heads` up to heads_per_program (default: 2 with the bias at
         head dims >= 64 for 16-bit inputs, else 1)."""
-        return _largest_divisor(heads, self.heads_per_program or (2 if has_bias and head_dim >= 64 and itemsize == 2
-                                                                   else 1))
+        limit = self.heads_per_program or (2 if has_bias and head_dim >= 64 and itemsize == 2 else 1)
+        return _largest_divisor(heads, limit)
 
     def resolve(self, heads: int, head_dim: int, has_bias: bool, itemsize: int = 2) -> Tiles:
         """The tiles and G for `heads` heads of width head_dim (the larger of q/k's and v's, as

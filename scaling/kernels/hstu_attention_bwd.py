@@ -8,18 +8,19 @@ With p = silu(s) / norm (masked) and out = p v, for an output gradient dO:
 There is no softmax, hence no row statistics to save and no delta = rowsum(dO * O) pre-pass: the
 residuals are the inputs alone and every kernel recomputes s from q, k and the in-kernel bias.
 Three kernels, none with atomics or cross-program writes (FlashAttention-2's split), each program
-holding G heads (`heads_per_program`) that share its tiles' mask and relative bias:
+holding G heads (`heads_per_program`; dK/dV's G_kv may be smaller) that share its tiles' mask and
+relative bias:
 
-  dkdv   grid (N / BK, B, h / G): a key block accumulates dK, dV over the query blocks that see it
-         (`query_block_range`: from the diagonal to the length; a candidate key only its own row).
-         Computed key-major (s^T = k q^T) so no tile is transposed. When G = h (one program holds
-         every head) it also sums dS over the heads and writes each tile of the bias gradient
-         (zeros for the query blocks it does not see), and the dbias kernel does not run.
+  dkdv   grid (N / BK, B, h / G_kv): a key block accumulates dK, dV over the query blocks that
+         see it (`query_block_range`: from the diagonal to the length; a candidate key only its
+         own row). Computed key-major (s^T = k q^T) so no tile is transposed. When G_kv = h (one
+         program holds every head) it also sums dS over the heads and writes each tile of the bias
+         gradient (zeros for the query blocks it does not see), and the dbias kernel does not run.
   dq     grid (N / BQ, B, h / G): a query block accumulates dQ over the forward's key-block ranges
          (the longest rows launched first, as in the forward).
-  dbias  grid (N / BK, N / BQ, B), only with the relative bias and G < h: one program per visited
-         tile loops over all the heads (recomputing s and dP per head, the bias once per tile),
-         sums dS in fp32 registers and writes the tile.
+  dbias  grid (N / BK, N / BQ, B), only with the relative bias and G_kv < h: one program per
+         visited tile loops over all the heads (recomputing s and dP per head, the bias once per
+         tile), sums dS in fp32 registers and writes the tile.
 
 Each kernel has its own tile (BQ, BK): dK/dV's (MhaConfig.dkdv_block_q, dkdv_block_k), dQ's
 (dq_block_q, dq_block_k), and dbias's (dkdv_block_q, dbias_block_k: the widest block, which its
@@ -222,7 +223,7 @@ def mha_backward(q, k, v, do, lengths, n_hist, ts, qts, pos_w, ts_w, edges, cfg:
     """(dq, dk, dv, drab) on padded inputs. drab: float32 [B, N keys, N queries] (key-major, as
     hstu_bias.table_grads reads it), the head-summed score gradient; None without the bias.
 
-    When one program holds every head (heads_per_program == h) the dK/dV kernel sums dS over its
+    When one dK/dV program holds every head (its heads per program G_kv == h) it sums dS over its
     heads as it goes and writes drab itself; otherwise the dbias kernel recomputes it.
 
     With `packed` (module docstring) it returns (d pre [B, N, 4, h, d], None, None, drab): the
