@@ -6,9 +6,10 @@
 # STEPs (default: all, in this order; each under its own `timeout`, a failure or timeout is logged
 # and the next step runs):
 #   env      the device (nvidia-smi, JAX and PyTorch devices) and the Python packages' versions
-#   test     JAX_DEFAULT_MATMUL_PRECISION=highest pytest -q tests/test_kernels.py tests/test_fm_block.py
+#   test     JAX_DEFAULT_MATMUL_PRECISION=highest pytest -v tests/test_kernels.py tests/test_fm_block.py
 #            tests/test_flash_attention.py tests/test_hstu_projection.py tests/test_residual_norm.py
-#            tests/test_row_norm.py (compiled Triton kernels)
+#            tests/test_row_norm.py (compiled Triton kernels; -v: a step cut short still names each
+#            test it finished and how)
 #   kernels  benchmarks/kernels.py, full grid (HSTU, its fused projection, FM block, the
 #            LayerNorm kernels, softmax)
 #                                                          -> OUT/kernels.json
@@ -154,7 +155,7 @@ echo "gpu_session: steps [$STEPS] -> $OUT ($(date -u +%FT%TZ), deadline ${DEADLI
 for step in $STEPS; do
   case $step in
     env) run env "${T_ENV:-30}" bash -c "$(declare -f env_report); env_report" ;;
-    test) run test "${T_TEST:-90}" env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -q -p no:cacheprovider \
+    test) run test "${T_TEST:-90}" env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -v -p no:cacheprovider \
             tests/test_kernels.py tests/test_fm_block.py tests/test_flash_attention.py tests/test_hstu_projection.py \
             tests/test_residual_norm.py tests/test_row_norm.py $TEST_SELECT ;;
     kernels) run kernels "${T_KERNELS:-140}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
