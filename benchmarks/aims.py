@@ -16,8 +16,9 @@ Each aim is computed from the rows the session's benchmarks wrote, never assumed
   train_step_mfu           HSTU and Wukong bf16 train steps with the kernels: model FLOPs over the
                            measured matmul peak (benchmarks/train_step.py); aim >= 0.35
 
-An aim whose rows are missing (a step that did not run or was cut short) says so; `met` is then
-None. The gpu_session.sh `aims` step appends this table to OUT/summary.txt.
+A row of ours that failed makes its aim not met. An aim with no rows (a step that did not run or
+was cut short) says so, and one with some rows missing is only partly measured: `met` is None for
+both. gpu_session.sh appends this table to OUT/summary.txt.
 """
 
 from __future__ import annotations
@@ -69,19 +70,29 @@ def kernels_from_log(log_path: str) -> dict | None:
 
 
 def _aim(name: str, target: float, values: list[dict], missing: str | None = None) -> dict:
-    """{name, target, values: [{..., value}], worst, met}: met when every value reaches the target
-    (None without values)."""
+    """{aim, target, values, worst, met} from value entries: {..., "value": x} counted;
+    {..., "failed": reason} (our kernel's row errored) makes the aim not met; {..., "note": ...}
+    without a value is listed and, unless "excluded" (the XLA reference failed: no ratio to take),
+    leaves a met aim unproven (met None: partly measured)."""
     counted = [v["value"] for v in values if v.get("value") is not None]
     worst = min(counted) if counted else None
-    out = {"aim": name, "target": target, "values": values, "worst": worst,
-           "met": None if worst is None else worst >= target}
-    if missing and not counted:
+    met = None if worst is None else worst >= target
+    if any("failed" in v for v in values):
+        met = False
+    elif met and any(v.get("value") is None and not v.get("excluded") for v in values):
+        met = None
+    out = {"aim": name, "target": target, "values": values, "worst": worst, "met": met}
+    if missing and not values:
         out["missing"] = missing
     return out
 
 
 def _ok(row: dict, *keys: str) -> bool:
     return "error" not in row and all(row.get(k) for k in keys)
+
+
+def _failure(row: dict) -> str:
+    return row.get("error", "no time")
 
 
 def kernel_aims(kernels: dict | None) -> list[dict]:
@@ -95,24 +106,32 @@ def kernel_aims(kernels: dict | None) -> list[dict]:
         return [_aim("hstu_forward_vs_matmul", FORWARD_FRACTION, [], why),
                 _aim("hstu_fwd_bwd_vs_xla", FWD_BWD_SPEEDUP, [], why)]
     peak = kernels.get("matmul_bf16_tflops")
-    rows = kernels.get("hstu", [])
-    forward = [{"L": r["L"], "d": r["d"], "fwd_tflops": r["fwd_tflops"], "matmul_tflops": peak,
-                "value": r["fwd_tflops"] / peak}
-               for r in rows if r["impl"] == "pallas" and r["L"] == 4096 and r["d"] == 128 and _ok(r, "fwd_tflops")
-               and peak]
-    by_shape = {(r["impl"], r["L"], r["d"]): r for r in rows}
+    by_shape = {(r["impl"], r["L"], r["d"]): r for r in kernels.get("hstu", [])}
+    forward = []
+    target_row = by_shape.get(("pallas", 4096, 128))
+    if target_row is not None:
+        entry = {"L": 4096, "d": 128, "matmul_tflops": peak}
+        if not _ok(target_row, "fwd_tflops"):
+            entry["failed"] = _failure(target_row)
+        elif peak:
+            entry.update(fwd_tflops=target_row["fwd_tflops"], value=target_row["fwd_tflops"] / peak)
+        else:
+            entry["note"] = "no matmul peak"
+        forward.append(entry)
     speedups = []
     for (impl, length, dim), row in sorted(by_shape.items()):
-        if impl != "pallas" or length < 2048 or not _ok(row, "fwd_bwd_ms"):
+        if impl != "pallas" or length < 2048:
             continue
+        entry = {"L": length, "d": dim}
         xla = by_shape.get(("xla", length, dim))
-        entry = {"L": length, "d": dim, "pallas_ms": row["fwd_bwd_ms"]}
-        if xla is None:
-            entry["note"] = "no xla row"
-        elif not _ok(xla, "fwd_bwd_ms"):
-            entry["note"] = f"xla failed: {xla.get('error', 'no time')}"
+        if not _ok(row, "fwd_bwd_ms"):
+            entry["failed"] = _failure(row)
+        elif xla is None:
+            entry.update(pallas_ms=row["fwd_bwd_ms"], note="no xla row")
+        elif not _ok(xla, "fwd_bwd_ms"):  # e.g. the reference's [B, h, L, L] scores out of memory
+            entry.update(pallas_ms=row["fwd_bwd_ms"], note=f"xla failed: {_failure(xla)}", excluded=True)
         else:
-            entry.update(xla_ms=xla["fwd_bwd_ms"], value=xla["fwd_bwd_ms"] / row["fwd_bwd_ms"])
+            entry.update(pallas_ms=row["fwd_bwd_ms"], xla_ms=xla["fwd_bwd_ms"], value=xla["fwd_bwd_ms"] / row["fwd_bwd_ms"])
         speedups.append(entry)
     aims = [_aim("hstu_forward_vs_matmul", FORWARD_FRACTION, forward, "no pallas row at L = 4096, d = 128"),
             _aim("hstu_fwd_bwd_vs_xla", FWD_BWD_SPEEDUP, speedups, "no pallas row at L >= 2048")]
@@ -123,7 +142,8 @@ def kernel_aims(kernels: dict | None) -> list[dict]:
 
 
 def gr_aim(side_by_side: dict | None) -> dict:
-    """Ours against GR's Triton kernel (hstu_reference_side_by_side.py's JSON)."""
+    """Ours against GR's Triton kernel (hstu_reference_side_by_side.py's JSON), at every shape GR
+    ran."""
     if side_by_side is None:
         return _aim("hstu_vs_gr", GR_RATIO, [], "no hstu_side_by_side.json (the gr step did not run)")
     if side_by_side.get("gr_skipped"):
@@ -131,26 +151,41 @@ def gr_aim(side_by_side: dict | None) -> dict:
     by_shape = {(r["impl"], r["L"], r["d"]): r for r in side_by_side.get("rows", [])}
     values = []
     for (impl, length, dim), gr in sorted(by_shape.items()):
-        ours = by_shape.get(("pallas", length, dim))
-        if impl != "gr" or ours is None or not _ok(gr, "fwd_ms", "fwd_bwd_ms") or not _ok(ours, "fwd_ms", "fwd_bwd_ms"):
+        if impl != "gr" or not _ok(gr, "fwd_ms", "fwd_bwd_ms"):
             continue
+        ours = by_shape.get(("pallas", length, dim))
         for part in ("fwd", "fwd_bwd"):
-            values.append({"L": length, "d": dim, "part": part, "gr_ms": gr[f"{part}_ms"], "ours_ms": ours[f"{part}_ms"],
-                           "value": gr[f"{part}_ms"] / ours[f"{part}_ms"]})
-    return _aim("hstu_vs_gr", GR_RATIO, values, "no shape with both a gr and a pallas time")
+            entry = {"L": length, "d": dim, "part": part, "gr_ms": gr[f"{part}_ms"]}
+            if ours is None:
+                entry["note"] = "no pallas row"
+            elif not _ok(ours, f"{part}_ms"):
+                entry["failed"] = _failure(ours)
+            else:
+                entry.update(ours_ms=ours[f"{part}_ms"], value=gr[f"{part}_ms"] / ours[f"{part}_ms"])
+            values.append(entry)
+    return _aim("hstu_vs_gr", GR_RATIO, values, "no shape where GR's kernel ran")
 
 
 def train_aim(train: dict | None) -> dict:
-    """MFU of the kernels' HSTU and Wukong train steps (train_step.py's JSON)."""
+    """MFU of the kernels' HSTU and Wukong train steps (train_step.py's JSON): both must be there."""
     if train is None:
         return _aim("train_step_mfu", MFU, [], "no train_step.json (the train step did not run)")
     if train.get("interpret"):
         return _aim("train_step_mfu", MFU, [], "train_step.json was run in interpret mode (not on a GPU)")
-    values = [{"model": r["model"], "step_ms": r["step_ms"], "train_tflops": r["train_tflops"], "value": r["mfu"],
-               **({"fraction_of_roofline": r["fraction_of_roofline"]} if "fraction_of_roofline" in r else {})}
-              for r in train.get("rows", [])
-              if r["model"] in ("hstu", "wukong") and r["impl"] == "pallas" and _ok(r, "mfu")]
-    return _aim("train_step_mfu", MFU, values, "no HSTU or Wukong row with the kernels")
+    rows = {r["model"]: r for r in train.get("rows", []) if r.get("impl") == "pallas"}
+    values = []
+    for model in ("hstu", "wukong"):
+        row = rows.get(model)
+        if row is None:
+            values.append({"model": model, "note": "no row (not run)"})
+        elif not _ok(row, "mfu"):
+            values.append({"model": model, "failed": _failure(row)})
+        else:
+            values.append({"model": model, "step_ms": row["step_ms"], "train_tflops": row["train_tflops"],
+                           "value": row["mfu"],
+                           **({"fraction_of_roofline": row["fraction_of_roofline"]}
+                              if "fraction_of_roofline" in row else {})})
+    return _aim("train_step_mfu", MFU, values)
 
 
 def evaluate(out_dir: str) -> list[dict]:
@@ -165,7 +200,8 @@ def table(aims: list[dict]) -> str:
     """The aims as plain-text lines: one per aim (worst value, target, met), then its values."""
     lines = []
     for aim in aims:
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[aim["met"]]
+        verdict = {True: "met", False: "NOT met"}.get(aim["met"], "not measured" if aim["worst"] is None
+                                                       else "partly measured")
         worst = "-" if aim["worst"] is None else f"{aim['worst']:.3g}"
         notes = [aim[k] for k in ("missing", "source") if k in aim]
         lines.append(f"{aim['aim']}: worst {worst}, target {aim['target']:g}: {verdict}"

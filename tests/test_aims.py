@@ -70,6 +70,23 @@ def test_every_aim_from_a_full_session(tmp_path):
     assert "train_step_mfu: worst 0.3, target 0.35: NOT met" in text
 
 
+def test_a_failed_kernel_row_fails_its_aim_and_a_missing_one_leaves_it_unproven(tmp_path):
+    oom = {"error": "XlaRuntimeError: RESOURCE_EXHAUSTED"}
+    kernels = {**KERNELS, "hstu": [*KERNELS["hstu"][:2], {**KERNELS["hstu"][2], **oom}, *KERNELS["hstu"][3:]]}
+    train = {**TRAIN, "rows": [row for row in TRAIN["rows"] if row["model"] != "wukong"]}
+    _write(tmp_path, **{"kernels.json": kernels, "train_step.json": train})
+    found = _by_name(aims.evaluate(str(tmp_path)))
+    speedup = found["hstu_fwd_bwd_vs_xla"]
+    assert speedup["worst"] == pytest.approx(4.0) and speedup["met"] is False  # ours failed at L = 2048
+    assert "RESOURCE_EXHAUSTED" in speedup["values"][0]["failed"]
+    mfu = found["train_step_mfu"]  # HSTU's 0.5 meets the aim, Wukong's step never ran
+    assert mfu["worst"] == pytest.approx(0.5) and mfu["met"] is None
+    assert mfu["values"][1] == {"model": "wukong", "note": "no row (not run)"}
+    text = aims.table(list(found.values()))
+    assert "train_step_mfu: worst 0.5, target 0.35: partly measured" in text
+    assert "hstu_fwd_bwd_vs_xla: worst 4, target 3: NOT met" in text
+
+
 def test_missing_and_interpreted_steps_are_not_measured(tmp_path):
     _write(tmp_path, **{"kernels.json": {**KERNELS, "interpret": True}, "train_step.json": "{truncated",
                         "hstu_side_by_side.json": {**SIDE_BY_SIDE, "gr_skipped": "no --gr-path"}})
