@@ -1,0 +1,21 @@
+"""benchmarks/kernel_compile.py's settings parsing (its compile step needs a Python with the
+`triton` package and runs offline, not in the suite)."""
+
+from __future__ import annotations
+
+from benchmarks.kernel_compile import parse_tiles, resolved
+
+
+def test_tiles_parse_per_kernel_with_one_backward_tile_for_both():
+    assert parse_tiles("64x32:32x64:64x16,64x64:64x32,default") == [
+        (64, 32, 32, 64, 64, 16),  # forward : dK/dV : dQ
+        (64, 64, 64, 32, 64, 32),  # one backward tile: both kernels take it
+        None,  # the library's defaults
+    ]
+
+
+def test_resolved_settings_are_what_the_kernels_run():
+    blocks, tiles, warps = resolved(None, 0, 128, 0, 4, True)  # defaults: 4 heads of 128 with the bias
+    assert tiles == blocks.resolve(4, 128, True) == (64, 32, 32, 64, 64, 16, 2, 1) and warps == 8
+    _, tiles, warps = resolved((64, 64, 64, 32, 64, 32), 4, 32, 1, 2, False)
+    assert tiles[:6] == (64, 64, 64, 32, 64, 32) and tiles.heads_per_program == 1 and warps == 4
