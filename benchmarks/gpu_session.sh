@@ -18,18 +18,21 @@
 #   gr       benchmarks/hstu_reference_side_by_side.py vs generative-recommenders' Triton hstu_mha
 #                                                          -> OUT/hstu_side_by_side.json
 #   train    benchmarks/train_step.py                      -> OUT/train_step.json
+#   ncu      Nsight Compute on one HSTU forward + backward at L=4096, d=128 with the bias (the
+#            attention kernels' speed of light, tensor-pipe use, occupancy, warp stalls: what
+#            limits them), skipped where the image has no `ncu`  -> OUT/ncu.csv
 #   tiles    HSTU tile sweep at L=4096, d=128, pallas only -> OUT/tiles.jsonl (one JSON per setting)
 #            (last: the aims' figures come first if the deadline cuts the session short)
 # Everything the steps print goes to OUT/session.log (benchmark rows as JSON lines as they finish,
 # so a step cut short keeps its finished rows); OUT/summary.txt lists each step's exit status and
-# seconds (124 = timed out), then the issue's speed aims as measured (`python -m benchmarks.aims
-# OUT`: each aim's worst value, its target and whether it is met). At most 7 files: what a device
-# call brings back (8 at most).
+# seconds (124 = timed out), then the speed aims as measured (`python -m benchmarks.aims
+# OUT`: each aim's worst value, its target and whether it is met). OUT holds at most 8 files, what
+# a device call brings back.
 #
 # Budget: a device command may run 10 minutes, so a global deadline (DEADLINE=570 seconds from the
 # start) cuts the last step short rather than lose the whole call; the step timeouts (seconds,
-# override with T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TILES, T_TRAIN) sum to 580. Steps can be
-# split over two calls on a warm machine: `... OUT env test kernels profile` then `... OUT gr train tiles`.
+# override with T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TRAIN, T_NCU, T_TILES) sum to 640. Steps can be
+# split over two calls on a warm machine: `... OUT env test kernels profile` then `... OUT gr train ncu tiles`.
 #
 # Packages: the device image's python3 has JAX (CUDA), flax, optax, orbax, PyTorch and Triton, but
 # not grain (train_step needs it). Carry wheels in .whl/ (installed here into /tmp/site when the
@@ -43,9 +46,9 @@
 # and carry [".whl", ".gr"]. PYTHON picks the interpreter (default python3). SMOKE=1 checks the
 # script itself anywhere (CPU included): every benchmark with --smoke, one quick test.
 set -u
-OUT=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [env test kernels profile gr train tiles]}
+OUT=${1:?usage: bash benchmarks/gpu_session.sh OUT_DIR [env test kernels profile gr train ncu tiles]}
 shift
-STEPS=${*:-env test kernels profile gr train tiles}
+STEPS=${*:-env test kernels profile gr train ncu tiles}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
@@ -129,6 +132,22 @@ profile_both() {
   done
 }
 
+ncu_kernels() {
+  # The first 6 attention launches of one timed forward and forward + backward (the forward's
+  # warm-up and timed call, then the forward, dK/dV, dQ and dbias of the backward's warm-up),
+  # each replayed by Nsight Compute for its sections, then the report as CSV.
+  if ! command -v ncu > /dev/null; then
+    echo "ncu not found: skipped"
+    return 0
+  fi
+  ncu --target-processes all --kernel-name regex:hstu_attention --launch-count 6 \
+    --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+    --section Occupancy --section LaunchStats --section WarpStateStats -f -o /tmp/gpu_session_ncu \
+    "$PY" -m benchmarks.kernels --ops hstu --impls pallas --lengths 4096 --dims 128 --iters 1 $SMOKE_FLAG \
+    --out /tmp/gpu_session_ncu.json > /dev/null || return 1
+  ncu --import /tmp/gpu_session_ncu.ncu-rep --csv --page details > "$OUT/ncu.csv"
+}
+
 tile_sweep() {
   # (forward BQ, BK, dK/dV BQ, BK, dQ BQ, BK, num_warps, num_stages, heads per program, dK/dV's),
   # most telling first (the deadline may cut the sweep): the default (dK/dV one head per program
@@ -164,9 +183,10 @@ for step in $STEPS; do
     gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
           --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
     tiles) run tiles "${T_TILES:-80}" bash -c "$(declare -f append_json tile_sweep); tile_sweep" ;;
+    ncu) run ncu "${T_NCU:-60}" bash -c "$(declare -f ncu_kernels); ncu_kernels" ;;
     train) run train "${T_TRAIN:-120}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
              $SMOKE_FLAG ;;
-    *) echo "unknown step $step (expected env test kernels profile gr train tiles)" | tee -a "$OUT/summary.txt" ;;
+    *) echo "unknown step $step (expected env test kernels profile gr train ncu tiles)" | tee -a "$OUT/summary.txt" ;;
   esac
 done
 # the aims from whatever the steps wrote (benchmarks/aims.py; for a session split over two calls,
