@@ -21,7 +21,8 @@
 #   ncu      Nsight Compute on one HSTU forward + backward at L=4096, d=128 with the bias (the
 #            attention kernels' speed of light, tensor-pipe use, occupancy, warp stalls: what
 #            limits them), skipped where the image has no `ncu`  -> OUT/ncu.csv
-#   tiles    HSTU tile sweep at L=4096, d=128, pallas only -> OUT/tiles.jsonl (one JSON per setting)
+#   tiles    benchmarks/tile_sweep.py: the HSTU kernel at L=4096, d=128 under 7 tile settings, in one
+#            process                                       -> OUT/tiles.json
 #            (last: the aims' figures come first if the deadline cuts the session short)
 # Everything the steps print goes to OUT/session.log (benchmark rows as JSON lines as they finish,
 # so a step cut short keeps its finished rows); OUT/summary.txt lists each step's exit status and
@@ -148,29 +149,6 @@ ncu_kernels() {
   ncu --import /tmp/gpu_session_ncu.ncu-rep --csv --page details > "$OUT/ncu.csv"
 }
 
-tile_sweep() {
-  # (forward BQ, BK, dK/dV BQ, BK, dQ BQ, BK, num_warps, num_stages, heads per program, dK/dV's),
-  # most telling first (the deadline may cut the sweep): the default (dK/dV one head per program
-  # on wgmma, the others two); the former default (one backward tile, both kernels on mma.sync);
-  # one head everywhere (all wgmma); the default with 64 x 64 forward tiles (44 B of spill, for
-  # the forward aim); dK/dV at two heads on mma.sync; the former one-head default (dK/dV on
-  # mma.sync); the default with a deeper pipeline. All but the fourth compile without spills at
-  # d = 128 with the bias (benchmarks/kernel_compile.py).
-  local settings="64,32,32,64,64,16,8,2,2,1 64,32,32,32,32,32,8,2,2,2 64,64,32,64,64,32,8,2,1,1
-    64,64,32,64,64,16,8,2,2,1 64,32,32,32,64,16,8,2,2,2 64,64,64,32,64,32,8,2,1,1 64,32,32,64,64,16,8,3,2,1"
-  : > "$OUT/tiles.jsonl"
-  for s in $settings; do
-    IFS=, read -r bq bk kvq kvk dqq dqk nw ns g gkv <<< "$s"
-    echo "-- tiles $s"
-    "$PY" -m benchmarks.kernels --ops hstu --impls pallas --lengths 4096 --dims 128 --iters 10 $SMOKE_FLAG \
-      --block-q "$bq" --block-k "$bk" --dkdv-block-q "$kvq" --dkdv-block-k "$kvk" --dq-block-q "$dqq" \
-      --dq-block-k "$dqk" --num-warps "$nw" --num-stages "$ns" --heads-per-program "$g" \
-      --dkdv-heads-per-program "$gkv" \
-      --out /tmp/gpu_session_tile.json > /dev/null || echo "setting $s failed"
-    append_json /tmp/gpu_session_tile.json "$OUT/tiles.jsonl"
-  done
-}
-
 echo "gpu_session: steps [$STEPS] -> $OUT ($(date -u +%FT%TZ), deadline ${DEADLINE}s)" | tee "$OUT/summary.txt"
 for step in $STEPS; do
   case $step in
@@ -182,7 +160,7 @@ for step in $STEPS; do
     profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f append_json profile_both); profile_both" ;;
     gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
           --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
-    tiles) run tiles "${T_TILES:-80}" bash -c "$(declare -f append_json tile_sweep); tile_sweep" ;;
+    tiles) run tiles "${T_TILES:-80}" "$PY" -m benchmarks.tile_sweep --out "$OUT/tiles.json" $SMOKE_FLAG ;;
     ncu) run ncu "${T_NCU:-60}" bash -c "$(declare -f ncu_kernels); ncu_kernels" ;;
     train) run train "${T_TRAIN:-120}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
              $SMOKE_FLAG ;;

@@ -8,8 +8,8 @@ their XLA references.
                                  --heads-per-program 2 --dkdv-heads-per-program 1 --num-warps 8 --num-stages 2]
 
 The tile flags set the HSTU kernel's `Blocks` (each left at 0 takes the library's default for the
-head dim and heads per program, see `Blocks`): a tile sweep is one call per setting with
-`--ops hstu --impls pallas --lengths 4096 --dims 128` (benchmarks/gpu_session.sh does one).
+head dim and heads per program, see `Blocks`); benchmarks/tile_sweep.py times several settings in
+one process.
 
 HSTU attention, bf16, the model's configuration (relative position + time-bucket bias, divide by
 N, causal): for each sequence length L and head dim d, B = tokens / L full-length sequences (a

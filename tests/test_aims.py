@@ -100,12 +100,12 @@ def test_missing_and_interpreted_steps_are_not_measured(tmp_path):
 
 def test_a_kernels_step_cut_short_is_read_from_the_session_log(tmp_path):
     """kernels.json is written at the end; its rows and the matmul peak are JSON lines in the log.
-    A later step's rows (the tile sweep runs kernels.py too) are not taken for the grid's."""
+    A later step's rows (the ncu step runs kernels.py too) are not taken for the grid's."""
     lines = ["== kernels (timeout 140s): python -m benchmarks.kernels",
              json.dumps({"matmul_bf16_tflops": 800.0, "interpret": False}),
              *(json.dumps(row) for row in KERNELS["hstu"][:4]),
              "kernels rc=124 seconds=140 timeout=140",
-             "== tiles (timeout 80s): bash -c ...",
+             "== ncu (timeout 60s): bash -c ...",
              json.dumps({"matmul_bf16_tflops": 10.0, "interpret": False}),
              json.dumps(_hstu("pallas", 4096, 128, 9.0, 9.0, fwd_tflops=1.0))]
     _write(tmp_path, **{"session.log": "\n".join(lines) + "\n"})

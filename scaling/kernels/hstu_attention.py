@@ -145,7 +145,7 @@ class Blocks:
     bytes per tile; their dots run as TF32 wgmma at JAX's default matmul precision. Under IEEE fp32
     dots ('highest': `ieee_fp32_dots`, no tensor-core path) the wgmma tiles spilled up to 1 KB per
     thread, so that mode keeps the small tiles, whose worst spill is 32 B. Which setting is fastest
-    is for a GPU to measure (benchmarks/kernels.py, gpu_session.sh's tile sweep, which also runs
+    is for a GPU to measure (benchmarks/kernels.py, benchmarks/tile_sweep.py, which also runs
     the former one-tile backward defaults, on mma.sync, for the A/B).
     """
 
