@@ -102,6 +102,16 @@ def compile_ttir(jobs: list[dict], triton_python: str) -> tuple[str, list[dict]]
     return compiled["triton"], compiled["results"]
 
 
+def summarize(rows: list[dict]) -> dict:
+    """Counts over compiled kernels: how many fit (no spill, shared memory within a block's), how
+    many run every dot on wgmma, and which use mma.sync or failed to compile."""
+    compiled = [r for r in rows if "error" not in r]
+    return {"kernels": len(rows), "fit": sum(bool(r.get("fits")) for r in compiled),
+            "wgmma_only": sum(r.get("wgmma", 0) > 0 and r.get("mma_sync", 0) == 0 for r in compiled),
+            "mma_sync": sorted({r["kernel"] for r in compiled if r.get("mma_sync", 0) > 0}),
+            "errors": sorted({r["kernel"] for r in rows if "error" in r})}
+
+
 def parse_tiles(text: str) -> list[tuple[int, ...] | None]:
     """'64x32:32x64:64x32,64x64:64x32,default' -> [(64, 32, 32, 64, 64, 32), (64, 64, 64, 32, 64, 32),
     None]: forward, dK/dV and dQ tiles (BQxBK each; one backward tile: both kernels'), None: the
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
         row.update(result)
     report = {"benchmark": "kernel_compile", "target": "sm_90a (H100), compiled offline", "triton": version,
               "length": args.length, "dtype": args.dtype,
-              "matmul_precision": jax_precision(), "rows": rows}
+              "matmul_precision": jax_precision(), "summary": summarize(rows), "rows": rows}
     emit(report, args.out)
     return report
 
