@@ -71,9 +71,10 @@ import numpy as np
 from benchmarks.json_report import emit
 from scaling.kernels.flash_attention import flash_mha, visible_pairs
 from scaling.kernels.fm_block import fm_block, kernel_fits, tile_sizes
-from scaling.kernels.hstu_attention import TILE_FIELDS, Blocks, hstu_mha, projected_mha
+from scaling.kernels.hstu_attention import Blocks, hstu_mha, projected_mha
 from scaling.kernels.residual_norm import residual_layer_norm
 from scaling.kernels.row_norm import gated_layer_norm
+from scaling.kernels.tiles import TILE_FIELDS
 from scaling.models.mlp import layer_norm_flops
 
 NUM_BUCKETS = 128
@@ -135,6 +136,11 @@ def time_row(row: dict, functions, args, iters: int, fwd_flops: float, fwd_bwd_f
     return row
 
 
+def hstu_forward_flops(batch: int, heads: int, length: int, dim: int) -> float:
+    """HSTU attention's forward model FLOPs (module docstring): 2 matmuls x 2 d per causal pair."""
+    return 4 * dim * batch * heads * length * (length + 1) / 2
+
+
 def hstu_functions(impl: str, blocks: Blocks | None, length: int, lengths, ts, cot):
     def forward(q, k, v, pos_w, ts_w):
         return hstu_mha(q, k, v, lengths, norm=float(length), pos_w=pos_w, ts_w=ts_w, timestamps=ts, impl=impl,
@@ -144,15 +150,17 @@ def hstu_functions(impl: str, blocks: Blocks | None, length: int, lengths, ts, c
 
 
 def bench_hstu(lengths_list, dims, tokens: int, heads: int, iters: int, blocks: Blocks | None,
-               impls=("pallas", "xla")) -> list[dict]:
+               impls=("pallas", "xla"), tag: dict | None = None) -> list[dict]:
+    """The HSTU attention at every (L, d), B = tokens / L full sequences (module docstring); `tag`:
+    extra fields for every row (the tile sweep's setting)."""
     rows = []
     for dim in dims:
         for length in lengths_list:
             batch = max(1, tokens // length)
             args, (lengths, ts, cot) = hstu_inputs(batch, length, heads, dim)
-            fwd_flops = 4 * dim * batch * heads * length * (length + 1) / 2
+            fwd_flops = hstu_forward_flops(batch, heads, length, dim)
             for impl in impls:
-                row = {"op": "hstu_attention", "impl": impl, "L": length, "d": dim, "heads": heads, "batch": batch,
+                row = {**(tag or {}), "op": "hstu_attention", "impl": impl, "L": length, "d": dim, "heads": heads, "batch": batch,
                        "dtype": "bfloat16", "fwd_gflop": fwd_flops / 1e9, "fwd_bwd_gflop": 3.5 * fwd_flops / 1e9}
                 if impl == "pallas":  # the tiles and heads per program this call resolves to
                     row["tiles"] = (blocks or Blocks()).resolve(heads, dim, True)._asdict()
@@ -182,7 +190,7 @@ def bench_projection(shapes, iters: int, blocks: Blocks | None, impls=("pallas",
 
         variants = {"pallas": functools.partial(fused, impl="pallas"), "pallas_unfused": unfused,
                     "xla": functools.partial(fused, impl="xla")}
-        fwd_flops = 4 * dim * batch * heads * length * (length + 1) / 2
+        fwd_flops = hstu_forward_flops(batch, heads, length, dim)
         for variant, forward in variants.items():
             if variant.split("_")[0] not in impls:
                 continue

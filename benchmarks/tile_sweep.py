@@ -11,9 +11,9 @@ the former one-tile backward (both backward kernels on mma.sync), one head per p
 (all wgmma), the defaults with 64 x 64 forward tiles (44 B of register spill), dK/dV at two heads
 on mma.sync, the former one-head defaults, and the defaults with a deeper pipeline.
 
-The model's configuration (relative bias, bf16, B = tokens / L full sequences); one process, so
-JAX starts and the inputs are made once, and each row is printed as a JSON line as it finishes (a
-sweep cut short keeps its rows). Rows carry the forward's and forward + backward's median ms and
+The model's configuration (relative bias, bf16, B = tokens / L full sequences), as
+benchmarks/kernels.py's HSTU rows, in one process (JAX starts once) on the same seeded inputs; each
+row is printed as a JSON line as it finishes (a sweep cut short keeps its rows). Rows carry the forward's and forward + backward's median ms and
 TFLOP/s (benchmarks/kernels.py's causal FLOP count) and the tiles the setting resolved to; the
 report names the fastest setting for each. --smoke: tiny sizes with 16-row tiles (CPU: interpret
 mode), which checks the script, not the speed.
@@ -26,8 +26,9 @@ import argparse
 import jax
 
 from benchmarks.json_report import emit
-from benchmarks.kernels import hstu_functions, hstu_inputs, time_row
-from scaling.kernels.hstu_attention import TILE_FIELDS, Blocks
+from benchmarks.kernels import bench_hstu
+from scaling.kernels.hstu_attention import Blocks
+from scaling.kernels.tiles import TILE_FIELDS
 
 DEFAULT_SETTINGS = ("0,0,0,0,0,0,0,2,0,0 64,32,32,32,32,32,8,2,2,2 64,64,32,64,64,32,8,2,1,1 "
                     "64,64,32,64,64,16,8,2,2,1 64,32,32,32,64,16,8,2,2,2 64,64,64,32,64,32,8,2,1,1 "
@@ -47,18 +48,12 @@ def parse_setting(text: str) -> Blocks:
 
 def sweep(settings: list[tuple[str, Blocks]], length: int, dim: int, heads: int, tokens: int,
           iters: int) -> list[dict]:
-    """One row per setting: the kernel's forward and forward + backward timed on the same inputs."""
-    batch = max(1, tokens // length)
-    args, (lengths, ts, cot) = hstu_inputs(batch, length, heads, dim)
-    fwd_flops = 4 * dim * batch * heads * length * (length + 1) / 2
-    rows = []
-    for text, blocks in settings:
-        row = {"setting": text, "L": length, "d": dim, "heads": heads, "batch": batch,
-               "tiles": blocks.resolve(heads, dim, True)._asdict(), "num_warps": blocks.num_warps,
-               "num_stages": blocks.num_stages}
-        functions = hstu_functions("pallas", blocks, length, lengths, ts, cot)
-        rows.append(time_row(row, functions, args, iters, fwd_flops, 3.5 * fwd_flops))
-    return rows
+    """One row per setting: benchmarks/kernels.py's HSTU row of the kernel at that setting, tagged
+    with it, on the same (seeded) inputs."""
+    return [row for text, blocks in settings
+            for row in bench_hstu([length], [dim], tokens, heads, iters, blocks, impls=("pallas",),
+                                  tag={"setting": text, "num_warps": blocks.num_warps,
+                                       "num_stages": blocks.num_stages})]
 
 
 def fastest(rows: list[dict], key: str) -> str | None:

@@ -44,20 +44,16 @@ from jax.experimental.pallas import triton as pltr
 
 from scaling.kernels.dispatch import dispatch
 from scaling.kernels.sharded import out_struct
-from scaling.kernels.tiles import cdiv, dot, heavy_first, ieee_fp32_dots, tile_dim
+from scaling.kernels.tiles import TILE_FIELDS, KernelTiles, cdiv, dot, heavy_first, ieee_fp32_dots, tile_dim
 from scaling.models.transformer import dot_product_attention
 
-__all__ = ["FLASH_TILE_FIELDS", "FlashBlocks", "flash_mha", "flops_per_pair", "pallas_flash_mha", "reference_flash_mha",
-           "visible_pairs"]
+__all__ = ["FlashBlocks", "flash_mha", "flops_per_pair", "pallas_flash_mha", "reference_flash_mha", "visible_pairs"]
 
 _LOG2E = 1.4426950408889634
 
 
-FLASH_TILE_FIELDS = ("block_q", "block_k", "dkdv_block_q", "dkdv_block_k", "dq_block_q", "dq_block_k")
-
-
 @dataclasses.dataclass(frozen=True)
-class FlashBlocks:
+class FlashBlocks(KernelTiles):
     """Tile sizes (powers of two >= 16, capped at the lengths rounded up to powers of two) and
     Triton launch knobs; None picks the default (`resolve`, `launch_warps`).
 
@@ -79,21 +75,6 @@ class FlashBlocks:
     former fp32 defaults, 32 x 32 everywhere, put every kernel on mma.sync. IEEE fp32 spills
     12-596 B per thread at head dim 128 even on 32 x 32 tiles."""
 
-    block_q: int | None = None
-    block_k: int | None = None
-    dkdv_block_q: int | None = None
-    dkdv_block_k: int | None = None
-    dq_block_q: int | None = None
-    dq_block_k: int | None = None
-    num_warps: int | None = None
-    num_stages: int = 2
-
-    def __post_init__(self):
-        for name in FLASH_TILE_FIELDS:
-            size = getattr(self, name)
-            if size is not None and (size < 16 or size & (size - 1)):
-                raise ValueError(f"{name} must be a power of two >= 16, got {size}")
-
     def resolve(self, itemsize: int, head_dim: int = 64) -> tuple[int, ...]:
         """(forward BQ, BK, dK/dV BQ, BK, dQ BQ, BK) for inputs of `itemsize` bytes and head dims
         up to head_dim (class docstring)."""
@@ -103,13 +84,7 @@ class FlashBlocks:
             default = (32,) * 6
         else:  # TF32: dK/dV's 64 held keys spill at head dim 128
             default = (64, 64, *((32, 32) if tile_dim(head_dim) >= 128 else (32, 64)), 64, 32)
-        given = tuple(getattr(self, name) for name in FLASH_TILE_FIELDS)
-        return tuple(d if size is None else size for size, d in zip(given, default))
-
-    @classmethod
-    def uniform(cls, size: int, **knobs) -> "FlashBlocks":
-        """Every tile size `size` (tests use small ones); knobs: the other fields."""
-        return cls(*(size,) * len(FLASH_TILE_FIELDS), **knobs)
+        return self.filled(default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -474,7 +449,7 @@ def pallas_flash_mha(q, k, v, key_start, key_end, *, q_offset: int = 0, causal: 
     tiles = blocks.resolve(jnp.dtype(q.dtype).itemsize, max(d, dv))
     cfg = _Config(nq=nq, nk=nk, d=d, dv=dv, d_p=d_p, dv_p=dv_p, q_offset=int(q_offset), causal=bool(causal),
                   **{name: _tile(size, nk if name.endswith("_k") else nq)
-                     for name, size in zip(FLASH_TILE_FIELDS, tiles)},
+                     for name, size in zip(TILE_FIELDS, tiles)},
                   num_warps=launch_warps(d, dv, blocks, jnp.dtype(q.dtype).itemsize), num_stages=blocks.num_stages,
                   interpret=interpret)
     key_start = jnp.clip(key_start.astype(jnp.int32), 0, nk)

@@ -50,6 +50,7 @@ from jax.experimental.pallas import triton as pltr
 from scaling.kernels.dispatch import dispatch
 from scaling.kernels.sharded import out_struct
 from scaling.kernels.tiles import contract, corner_mask, ieee_fp32_dots, load_tile, store_tile, tile_dim
+from scaling.models.mlp import layer_norm
 
 __all__ = ["fm_block", "reference_fm_block", "pallas_fm_block", "chunk_width", "kernel_fits"]
 
@@ -94,12 +95,7 @@ def reference_fm_block(x, y, scale, bias, *, eps: float = 1e-5) -> jax.Array:
     in the input dtype), [B, n * k]."""
     p = jnp.einsum("bnd,nk->bdk", x, y.astype(x.dtype))
     fm = jnp.einsum("bnd,bdk->bnk", x, p).reshape(x.shape[0], -1)
-    x32 = fm.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    centred = x32 - mean
-    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-    out = (centred * lax.rsqrt(var + eps)).astype(x.dtype)
-    return out * scale.astype(x.dtype) + bias.astype(x.dtype)
+    return layer_norm(fm, scale, bias, eps)
 
 
 def _standardized(z, cfg: _Config):

@@ -51,15 +51,12 @@ from scaling.kernels.hstu_attention_bwd import Packed, mha_backward
 from scaling.kernels.hstu_attention_fwd import MhaConfig, mha_forward
 from scaling.kernels.hstu_bias import edges_table, table_grads
 from scaling.kernels.sharded import splits_heads
-from scaling.kernels.tiles import ieee_fp32_dots, tile_dim
+from scaling.kernels.tiles import TILE_FIELDS, KernelTiles, ieee_fp32_dots, tile_dim
 from scaling.models.hstu_attention import (candidate_attention, hstu_attention, next_timestamps, relative_bias,
                                            time_buckets)
 
-__all__ = ["TILE_FIELDS", "Blocks", "Tiles", "hstu_mha", "projected_mha", "projection_fusable", "candidate_mha",
+__all__ = ["Blocks", "Tiles", "hstu_mha", "projected_mha", "projection_fusable", "candidate_mha",
            "reference_mha", "pallas_mha"]
-
-
-TILE_FIELDS = ("block_q", "block_k", "dkdv_block_q", "dkdv_block_k", "dq_block_q", "dq_block_k")
 
 
 class Tiles(NamedTuple):
@@ -100,7 +97,7 @@ def _default_tiles(head_dim: int, g: int, g_kv: int, itemsize: int) -> tuple[int
 
 
 @dataclasses.dataclass(frozen=True)
-class Blocks:
+class Blocks(KernelTiles):
     """Tile sizes (powers of two >= 16; capped at the padded length), heads per program and Triton
     launch knobs; None picks the default for the call's heads, head dim and bias (`resolve`).
 
@@ -149,22 +146,12 @@ class Blocks:
     the former one-tile backward defaults, on mma.sync, for the A/B).
     """
 
-    block_q: int | None = None
-    block_k: int | None = None
-    dkdv_block_q: int | None = None
-    dkdv_block_k: int | None = None
-    dq_block_q: int | None = None
-    dq_block_k: int | None = None
-    num_warps: int | None = None  # None: 8, or 4 for head dims <= 32
-    num_stages: int = 2
+    # the tiles and Triton knobs: KernelTiles' fields (num_warps None: 8, or 4 for head dims <= 32)
     heads_per_program: int | None = None
     dkdv_heads_per_program: int | None = None  # None: G, or 1 where G heads' dK/dV misses wgmma
 
     def __post_init__(self):
-        for name in TILE_FIELDS:
-            size = getattr(self, name)
-            if size is not None and (size < 16 or size & (size - 1)):
-                raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+        super().__post_init__()
         for name in ("heads_per_program", "dkdv_heads_per_program"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -185,15 +172,8 @@ class Blocks:
             g_kv = _largest_divisor(heads, self.dkdv_heads_per_program)
         else:  # G > 1 heads of 128 hold dK/dV only on mma.sync tiles; G = h saves the dbias kernel
             g_kv = 1 if itemsize == 2 and head_dim >= 128 and 1 < g < heads else g
-        default = _default_tiles(head_dim, g, g_kv, itemsize)
-        given = tuple(getattr(self, name) for name in TILE_FIELDS)
-        return Tiles(*(d if v is None else v for v, d in zip(given, default)), heads_per_program=g,
+        return Tiles(*self.filled(_default_tiles(head_dim, g, g_kv, itemsize)), heads_per_program=g,
                      dkdv_heads_per_program=g_kv)
-
-    @classmethod
-    def uniform(cls, size: int, **knobs) -> "Blocks":
-        """Every tile size `size` (tests use small ones); knobs: the other fields."""
-        return cls(*(size,) * len(TILE_FIELDS), **knobs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from jax.experimental.pallas import triton as pltr
 from scaling.kernels.dispatch import dispatch
 from scaling.kernels.sharded import out_struct
 from scaling.kernels.tiles import corner_mask, load_tile, store_tile, tile_dim
+from scaling.models.mlp import layer_norm
 
 __all__ = ["gated_layer_norm", "reference_gated_layer_norm", "pallas_gated_layer_norm", "block_rows"]
 
@@ -63,11 +64,9 @@ class _Config:
 
 
 def reference_gated_layer_norm(x, gate=None, *, eps: float = 1e-6) -> jax.Array:
-    """HSTU's jnp LayerNorm (no scale or shift; fp32 statistics), times the gate if given."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = ((x32 - mean) * lax.rsqrt(var + eps)).astype(x.dtype)
+    """HSTU's jnp LayerNorm (no scale or shift; fp32 statistics: mlp.layer_norm), times the gate if
+    given."""
+    y = layer_norm(x, eps=eps)
     return y if gate is None else gate * y
 
 

@@ -3,14 +3,51 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-__all__ = ["cdiv", "contract", "corner_mask", "dot", "heavy_first", "ieee_fp32_dots", "load_tile", "store_tile",
-           "tile_dim"]
+__all__ = ["TILE_FIELDS", "KernelTiles", "cdiv", "contract", "corner_mask", "dot", "heavy_first", "ieee_fp32_dots",
+           "load_tile", "store_tile", "tile_dim"]
+
+# An attention kernel's tiles, BQ x BK each: the forward's, dK/dV's (a held key block, query blocks
+# streamed past it) and dQ's (a held query block, key blocks streamed)
+TILE_FIELDS = ("block_q", "block_k", "dkdv_block_q", "dkdv_block_k", "dq_block_q", "dq_block_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTiles:
+    """The tile sizes (TILE_FIELDS: powers of two >= 16, None for the kernel's default) and Triton
+    launch knobs an attention kernel's forward and backward take (hstu_attention.Blocks,
+    flash_attention.FlashBlocks add their own defaults and knobs)."""
+
+    block_q: int | None = None
+    block_k: int | None = None
+    dkdv_block_q: int | None = None
+    dkdv_block_k: int | None = None
+    dq_block_q: int | None = None
+    dq_block_k: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self):
+        for name in TILE_FIELDS:
+            size = getattr(self, name)
+            if size is not None and (size < 16 or size & (size - 1)):
+                raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+
+    def filled(self, defaults: tuple[int, ...]) -> tuple[int, ...]:
+        """The six tile sizes, each given one or else its entry of `defaults` (TILE_FIELDS order)."""
+        return tuple(d if size is None else size for size, d in zip((getattr(self, n) for n in TILE_FIELDS), defaults))
+
+    @classmethod
+    def uniform(cls, size: int, **knobs):
+        """Every tile size `size` (tests use small ones); knobs: the other fields."""
+        return cls(*(size,) * len(TILE_FIELDS), **knobs)
 
 
 def tile_dim(n: int) -> int:

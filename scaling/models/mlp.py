@@ -108,16 +108,20 @@ class LayerNorm(nnx.Module):
         return layer_norm(x, self.scale[...], self.bias[...], self.eps)
 
 
-def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm of x [..., n] over its last axis: statistics in float32, the affine (scale and
-    bias broadcast against x) in x's dtype."""
+def layer_norm(x: jax.Array, scale: jax.Array | None = None, bias: jax.Array | None = None, eps: float = 1e-5
+               ) -> jax.Array:
+    """LayerNorm of x [..., n] over its last axis: statistics in float32, the result in x's dtype,
+    then the affine (scale and bias broadcast against x) in that dtype; without scale and bias the
+    non-affine LayerNorm (HSTU's)."""
     dtype = x.dtype
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     centred = x32 - mean
     var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-    y = centred * jax.lax.rsqrt(var + eps)
-    return y.astype(dtype) * scale.astype(dtype) + bias.astype(dtype)
+    y = (centred * jax.lax.rsqrt(var + eps)).astype(dtype)
+    if scale is None:
+        return y
+    return y * scale.astype(dtype) + bias.astype(dtype)
 
 
 class MLP(nnx.Module):
