@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import sys
+from typing import NamedTuple
 
 FORWARD_FRACTION, FWD_BWD_SPEEDUP, GR_RATIO, MFU = 0.35, 3.0, 1.0, 0.35
 
@@ -188,12 +189,26 @@ def train_aim(train: dict | None) -> dict:
     return _aim("train_step_mfu", MFU, values)
 
 
+class Session(NamedTuple):
+    """What a gpu_session.sh OUT folder holds; None where a step wrote nothing readable."""
+
+    kernels: dict | None  # benchmarks/kernels.py (or, cut short, its rows in session.log)
+    side_by_side: dict | None  # benchmarks/hstu_reference_side_by_side.py
+    train: dict | None  # benchmarks/train_step.py
+
+
+def load_session(out_dir: str) -> Session:
+    """The benchmarks' JSON from a gpu_session.sh OUT folder."""
+    return Session(
+        kernels=_load(os.path.join(out_dir, "kernels.json")) or kernels_from_log(os.path.join(out_dir, "session.log")),
+        side_by_side=_load(os.path.join(out_dir, "hstu_side_by_side.json")),
+        train=_load(os.path.join(out_dir, "train_step.json")))
+
+
 def evaluate(out_dir: str) -> list[dict]:
     """Every aim from the JSON files a gpu_session.sh OUT folder holds."""
-    kernels = _load(os.path.join(out_dir, "kernels.json")) or kernels_from_log(os.path.join(out_dir, "session.log"))
-    return [*kernel_aims(kernels),
-            gr_aim(_load(os.path.join(out_dir, "hstu_side_by_side.json"))),
-            train_aim(_load(os.path.join(out_dir, "train_step.json")))]
+    session = load_session(out_dir)
+    return [*kernel_aims(session.kernels), gr_aim(session.side_by_side), train_aim(session.train)]
 
 
 def table(aims: list[dict]) -> str:

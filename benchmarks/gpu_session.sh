@@ -28,7 +28,8 @@
 # so a step cut short keeps its finished rows); OUT/summary.txt lists each step's exit status and
 # seconds (124 = timed out), then the speed aims as measured (`python -m benchmarks.aims
 # OUT`: each aim's worst value, its target and whether it is met). OUT holds at most 8 files, what
-# a device call brings back.
+# a device call brings back. Back on the workstation, `python -m benchmarks.plot_kernels OUT --out
+# kernel_speed.png` draws the results beside the aims.
 #
 # Budget: a device command may run 10 minutes, so a global deadline (DEADLINE=570 seconds from the
 # start) cuts the last step short rather than lose the whole call; the step timeouts (seconds,
