@@ -21,7 +21,7 @@
 #   ncu      Nsight Compute on one HSTU forward + backward at L=4096, d=128 with the bias (the
 #            attention kernels' speed of light, tensor-pipe use, occupancy, warp stalls: what
 #            limits them), skipped where the image has no `ncu`  -> OUT/ncu.csv
-#   tiles    benchmarks/tile_sweep.py: the HSTU kernel at L=4096, d=128 under 7 tile settings, in one
+#   tiles    benchmarks/tile_sweep.py: the HSTU kernel at L=4096, d=128 under 9 tile settings, in one
 #            process                                       -> OUT/tiles.json
 #            (last: the aims' figures come first if the deadline cuts the session short)
 # Everything the steps print goes to OUT/session.log (benchmark rows as JSON lines as they finish,

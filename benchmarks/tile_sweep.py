@@ -9,13 +9,15 @@ dK/dV's heads per program (scaling/kernels/hstu_attention.Blocks; 0 anywhere: th
 default). The default settings are gpu_session.sh's, most telling first: the library's defaults,
 the former one-tile backward (both backward kernels on mma.sync), one head per program everywhere
 (all wgmma), the defaults with 64 x 64 forward tiles (44 B of register spill), dK/dV at two heads
-on mma.sync, the former one-head defaults, and the defaults with a deeper pipeline.
+on mma.sync, the former one-head defaults, the defaults with a deeper pipeline, and one head per
+program with a 128-row forward tile (as Triton's own H100 attention tutorial tiles it), 128 x 32
+(255 registers, no spill) and 128 x 64 (24 B of spill with the bias, none without).
 
 The model's configuration (relative bias, bf16, B = tokens / L full sequences), as
-benchmarks/kernels.py's HSTU rows, in one process (JAX starts once) on the same seeded inputs; each
-row is printed as a JSON line as it finishes (a sweep cut short keeps its rows). Rows carry the forward's and forward + backward's median ms and
-TFLOP/s (benchmarks/kernels.py's causal FLOP count) and the tiles the setting resolved to; the
-report names the fastest setting for each. --smoke: tiny sizes with 16-row tiles (CPU: interpret
+benchmarks/kernels.py's HSTU rows, in one process (JAX starts once) on the same seeded inputs;
+each row is printed as a JSON line as it finishes (a sweep cut short keeps its rows). Rows carry
+the forward's and forward + backward's median ms and TFLOP/s (benchmarks/kernels.py's causal FLOP
+count) and the tiles the setting resolved to; the report names the fastest setting for each. --smoke: tiny sizes with 16-row tiles (CPU: interpret
 mode), which checks the script, not the speed.
 """
 
@@ -32,7 +34,7 @@ from scaling.kernels.tiles import TILE_FIELDS
 
 DEFAULT_SETTINGS = ("0,0,0,0,0,0,0,2,0,0 64,32,32,32,32,32,8,2,2,2 64,64,32,64,64,32,8,2,1,1 "
                     "64,64,32,64,64,16,8,2,2,1 64,32,32,32,64,16,8,2,2,2 64,64,64,32,64,32,8,2,1,1 "
-                    "0,0,0,0,0,0,0,3,0,0")
+                    "0,0,0,0,0,0,0,3,0,0 128,32,32,64,64,32,8,2,1,1 128,64,32,64,64,32,8,2,1,1")
 
 
 def parse_setting(text: str) -> Blocks:

@@ -12,7 +12,7 @@ def test_settings_parse_to_blocks_with_zero_as_the_default():
     assert parse_setting("64,32,32,64,64,16,8,3,2,1") == Blocks(64, 32, 32, 64, 64, 16, num_warps=8, num_stages=3,
                                                                 heads_per_program=2, dkdv_heads_per_program=1)
     assert parse_setting("0,0,0,0,0,0,0,2,0,0") == Blocks()
-    assert len([parse_setting(s) for s in DEFAULT_SETTINGS.split()]) == 7
+    assert len([parse_setting(s) for s in DEFAULT_SETTINGS.split()]) == 9
     with pytest.raises(ValueError, match="expected 10 comma-separated integers"):
         parse_setting("64,32")
     with pytest.raises(ValueError, match="dq_block_k"):
