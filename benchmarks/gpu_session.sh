@@ -8,14 +8,15 @@
 #   env      the device (nvidia-smi, JAX and PyTorch devices) and the Python packages' versions
 #   test     JAX_DEFAULT_MATMUL_PRECISION=highest pytest -v tests/test_kernels.py tests/test_fm_block.py
 #            tests/test_flash_attention.py tests/test_hstu_projection.py tests/test_residual_norm.py
-#            tests/test_row_norm.py (compiled Triton kernels; -v: a step cut short still names each
-#            test it finished and how)
+#            tests/test_row_norm.py tests/test_hstu_mosaic.py (compiled Triton and Mosaic GPU kernels;
+#            -v: a step cut short still names each test it finished and how)
 #   kernels  benchmarks/kernels.py, full grid (HSTU, its fused projection, FM block, the
 #            LayerNorm kernels, softmax)
 #                                                          -> OUT/kernels.json
 #   profile  benchmarks/kernel_profile.py: device time per kernel at L=4096, d=128, with the bias
 #            and without                                   -> OUT/profile.jsonl
 #   gr       benchmarks/hstu_reference_side_by_side.py vs generative-recommenders' Triton hstu_mha
+#            (ours on Triton and the Mosaic GPU forward, XLA)
 #                                                          -> OUT/hstu_side_by_side.json
 #   train    benchmarks/train_step.py                      -> OUT/train_step.json
 #   ncu      Nsight Compute on one HSTU forward + backward at L=4096, d=128 with the bias (the
@@ -156,7 +157,7 @@ for step in $STEPS; do
     env) run env "${T_ENV:-30}" bash -c "$(declare -f env_report); env_report" ;;
     test) run test "${T_TEST:-90}" env JAX_DEFAULT_MATMUL_PRECISION=highest "$PY" -m pytest -v -p no:cacheprovider \
             tests/test_kernels.py tests/test_fm_block.py tests/test_flash_attention.py tests/test_hstu_projection.py \
-            tests/test_residual_norm.py tests/test_row_norm.py $TEST_SELECT ;;
+            tests/test_residual_norm.py tests/test_row_norm.py tests/test_hstu_mosaic.py $TEST_SELECT ;;
     kernels) run kernels "${T_KERNELS:-140}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
     profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f append_json profile_both); profile_both" ;;
     gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \

@@ -3,7 +3,7 @@ this repo's Pallas kernel and XLA reference (JAX), on the same shapes, without t
 
     python -m benchmarks.hstu_reference_side_by_side [--gr-path DIR] [--out FILE] [--smoke]
         [--lengths 512,1024,2048,4096,8192] [--dims 128,64] [--tokens 32768] [--heads 4]
-        [--iters 20] [--impls gr,pallas,xla]
+        [--iters 20] [--impls gr,pallas,mosaic,xla]
 
 --gr-path (or the GR_PATH environment variable): a directory holding the `generative_recommenders`
 package (a checkout of github.com/meta-recsys/generative-recommenders; only PyTorch and Triton are
@@ -17,8 +17,10 @@ each length L and head dim d, B = tokens / L full-length sequences, bf16. Times 
 call after a warm-up call (GR's warm-up includes its Triton autotuning, reported as
 `first_call_s`), median of --iters calls, synchronised (torch.cuda.synchronize /
 block_until_ready). FLOPs: kernels.py's causal model FLOPs (fwd 4 d B h L (L + 1) / 2,
-fwd + bwd 3.5x). The pallas row also reports `vs_gr_max_rel_err`, max |out - out_gr| / max
-|out_gr| of the forward on the same inputs.
+fwd + bwd 3.5x). The pallas and mosaic rows also report `vs_gr_max_rel_err`, max |out - out_gr| /
+max |out_gr| of the forward on the same inputs, and the rows after pallas `vs_pallas_max_rel_err`
+likewise. `mosaic` is the Mosaic GPU forward (scaling/kernels/hstu_attention_mgpu.py): forward
+only, it has no backward.
 
 JAX is told not to preallocate GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false, unless set) so
 that PyTorch and JAX share the device. --smoke: tiny shapes (on CPU the Pallas kernel is
@@ -127,11 +129,14 @@ def bench_jax(impl: str, arrays, length: int, iters: int, blocks) -> tuple[dict,
     import jax.numpy as jnp
 
     from scaling.kernels.hstu_attention import hstu_mha
+    from scaling.kernels.hstu_attention_mgpu import mosaic_mha
 
     q, k, v, cot = (jnp.asarray(a, jnp.bfloat16) for a in arrays)
     lengths = jnp.full((q.shape[0],), length, jnp.int32)
 
     def forward(q, k, v):
+        if impl == "mosaic":
+            return mosaic_mha(q, k, v, lengths, norm=float(length))
         return hstu_mha(q, k, v, lengths, norm=float(length), impl=impl, blocks=blocks if impl == "pallas" else None)
 
     def forward_backward(q, k, v):
@@ -141,8 +146,10 @@ def bench_jax(impl: str, arrays, length: int, iters: int, blocks) -> tuple[dict,
     fwd_fn, both_fn = jax.jit(forward), jax.jit(forward_backward)
     row = {}
     row["fwd_first_call_s"], fwd = _median_time(lambda: fwd_fn(q, k, v), jax.block_until_ready, iters)
-    row["fwd_bwd_first_call_s"], both = _median_time(lambda: both_fn(q, k, v), jax.block_until_ready, iters)
-    row["fwd_ms"], row["fwd_bwd_ms"] = 1e3 * fwd, 1e3 * both
+    row["fwd_ms"] = 1e3 * fwd
+    if impl != "mosaic":
+        row["fwd_bwd_first_call_s"], both = _median_time(lambda: both_fn(q, k, v), jax.block_until_ready, iters)
+        row["fwd_bwd_ms"] = 1e3 * both
     return row, np.asarray(fwd_fn(q, k, v).astype(jnp.float32))
 
 
@@ -156,20 +163,22 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / L)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--impls", default="gr,pallas,xla", help="any of gr (GR's Triton), pallas, xla")
+    parser.add_argument("--impls", default="gr,pallas,mosaic,xla",
+                        help="any of gr (GR's Triton), pallas, mosaic (forward only), xla")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU: interpreted Pallas, no gr)")
     parser.add_argument("--out", default="", help="also write the JSON here (rewritten after every row)")
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
-    if set(impls) - {"gr", "pallas", "xla"}:
-        parser.error(f"unknown --impls entries: {sorted(set(impls) - {'gr', 'pallas', 'xla'})}")
+    known = {"gr", "pallas", "mosaic", "xla"}
+    if set(impls) - known:
+        parser.error(f"unknown --impls entries: {sorted(set(impls) - known)}")
 
     import jax
 
     from scaling.kernels.hstu_attention import Blocks
 
     if args.smoke:
-        lengths, dims, tokens, heads, iters, blocks = [32, 64], [16], 128, 2, 3, Blocks.uniform(16)
+        lengths, dims, tokens, heads, iters, blocks = [32, 64], [64], 128, 2, 3, Blocks.uniform(16)
     else:
         lengths, dims = [int(x) for x in args.lengths.split(",")], [int(x) for x in args.dims.split(",")]
         tokens, heads, iters, blocks = args.tokens, args.heads, args.iters, None
@@ -199,7 +208,7 @@ def main(argv=None) -> int:
             rng = np.random.default_rng(0)
             arrays = [(rng.normal(size=(batch, length, heads, dim)) * 0.5).astype(np.float32) for _ in range(4)]
             fwd_flops = 4 * dim * batch * heads * length * (length + 1) / 2
-            gr_out = None
+            gr_out = pallas_out = None
             for impl in impls:
                 if impl == "gr" and gr is None:
                     continue
@@ -210,11 +219,15 @@ def main(argv=None) -> int:
                         timing, gr_out = bench_gr(gr, arrays, length, iters)
                     else:
                         timing, out = bench_jax(impl, arrays, length, iters, blocks)
-                        if gr_out is not None:
-                            row["vs_gr_max_rel_err"] = float(np.abs(out - gr_out).max() / max(np.abs(gr_out).max(), 1e-12))
+                        for name, other in (("gr", gr_out), ("pallas", pallas_out)):
+                            if other is not None:
+                                row[f"vs_{name}_max_rel_err"] = float(np.abs(out - other).max()
+                                                                      / max(np.abs(other).max(), 1e-12))
+                        pallas_out = out if impl == "pallas" else pallas_out
                     row.update(timing)
                     row["fwd_tflops"] = fwd_flops / row["fwd_ms"] / 1e9
-                    row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] / 1e9
+                    if "fwd_bwd_ms" in row:
+                        row["fwd_bwd_tflops"] = 3.5 * fwd_flops / row["fwd_bwd_ms"] / 1e9
                 except Exception as err:  # noqa: BLE001 - e.g. out of memory at the largest L
                     row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
                 emit(row)

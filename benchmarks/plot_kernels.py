@@ -7,8 +7,8 @@ three panels:
 
   forward      HSTU attention forward TFLOP/s against L (causal FLOPs, as benchmarks/kernels.py
                counts them), one colour per head dim: ours and the XLA reference with the model's
-               relative bias, solid and dashed. The side-by-side step adds GR's Triton hstu_mha and
-               ours on the same shapes without bias, dotted and dash-dotted. Horizontal lines show
+               relative bias, solid and dashed. The side-by-side step adds GR's Triton hstu_mha, ours
+               and the Mosaic GPU forward on the same shapes without bias. Horizontal lines show
                the bf16 matmul TFLOP/s measured in the same run and the 35% aim.
   fwd+bwd      forward + backward speedup against L: the XLA reference's time over ours (aim 3x
                at L >= 2048), and GR's time over ours without bias (aim 1, parity).
@@ -31,7 +31,9 @@ from collections import defaultdict
 from benchmarks.aims import FORWARD_FRACTION, FWD_BWD_SPEEDUP, GR_RATIO, MFU, Session, load_session
 
 _COLOURS = {64: "#1f77b4", 128: "#d62728"}
-_STYLE = {"ours": "-", "XLA": "--", "GR, no bias": ":", "ours, no bias": "-."}
+_STYLE = {"ours": "-", "XLA": "--", "GR, no bias": ":", "ours, no bias": "-.", "Mosaic GPU, no bias": (0, (5, 1, 1, 1))}
+_MARKER = {"GR, no bias": "^", "Mosaic GPU, no bias": "s"}
+_SIDE_LABELS = {"gr": "GR, no bias", "pallas": "ours, no bias", "mosaic": "Mosaic GPU, no bias"}
 
 
 def _colour(dim: int) -> str:
@@ -45,7 +47,8 @@ def _failed(row: dict) -> bool:
 def series(session: Session) -> dict:
     """The values the plot draws, computed from the session's rows:
 
-    forward   {(label, d): [(L, TFLOP/s), ...]}, label in ours | XLA | GR, no bias | ours, no bias
+    forward   {(label, d): [(L, TFLOP/s), ...]}, label in ours | XLA | GR, no bias | ours, no bias |
+              Mosaic GPU, no bias (the forward-only Mosaic GPU kernel)
     speedup   {(label, d): [(L, ratio), ...]}, label "over XLA" (XLA ms / ours ms, with bias) or
               "over GR, no bias" (GR ms / ours ms)
     mfu       {(model, impl): MFU} of the train steps
@@ -70,9 +73,9 @@ def series(session: Session) -> dict:
             speedup[("over XLA", dim)].append((length, xla["fwd_bwd_ms"] / row["fwd_bwd_ms"]))
     beside = {(r["impl"], r["L"], r["d"]): r for r in (side or {}).get("rows", [])}
     for (impl, length, dim), row in sorted(beside.items()):
-        if impl not in ("gr", "pallas"):
+        if impl not in _SIDE_LABELS:
             continue
-        label = "GR, no bias" if impl == "gr" else "ours, no bias"
+        label = _SIDE_LABELS[impl]
         if _failed(row):
             failed.append(f"side by side {label} L={length} d={dim}: {row['error'][:80]}")
             continue
@@ -96,7 +99,8 @@ def series(session: Session) -> dict:
 def _forward_panel(ax, data: dict) -> None:
     for (label, dim), points in sorted(data["forward"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, _STYLE[label], marker="o", ms=3, lw=1.2, color=_colour(dim), label=f"{label}, d={dim}")
+        ax.plot(xs, ys, ls=_STYLE[label], marker=_MARKER.get(label, "o"), ms=3, lw=1.2, color=_colour(dim),
+                label=f"{label}, d={dim}")
     peak = data["matmul_tflops"]
     if peak:
         ax.axhline(peak, color="0.3", lw=0.9, label=f"bf16 matmul, {peak:.3g}")

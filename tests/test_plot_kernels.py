@@ -30,6 +30,7 @@ SIDE_BY_SIDE = {"benchmark": "hstu_reference_side_by_side", "rows": [
     {"impl": "gr", "L": 4096, "d": 128, "fwd_ms": 1.5, "fwd_bwd_ms": 3.0, "fwd_tflops": 210.0},
     {"impl": "pallas", "L": 4096, "d": 128, "fwd_ms": 1.0, "fwd_bwd_ms": 2.5, "fwd_tflops": 315.0},
     {"impl": "xla", "L": 4096, "d": 128, "fwd_ms": 4.0, "fwd_bwd_ms": 11.0, "fwd_tflops": 80.0},
+    {"impl": "mosaic", "L": 4096, "d": 128, "fwd_ms": 0.8, "fwd_tflops": 390.0},  # forward only
 ]}
 TRAIN = {"benchmark": "train_step", "device": "NVIDIA H100 80GB HBM3", "interpret": False, "rows": [
     {"model": "hstu", "impl": "pallas", "mfu": 0.41}, {"model": "hstu", "impl": "xla", "mfu": 0.2},
@@ -44,6 +45,7 @@ def test_the_series_are_the_rows_ratios_and_failures():
     assert data["forward"][("ours", 64)] == [(4096, 200.0)]
     assert data["forward"][("GR, no bias", 128)] == [(4096, 210.0)]
     assert data["forward"][("ours, no bias", 128)] == [(4096, 315.0)]
+    assert data["forward"][("Mosaic GPU, no bias", 128)] == [(4096, 390.0)]
     assert ("XLA, no bias", 128) not in data["forward"]  # the side-by-side's own XLA row is not drawn
     speed = data["speedup"]
     assert speed[("over XLA", 128)] == [(2048, pytest.approx(5.0)), (4096, pytest.approx(6.0))]

@@ -1,0 +1,128 @@
+"""Compile the Mosaic GPU HSTU forward (scaling/kernels/hstu_attention_mgpu.py) for an H100 on a
+machine without one, through to ptxas, and report what the kernel became.
+
+    python -m benchmarks.mosaic_compile [--dims 64,128] [--settings 64x2,64x3,128x2] [--length 4096]
+        [--heads 4] [--tokens 32768] [--gpu h100|h200] [--out FILE]
+
+A setting is BKxSTAGES (MosaicBlocks.block_k, num_stages). Needs JAX's CUDA plugin (`pip install
+-e '.[cuda12]'`), not a GPU: the compile-only client of benchmarks/gpu_aot.py compiles the jitted
+call, and Mosaic GPU lowers its kernel to PTX and runs ptxas for sm_90a as it compiles. With
+MOSAIC_GPU_DUMP_PTX / _PTXAS (set here, into a temporary folder) it leaves the PTX and ptxas's
+report, read back per row:
+
+  registers, spill_store_bytes, spill_load_bytes   ptxas, per thread (a CTA is 3 warpgroups: the
+                                                   kernel moves registers from the producer to
+                                                   the consumers at run time, setmaxnreg)
+  smem_bytes     the kernel's shared-memory scratch (Q, the K/V ring, P)
+  wgmma          the PTX's wgmma.mma_async instructions by shape (m64nNk16)
+  ptxas_notes    ptxas's informational lines that are not the usual summary (e.g. C7519: a
+                 warpgroup.arrive it injected so that a wgmma can read registers)
+  fits           compiled, no spill, shared memory within the GPU's 227 KiB per block
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+
+from benchmarks.gpu_aot import compile_only_devices, has_cuda_plugin
+from benchmarks.gpu_targets import GPUS
+from benchmarks.json_report import emit
+
+SMEM_LIMIT = 227 * 1024
+
+
+def parse_setting(text: str) -> tuple[int, int]:
+    """'64x2' -> (block_k, num_stages); ValueError names what is wrong."""
+    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+    if not match:
+        raise ValueError(f"setting {text!r}: expected BKxSTAGES, e.g. 64x2")
+    return int(match.group(1)), int(match.group(2))
+
+
+def read_dump(folder: str) -> dict:
+    """What Mosaic GPU's dump folder says of the one kernel compiled into it."""
+    row: dict = {}
+    ptxas = "\n".join(open(p).read() for p in sorted(glob.glob(os.path.join(folder, "*.ptxas"))))
+    if m := re.search(r"Used (\d+) registers", ptxas):
+        row["registers"] = int(m.group(1))
+    if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas):
+        row["spill_store_bytes"], row["spill_load_bytes"] = int(m.group(1)), int(m.group(2))
+    row["ptxas_notes"] = [line.strip() for line in ptxas.splitlines()
+                          if re.search(r"\(C\d+\)|warning", line) and "spill" not in line]
+    resources = "\n".join(open(p).read() for p in glob.glob(os.path.join(folder, "*resources*")))
+    if m := re.search(r"smem_scratch_bytes=(\d+)", resources):
+        row["smem_bytes"] = int(m.group(1))
+    ptx = "\n".join(open(p).read() for p in glob.glob(os.path.join(folder, "*.ptx")))
+    shapes = collections.Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
+    row["wgmma"] = dict(sorted(shapes.items()))
+    return row
+
+
+def compile_row(dim: int, block_k: int, stages: int, length: int, heads: int, tokens: int, devices) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+
+    from scaling.kernels.hstu_attention_mgpu import MosaicBlocks, mosaic_mha
+
+    batch = max(1, tokens // length)
+    row = {"d": dim, "block_k": block_k, "num_stages": stages, "L": length, "heads": heads, "batch": batch}
+    sharding = SingleDeviceSharding(devices[0])
+    qkv = jax.ShapeDtypeStruct((batch, length, heads, dim), jnp.bfloat16, sharding=sharding)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
+    with tempfile.TemporaryDirectory() as folder:
+        os.environ["MOSAIC_GPU_DUMP_TO"] = folder
+        try:
+            blocks = MosaicBlocks(block_k=block_k, num_stages=stages)
+            fn = jax.jit(lambda q, k, v, n: mosaic_mha(q, k, v, n, norm=float(length), blocks=blocks, interpret=False))
+            fn.lower(qkv, qkv, qkv, lengths).compile()
+        except Exception as err:  # noqa: BLE001 - a setting that does not compile is a row, not a crash
+            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+            row["fits"] = False
+            return row
+        row.update(read_dump(folder))
+    row["fits"] = (row.get("spill_store_bytes", 1) == 0 and row.get("smem_bytes", SMEM_LIMIT + 1) <= SMEM_LIMIT
+                   and bool(row.get("wgmma")))
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dims", default="128,64")
+    parser.add_argument("--settings", default="64x2,64x3,128x2", help="BKxSTAGES, comma-separated")
+    parser.add_argument("--length", type=int, default=4096)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / L)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
+    parser.add_argument("--out", default="", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    try:
+        settings = [parse_setting(s) for s in args.settings.split(",")]
+        dims = [int(d) for d in args.dims.split(",")]
+    except ValueError as err:
+        parser.error(str(err))
+    if not has_cuda_plugin():
+        print("mosaic_compile: JAX's CUDA plugin is not installed; pip install -e '.[cuda12]' (no GPU needed)",
+              file=sys.stderr)
+        return 2
+    os.environ["MOSAIC_GPU_DUMP_PTX"] = os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+    devices = compile_only_devices(GPUS[args.gpu], 1)
+    rows = []
+    for dim in dims:
+        for block_k, stages in settings:
+            rows.append(row := compile_row(dim, block_k, stages, args.length, args.heads, args.tokens, devices))
+            print({k: row.get(k) for k in ("d", "block_k", "num_stages", "registers", "spill_store_bytes",
+                                           "smem_bytes", "wgmma", "fits", "error") if k in row}, file=sys.stderr)
+    emit({"benchmark": "mosaic_compile", "gpu": args.gpu, "kernel": "hstu_attention_mgpu forward (no bias)",
+          "rows": rows}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
