@@ -1,10 +1,11 @@
 """Compile the Mosaic GPU HSTU forward (scaling/kernels/hstu_attention_mgpu.py) for an H100 on a
 machine without one, through to ptxas, and report what the kernel became.
 
-    python -m benchmarks.mosaic_compile [--dims 64,128] [--settings 64x2,64x3,128x2] [--length 4096]
-        [--heads 4] [--tokens 32768] [--gpu h100|h200] [--out FILE]
+    python -m benchmarks.mosaic_compile [--dims 128,64] [--settings 64x2,64x2s,64x3,128x2]
+        [--length 4096] [--heads 4] [--tokens 32768] [--gpu h100|h200] [--out FILE]
 
-A setting is BKxSTAGES (MosaicBlocks.block_k, num_stages). Needs JAX's CUDA plugin (`pip install
+A setting is BKxSTAGES (MosaicBlocks.block_k, num_stages), with a trailing s for the consumers
+without their ping-pong (pingpong=False). Needs JAX's CUDA plugin (`pip install
 -e '.[cuda12]'`), not a GPU: the compile-only client of benchmarks/gpu_aot.py compiles the jitted
 call, and Mosaic GPU lowers its kernel to PTX and runs ptxas for sm_90a as it compiles. With
 MOSAIC_GPU_DUMP_PTX / _PTXAS (set here, into a temporary folder) it leaves the PTX and ptxas's
@@ -37,12 +38,13 @@ from benchmarks.json_report import emit
 SMEM_LIMIT = 227 * 1024
 
 
-def parse_setting(text: str) -> tuple[int, int]:
-    """'64x2' -> (block_k, num_stages); ValueError names what is wrong."""
-    match = re.fullmatch(r"(\d+)x(\d+)", text.strip())
+def parse_setting(text: str) -> tuple[int, int, bool]:
+    """'64x2' -> (block_k, num_stages, pingpong): (64, 2, True); '64x2s' -> (64, 2, False).
+    ValueError names what is wrong."""
+    match = re.fullmatch(r"(\d+)x(\d+)(s?)", text.strip())
     if not match:
-        raise ValueError(f"setting {text!r}: expected BKxSTAGES, e.g. 64x2")
-    return int(match.group(1)), int(match.group(2))
+        raise ValueError(f"setting {text!r}: expected BKxSTAGES[s], e.g. 64x2 or 64x2s")
+    return int(match.group(1)), int(match.group(2)), not match.group(3)
 
 
 def read_dump(folder: str) -> dict:
@@ -64,7 +66,8 @@ def read_dump(folder: str) -> dict:
     return row
 
 
-def compile_row(dim: int, block_k: int, stages: int, length: int, heads: int, tokens: int, devices) -> dict:
+def compile_row(dim: int, block_k: int, stages: int, pingpong: bool, length: int, heads: int, tokens: int,
+                devices) -> dict:
     import jax
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
@@ -72,14 +75,15 @@ def compile_row(dim: int, block_k: int, stages: int, length: int, heads: int, to
     from scaling.kernels.hstu_attention_mgpu import MosaicBlocks, mosaic_mha
 
     batch = max(1, tokens // length)
-    row = {"d": dim, "block_k": block_k, "num_stages": stages, "L": length, "heads": heads, "batch": batch}
+    row = {"d": dim, "block_k": block_k, "num_stages": stages, "pingpong": pingpong, "L": length, "heads": heads,
+           "batch": batch}
     sharding = SingleDeviceSharding(devices[0])
     qkv = jax.ShapeDtypeStruct((batch, length, heads, dim), jnp.bfloat16, sharding=sharding)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
     with tempfile.TemporaryDirectory() as folder:
         os.environ["MOSAIC_GPU_DUMP_TO"] = folder
         try:
-            blocks = MosaicBlocks(block_k=block_k, num_stages=stages)
+            blocks = MosaicBlocks(block_k=block_k, num_stages=stages, pingpong=pingpong)
             fn = jax.jit(lambda q, k, v, n: mosaic_mha(q, k, v, n, norm=float(length), blocks=blocks, interpret=False))
             fn.lower(qkv, qkv, qkv, lengths).compile()
         except Exception as err:  # noqa: BLE001 - a setting that does not compile is a row, not a crash
@@ -95,7 +99,7 @@ def compile_row(dim: int, block_k: int, stages: int, length: int, heads: int, to
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dims", default="128,64")
-    parser.add_argument("--settings", default="64x2,64x3,128x2", help="BKxSTAGES, comma-separated")
+    parser.add_argument("--settings", default="64x2,64x2s,64x3,128x2", help="BKxSTAGES[s], comma-separated")
     parser.add_argument("--length", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / L)")
@@ -115,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     devices = compile_only_devices(GPUS[args.gpu], 1)
     rows = []
     for dim in dims:
-        for block_k, stages in settings:
-            rows.append(row := compile_row(dim, block_k, stages, args.length, args.heads, args.tokens, devices))
-            print({k: row.get(k) for k in ("d", "block_k", "num_stages", "registers", "spill_store_bytes",
+        for block_k, stages, pingpong in settings:
+            rows.append(row := compile_row(dim, block_k, stages, pingpong, args.length, args.heads, args.tokens,
+                                           devices))
+            print({k: row.get(k) for k in ("d", "block_k", "num_stages", "pingpong", "registers", "spill_store_bytes",
                                            "smem_bytes", "wgmma", "fits", "error") if k in row}, file=sys.stderr)
     emit({"benchmark": "mosaic_compile", "gpu": args.gpu, "kernel": "hstu_attention_mgpu forward (no bias)",
           "rows": rows}, args.out)

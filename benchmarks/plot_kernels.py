@@ -31,9 +31,11 @@ from collections import defaultdict
 from benchmarks.aims import FORWARD_FRACTION, FWD_BWD_SPEEDUP, GR_RATIO, MFU, Session, load_session
 
 _COLOURS = {64: "#1f77b4", 128: "#d62728"}
-_STYLE = {"ours": "-", "XLA": "--", "GR, no bias": ":", "ours, no bias": "-.", "Mosaic GPU, no bias": (0, (5, 1, 1, 1))}
-_MARKER = {"GR, no bias": "^", "Mosaic GPU, no bias": "s"}
-_SIDE_LABELS = {"gr": "GR, no bias", "pallas": "ours, no bias", "mosaic": "Mosaic GPU, no bias"}
+_STYLE = {"ours": "-", "XLA": "--", "GR, no bias": ":", "ours, no bias": "-.", "Mosaic GPU, no bias": (0, (5, 1, 1, 1)),
+          "Mosaic GPU serial, no bias": (0, (1, 1))}
+_MARKER = {"GR, no bias": "^", "Mosaic GPU, no bias": "s", "Mosaic GPU serial, no bias": "x"}
+_SIDE_LABELS = {"gr": "GR, no bias", "pallas": "ours, no bias", "mosaic": "Mosaic GPU, no bias",
+                "mosaic_serial": "Mosaic GPU serial, no bias"}
 
 
 def _colour(dim: int) -> str:
@@ -48,7 +50,8 @@ def series(session: Session) -> dict:
     """The values the plot draws, computed from the session's rows:
 
     forward   {(label, d): [(L, TFLOP/s), ...]}, label in ours | XLA | GR, no bias | ours, no bias |
-              Mosaic GPU, no bias (the forward-only Mosaic GPU kernel)
+              Mosaic GPU[ serial], no bias (the forward-only Mosaic GPU kernel, with and without
+              its consumers' ping-pong)
     speedup   {(label, d): [(L, ratio), ...]}, label "over XLA" (XLA ms / ours ms, with bias) or
               "over GR, no bias" (GR ms / ours ms)
     mfu       {(model, impl): MFU} of the train steps

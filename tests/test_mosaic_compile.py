@@ -13,7 +13,8 @@ from benchmarks.mosaic_compile import parse_setting, read_dump
 
 
 def test_settings_parse_and_bad_ones_are_named():
-    assert parse_setting("64x2") == (64, 2) and parse_setting(" 128x3 ") == (128, 3)
+    assert parse_setting("64x2") == (64, 2, True) and parse_setting(" 128x3 ") == (128, 3, True)
+    assert parse_setting("64x2s") == (64, 2, False)
     with pytest.raises(ValueError, match="'64-2'"):
         parse_setting("64-2")
 

@@ -17,6 +17,9 @@ warp specialization or TMA:
                fp32, P in bf16 to SMEM, O += P V on wgmma into an accumulator that lives across the
                loop; the last key block it needs is its diagonal (or the sequence's end), and it
                then only releases the slots the other consumer still reads
+    ping-pong  (MosaicBlocks.pingpong, FlashAttention-3's schedule) the consumers meet at a
+               two-party barrier after issuing Q K^T and before issuing P V, consumer 1 half a
+               turn behind, so that one's wgmmas run while the other computes its SiLU
   grid (heads, N / 2 BQ, B); blocks wholly past a sequence's end load nothing and write zeros.
 
 P goes through SMEM, not registers, as the second wgmma's A operand: JAX 0.11's Mosaic GPU
@@ -56,11 +59,14 @@ _SWIZZLE_BYTES, _TILE_COLS = 128, 64
 @dataclasses.dataclass(frozen=True)
 class MosaicBlocks:
     """Tiles of the Mosaic GPU forward: block_q query rows per consumer warpgroup (wgmma's M: 64),
-    block_k keys per step, num_stages K/V slots in the producer's ring."""
+    block_k keys per step, num_stages K/V slots in the producer's ring, pingpong (below)."""
 
     block_q: int = 64
     block_k: int = 64
     num_stages: int = 2
+    # FlashAttention-3's ping-pong: the two consumers take turns, one's wgmmas running while the
+    # other computes its SiLU (a two-party barrier between the phases); off, they run freely
+    pingpong: bool = True
 
     def __post_init__(self):
         if self.block_q != 64:
@@ -77,7 +83,7 @@ def _transforms():
 
 def _kernel(q_ref, k_ref, v_ref, len_ref, hist_ref, out_ref, scratch, *, blocks: MosaicBlocks, norm: float,
             interpret: bool):
-    (q_smem, k_smem, v_smem, p_smem), (k_ready, v_ready, q_ready), (k_free, v_free) = scratch
+    (q_smem, k_smem, v_smem, p_smem), (k_ready, v_ready, q_ready), (k_free, v_free), turn = scratch
     bq, bk, stages = blocks.block_q, blocks.block_k, blocks.num_stages
     batch, head = lax.axis_index("batch"), lax.axis_index("heads")
     pair, wg = lax.axis_index("q_seq"), lax.axis_index("wg")
@@ -99,12 +105,18 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, hist_ref, out_ref, scratch, *, blocks:
         rows = q_lo + plgpu.broadcasted_iota(jnp.int32, (bq, bk), 0, layout=plgpu.Layout.WGMMA)
         cols0 = plgpu.broadcasted_iota(jnp.int32, (bq, bk), 1, layout=plgpu.Layout.WGMMA)
 
+        def meet():  # both consumers pass this point together (ping-pong only)
+            if blocks.pingpong:
+                plgpu.barrier_arrive(turn)
+                plgpu.barrier_wait(turn)
+
         def step(j, acc_ref, *, masked: bool):
             slot = lax.rem(j, stages)
             plgpu.barrier_wait(k_ready.at[slot])
 
             def qk(s_ref):
                 plgpu.wgmma(s_ref, q_tile, k_smem.at[slot].transpose((1, 0)))
+                meet()  # the other consumer's SiLU starts while this wgmma runs
                 return s_ref[...]
 
             s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -121,6 +133,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, hist_ref, out_ref, scratch, *, blocks:
             p_smem.at[wg][...] = p.astype(p_smem.dtype)
             plgpu.commit_smem()
             plgpu.barrier_wait(v_ready.at[slot])
+            meet()  # the tensor cores are this consumer's again
             plgpu.wgmma(acc_ref, p_smem.at[wg], v_smem.at[slot])
             plgpu.wgmma_wait(0)  # P's SMEM is rewritten next step
             plgpu.barrier_arrive(v_free.at[slot])
@@ -131,15 +144,19 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, hist_ref, out_ref, scratch, *, blocks:
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_ready.at[slot])
             plgpu.barrier_arrive(v_free.at[slot])
+            meet()  # keep the other consumer's turns: two meetings per step, as in `step`
+            meet()
 
         # key blocks every row sees whole (below the first row, inside the history, all rows
         # valid) skip the mask, as in the Triton forward
         whole = jnp.where(q_lo + bq <= length, jnp.minimum(lax.div(q_lo, bk), lax.div(n_hist, bk)), 0)
 
         def accumulate(acc_ref):
+            pl.when(wg == 1)(meet)  # consumer 1 starts half a turn behind
             pl.loop(0, whole)(lambda j: step(j, acc_ref, masked=False))
             pl.loop(whole, steps)(lambda j: step(j, acc_ref, masked=True))
             pl.loop(steps, pair_steps)(release)
+            pl.when(wg == 0)(meet)  # and consumer 0 ends half a turn later: equal meetings
             return acc_ref[...]
 
         acc = pl.run_scoped(accumulate, plgpu.ACC((bq, q_ref.shape[-1]), jnp.float32))
@@ -215,6 +232,7 @@ def mosaic_mha(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, num
         (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=2)),
         # a slot is free again once both consumers have arrived
         (plgpu.Barrier(num_arrivals=2, num_barriers=stages), plgpu.Barrier(num_arrivals=2, num_barriers=stages)),
+        plgpu.Barrier(num_arrivals=2),  # the consumers' turns (pingpong)
     )
     body = functools.partial(_kernel, blocks=blocks, norm=float(norm), interpret=interpret)
 
