@@ -16,7 +16,7 @@
 #   profile  benchmarks/kernel_profile.py: device time per kernel at L=4096, d=128, with the bias
 #            and without                                   -> OUT/profile.jsonl
 #   gr       benchmarks/hstu_reference_side_by_side.py vs generative-recommenders' Triton hstu_mha
-#            (ours on Triton and the Mosaic GPU forward, XLA)
+#            (ours on Triton and on Mosaic GPU, XLA)
 #                                                          -> OUT/hstu_side_by_side.json
 #   train    benchmarks/train_step.py                      -> OUT/train_step.json
 #   ncu      Nsight Compute on one HSTU forward + backward at L=4096, d=128 with the bias (the

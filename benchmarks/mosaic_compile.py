@@ -1,15 +1,15 @@
-"""Compile the Mosaic GPU HSTU forward (scaling/kernels/hstu_attention_mgpu.py) for an H100 on a
-machine without one, through to ptxas, and report what the kernel became.
+"""Compile the Mosaic GPU HSTU kernels (scaling/kernels/hstu_attention_mgpu.py: forward, dQ and
+dK/dV) for an H100 on a machine without one, through to ptxas, and report what each became.
 
     python -m benchmarks.mosaic_compile [--dims 128,64] [--settings 64x2,64x2s,64x3,128x2]
         [--length 4096] [--heads 4] [--tokens 32768] [--gpu h100|h200] [--out FILE]
 
 A setting is BKxSTAGES (MosaicBlocks.block_k, num_stages), with a trailing s for the consumers
 without their ping-pong (pingpong=False). Needs JAX's CUDA plugin (`pip install
--e '.[cuda12]'`), not a GPU: the compile-only client of benchmarks/gpu_aot.py compiles the jitted
-call, and Mosaic GPU lowers its kernel to PTX and runs ptxas for sm_90a as it compiles. With
-MOSAIC_GPU_DUMP_PTX / _PTXAS (set here, into a temporary folder) it leaves the PTX and ptxas's
-report, read back per row:
+-e '.[cuda12]'`), not a GPU: the compile-only client of benchmarks/gpu_aot.py compiles a jitted
+forward + backward, and Mosaic GPU lowers each kernel to PTX and runs ptxas for sm_90a as it
+compiles. With MOSAIC_GPU_DUMP_PTX / _PTXAS (set here, into a temporary folder) it leaves the PTX
+and ptxas's report, read back per kernel (one row per setting and kernel):
 
   registers, spill_store_bytes, spill_load_bytes   ptxas, per thread (a CTA is 3 warpgroups: the
                                                    kernel moves registers from the producer to
@@ -47,27 +47,30 @@ def parse_setting(text: str) -> tuple[int, int, bool]:
     return int(match.group(1)), int(match.group(2)), not match.group(3)
 
 
-def read_dump(folder: str) -> dict:
-    """What Mosaic GPU's dump folder says of the one kernel compiled into it."""
+KERNELS = ("hstu_mgpu_fwd", "hstu_mgpu_dq", "hstu_mgpu_dkdv")
+
+
+def read_dump(folder: str, kernel: str = "") -> dict:
+    """What Mosaic GPU's dump folder says of one kernel (its files start with `kernel`)."""
     row: dict = {}
-    ptxas = "\n".join(open(p).read() for p in sorted(glob.glob(os.path.join(folder, "*.ptxas"))))
+    ptxas = "\n".join(open(p).read() for p in sorted(glob.glob(os.path.join(folder, f"{kernel}*.ptxas"))))
     if m := re.search(r"Used (\d+) registers", ptxas):
         row["registers"] = int(m.group(1))
     if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas):
         row["spill_store_bytes"], row["spill_load_bytes"] = int(m.group(1)), int(m.group(2))
     row["ptxas_notes"] = [line.strip() for line in ptxas.splitlines()
                           if re.search(r"\(C\d+\)|warning", line) and "spill" not in line]
-    resources = "\n".join(open(p).read() for p in glob.glob(os.path.join(folder, "*resources*")))
+    resources = "\n".join(open(p).read() for p in glob.glob(os.path.join(folder, f"{kernel}*resources*")))
     if m := re.search(r"smem_scratch_bytes=(\d+)", resources):
         row["smem_bytes"] = int(m.group(1))
-    ptx = "\n".join(open(p).read() for p in glob.glob(os.path.join(folder, "*.ptx")))
+    ptx = "\n".join(open(p).read() for p in glob.glob(os.path.join(folder, f"{kernel}*.ptx")))
     shapes = collections.Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", ptx))
     row["wgmma"] = dict(sorted(shapes.items()))
     return row
 
 
 def compile_row(dim: int, block_k: int, stages: int, pingpong: bool, length: int, heads: int, tokens: int,
-                devices) -> dict:
+                devices) -> list[dict]:
     import jax
     import jax.numpy as jnp
     from jax.sharding import SingleDeviceSharding
@@ -75,8 +78,8 @@ def compile_row(dim: int, block_k: int, stages: int, pingpong: bool, length: int
     from scaling.kernels.hstu_attention_mgpu import MosaicBlocks, mosaic_mha
 
     batch = max(1, tokens // length)
-    row = {"d": dim, "block_k": block_k, "num_stages": stages, "pingpong": pingpong, "L": length, "heads": heads,
-           "batch": batch}
+    base = {"d": dim, "block_k": block_k, "num_stages": stages, "pingpong": pingpong, "L": length, "heads": heads,
+            "batch": batch}
     sharding = SingleDeviceSharding(devices[0])
     qkv = jax.ShapeDtypeStruct((batch, length, heads, dim), jnp.bfloat16, sharding=sharding)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)
@@ -84,16 +87,21 @@ def compile_row(dim: int, block_k: int, stages: int, pingpong: bool, length: int
         os.environ["MOSAIC_GPU_DUMP_TO"] = folder
         try:
             blocks = MosaicBlocks(block_k=block_k, num_stages=stages, pingpong=pingpong)
-            fn = jax.jit(lambda q, k, v, n: mosaic_mha(q, k, v, n, norm=float(length), blocks=blocks, interpret=False))
-            fn.lower(qkv, qkv, qkv, lengths).compile()
+
+            def forward_backward(q, k, v, n):
+                out, pullback = jax.vjp(lambda *x: mosaic_mha(*x, n, norm=float(length), blocks=blocks,
+                                                              interpret=False), q, k, v)
+                return pullback(out)
+
+            jax.jit(forward_backward).lower(qkv, qkv, qkv, lengths).compile()
         except Exception as err:  # noqa: BLE001 - a setting that does not compile is a row, not a crash
-            row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
-            row["fits"] = False
-            return row
-        row.update(read_dump(folder))
-    row["fits"] = (row.get("spill_store_bytes", 1) == 0 and row.get("smem_bytes", SMEM_LIMIT + 1) <= SMEM_LIMIT
-                   and bool(row.get("wgmma")))
-    return row
+            return [{**base, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}",
+                     "fits": False}]
+        rows = [{**base, "kernel": kernel, **read_dump(folder, kernel)} for kernel in KERNELS]
+    for row in rows:
+        row["fits"] = (row.get("spill_store_bytes", 1) == 0 and row.get("smem_bytes", SMEM_LIMIT + 1) <= SMEM_LIMIT
+                       and bool(row.get("wgmma")))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for dim in dims:
         for block_k, stages, pingpong in settings:
-            rows.append(row := compile_row(dim, block_k, stages, pingpong, args.length, args.heads, args.tokens,
-                                           devices))
-            print({k: row.get(k) for k in ("d", "block_k", "num_stages", "pingpong", "registers", "spill_store_bytes",
-                                           "smem_bytes", "wgmma", "fits", "error") if k in row}, file=sys.stderr)
-    emit({"benchmark": "mosaic_compile", "gpu": args.gpu, "kernel": "hstu_attention_mgpu forward (no bias)",
+            for row in compile_row(dim, block_k, stages, pingpong, args.length, args.heads, args.tokens, devices):
+                rows.append(row)
+                print({k: row.get(k) for k in ("kernel", "d", "block_k", "num_stages", "pingpong", "registers",
+                                               "spill_store_bytes", "smem_bytes", "wgmma", "fits", "error")
+                       if k in row}, file=sys.stderr)
+    emit({"benchmark": "mosaic_compile", "gpu": args.gpu, "kernels": "hstu_attention_mgpu (no bias)",
           "rows": rows}, args.out)
     return 0
 

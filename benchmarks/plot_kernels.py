@@ -11,7 +11,8 @@ three panels:
                and the Mosaic GPU forward on the same shapes without bias. Horizontal lines show
                the bf16 matmul TFLOP/s measured in the same run and the 35% aim.
   fwd+bwd      forward + backward speedup against L: the XLA reference's time over ours (aim 3x
-               at L >= 2048), and GR's time over ours without bias (aim 1, parity).
+               at L >= 2048), and GR's time over ours without bias (aim 1, parity), for the
+               Triton kernels and the Mosaic GPU ones.
   train steps  MFU of each model's bf16 train step, with the kernels and with XLA (aim 35% for
                HSTU and Wukong).
 
@@ -50,10 +51,10 @@ def series(session: Session) -> dict:
     """The values the plot draws, computed from the session's rows:
 
     forward   {(label, d): [(L, TFLOP/s), ...]}, label in ours | XLA | GR, no bias | ours, no bias |
-              Mosaic GPU[ serial], no bias (the forward-only Mosaic GPU kernel, with and without
-              its consumers' ping-pong)
-    speedup   {(label, d): [(L, ratio), ...]}, label "over XLA" (XLA ms / ours ms, with bias) or
-              "over GR, no bias" (GR ms / ours ms)
+              Mosaic GPU[ serial], no bias (the Mosaic GPU kernels, with and without their
+              consumers' ping-pong)
+    speedup   {(label, d): [(L, ratio), ...]}, label "over XLA" (XLA ms / ours ms, with bias),
+              "over GR, no bias" (GR ms / ours ms) or "Mosaic over GR, no bias" (GR ms / Mosaic ms)
     mfu       {(model, impl): MFU} of the train steps
     matmul_tflops  the bf16 matmul TFLOP/s of the kernels run (None without one)
     failed    one line per failed row
@@ -84,9 +85,10 @@ def series(session: Session) -> dict:
             continue
         if row.get("fwd_tflops"):
             forward[(label, dim)].append((length, row["fwd_tflops"]))
-        ours = beside.get(("pallas", length, dim))
-        if impl == "gr" and ours and not _failed(ours) and row.get("fwd_bwd_ms") and ours.get("fwd_bwd_ms"):
-            speedup[("over GR, no bias", dim)].append((length, row["fwd_bwd_ms"] / ours["fwd_bwd_ms"]))
+        for mine, label in (("pallas", "over GR, no bias"), ("mosaic", "Mosaic over GR, no bias")):
+            ours = beside.get((mine, length, dim))
+            if impl == "gr" and ours and not _failed(ours) and row.get("fwd_bwd_ms") and ours.get("fwd_bwd_ms"):
+                speedup[(label, dim)].append((length, row["fwd_bwd_ms"] / ours["fwd_bwd_ms"]))
     mfu = {}
     for row in (train or {}).get("rows", []):
         if _failed(row):
@@ -116,8 +118,9 @@ def _forward_panel(ax, data: dict) -> None:
 def _speedup_panel(ax, data: dict) -> None:
     for (label, dim), points in sorted(data["speedup"].items(), key=lambda kv: (kv[0][1], kv[0][0])):
         xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, "-" if label == "over XLA" else ":", marker="o", ms=3, lw=1.2, color=_colour(dim),
-                label=f"{label}, d={dim}")
+        style = {"over XLA": "-", "over GR, no bias": ":"}.get(label, (0, (5, 1, 1, 1)))
+        ax.plot(xs, ys, ls=style, marker="s" if label.startswith("Mosaic") else "o", ms=3, lw=1.2,
+                color=_colour(dim), label=f"{label}, d={dim}")
     ax.axhline(FWD_BWD_SPEEDUP, color="0.3", lw=0.9, ls=(0, (1, 3)),
                label=f"aim over XLA: {FWD_BWD_SPEEDUP:g}x, L >= 2048")
     ax.axhline(GR_RATIO, color="0.3", lw=0.9, ls="--", label="aim over GR: parity")
