@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     from scaling.kernels.hstu_attention import Blocks
 
     if args.smoke:
-        lengths, dims, tokens, heads, iters, blocks = [32, 64], [64], 128, 2, 3, Blocks.uniform(16)
+        lengths, dims, tokens, heads, iters, blocks = [32, 64], [64], 128, 2, 1, Blocks.uniform(16)
     else:
         lengths, dims = [int(x) for x in args.lengths.split(",")], [int(x) for x in args.dims.split(",")]
         tokens, heads, iters, blocks = args.tokens, args.heads, args.iters, None
