@@ -3,7 +3,7 @@ this repo's Pallas kernel and XLA reference (JAX), on the same shapes, without t
 
     python -m benchmarks.hstu_reference_side_by_side [--gr-path DIR] [--out FILE] [--smoke]
         [--lengths 512,1024,2048,4096,8192] [--dims 128,64] [--tokens 32768] [--heads 4]
-        [--iters 20] [--impls gr,pallas,mosaic,mosaic_serial,xla]
+        [--iters 20] [--impls gr,pallas,mosaic,mosaic_serial,mosaic_fused,xla]
 
 --gr-path (or the GR_PATH environment variable): a directory holding the `generative_recommenders`
 package (a checkout of github.com/meta-recsys/generative-recommenders; only PyTorch and Triton are
@@ -19,8 +19,9 @@ call after a warm-up call (GR's warm-up includes its Triton autotuning, reported
 block_until_ready). FLOPs: kernels.py's causal model FLOPs (fwd 4 d B h L (L + 1) / 2,
 fwd + bwd 3.5x). The pallas and mosaic rows also report `vs_gr_max_rel_err`, max |out - out_gr| /
 max |out_gr| of the forward on the same inputs, and the rows after pallas `vs_pallas_max_rel_err`
-likewise. `mosaic` is the Mosaic GPU kernels (scaling/kernels/hstu_attention_mgpu.py), with their
-consumers' ping-pong; `mosaic_serial` the same without it.
+likewise. `mosaic` is the Mosaic GPU kernels (scaling/kernels/hstu_attention_mgpu.py) as they
+default, `mosaic_serial` the same without the consumers' ping-pong, `mosaic_fused` with one dK/dV
+kernel where the default splits it (d > 64).
 
 JAX is told not to preallocate GPU memory (XLA_PYTHON_CLIENT_PREALLOCATE=false, unless set) so
 that PyTorch and JAX share the device. --smoke: tiny shapes (on CPU the Pallas kernel is
@@ -136,7 +137,9 @@ def bench_jax(impl: str, arrays, length: int, iters: int, blocks) -> tuple[dict,
 
     def forward(q, k, v):
         if impl.startswith("mosaic"):
-            return mosaic_mha(q, k, v, lengths, norm=float(length), blocks=MosaicBlocks(pingpong=impl == "mosaic"))
+            variant = MosaicBlocks(pingpong=impl != "mosaic_serial",
+                                   split_dkdv=False if impl == "mosaic_fused" else None)
+            return mosaic_mha(q, k, v, lengths, norm=float(length), blocks=variant)
         return hstu_mha(q, k, v, lengths, norm=float(length), impl=impl, blocks=blocks if impl == "pallas" else None)
 
     def forward_backward(q, k, v):
@@ -161,13 +164,14 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / L)")
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("--impls", default="gr,pallas,mosaic,mosaic_serial,xla",
-                        help="any of gr (GR's Triton), pallas, mosaic, mosaic_serial (Mosaic GPU), xla")
+    parser.add_argument("--impls", default="gr,pallas,mosaic,mosaic_serial,mosaic_fused,xla",
+                        help="any of gr (GR's Triton), pallas, mosaic, mosaic_serial, mosaic_fused (Mosaic "
+                        "GPU), xla")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU: interpreted Pallas, no gr)")
     parser.add_argument("--out", default="", help="also write the JSON here (rewritten after every row)")
     args = parser.parse_args(argv)
     impls = args.impls.split(",")
-    known = {"gr", "pallas", "mosaic", "mosaic_serial", "xla"}
+    known = {"gr", "pallas", "mosaic", "mosaic_serial", "mosaic_fused", "xla"}
     if set(impls) - known:
         parser.error(f"unknown --impls entries: {sorted(set(impls) - known)}")
 

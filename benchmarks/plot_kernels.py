@@ -33,10 +33,11 @@ from benchmarks.aims import FORWARD_FRACTION, FWD_BWD_SPEEDUP, GR_RATIO, MFU, Se
 
 _COLOURS = {64: "#1f77b4", 128: "#d62728"}
 _STYLE = {"ours": "-", "XLA": "--", "GR, no bias": ":", "ours, no bias": "-.", "Mosaic GPU, no bias": (0, (5, 1, 1, 1)),
-          "Mosaic GPU serial, no bias": (0, (1, 1))}
-_MARKER = {"GR, no bias": "^", "Mosaic GPU, no bias": "s", "Mosaic GPU serial, no bias": "x"}
+          "Mosaic GPU serial, no bias": (0, (1, 1)), "Mosaic GPU fused dK/dV, no bias": (0, (3, 1))}
+_MARKER = {"GR, no bias": "^", "Mosaic GPU, no bias": "s", "Mosaic GPU serial, no bias": "x",
+           "Mosaic GPU fused dK/dV, no bias": "+"}
 _SIDE_LABELS = {"gr": "GR, no bias", "pallas": "ours, no bias", "mosaic": "Mosaic GPU, no bias",
-                "mosaic_serial": "Mosaic GPU serial, no bias"}
+                "mosaic_serial": "Mosaic GPU serial, no bias", "mosaic_fused": "Mosaic GPU fused dK/dV, no bias"}
 
 
 def _colour(dim: int) -> str:
@@ -51,8 +52,8 @@ def series(session: Session) -> dict:
     """The values the plot draws, computed from the session's rows:
 
     forward   {(label, d): [(L, TFLOP/s), ...]}, label in ours | XLA | GR, no bias | ours, no bias |
-              Mosaic GPU[ serial], no bias (the Mosaic GPU kernels, with and without their
-              consumers' ping-pong)
+              Mosaic GPU[ serial | fused dK/dV], no bias (the Mosaic GPU kernels as they default,
+              without their consumers' ping-pong, with one dK/dV kernel)
     speedup   {(label, d): [(L, ratio), ...]}, label "over XLA" (XLA ms / ours ms, with bias),
               "over GR, no bias" (GR ms / ours ms) or "Mosaic over GR, no bias" (GR ms / Mosaic ms)
     mfu       {(model, impl): MFU} of the train steps

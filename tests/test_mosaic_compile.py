@@ -13,8 +13,8 @@ from benchmarks.mosaic_compile import parse_setting, read_dump
 
 
 def test_settings_parse_and_bad_ones_are_named():
-    assert parse_setting("64x2") == (64, 2, True) and parse_setting(" 128x3 ") == (128, 3, True)
-    assert parse_setting("64x2s") == (64, 2, False)
+    assert parse_setting("64x2") == (64, 2, True, None) and parse_setting(" 128x3 ") == (128, 3, True, None)
+    assert parse_setting("64x2s") == (64, 2, False, None) and parse_setting("64x2sf") == (64, 2, False, False)
     with pytest.raises(ValueError, match="'64-2'"):
         parse_setting("64-2")
 

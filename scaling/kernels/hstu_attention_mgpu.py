@@ -17,7 +17,9 @@ is a `step` over one streamed block:
   dQ       query-major: Q and dO stationary, K and V streamed. S = Q K^T, dP = dO V^T,
            dS = dP silu'(S) / norm (masked), dQ += dS K
   dK/dV    key-major: K and V stationary, Q and dO streamed. S^T = K Q^T, dP^T = V dO^T,
-           dV += P^T dO, dK += dS^T Q
+           dV += P^T dO, dK += dS^T Q. Above d = 64 two kernels (dV, then dK, each recomputing
+           S^T; MosaicBlocks.split_dkdv), because the two [64, d] accumulators spill beside the
+           score tiles
 
 No atomics: each program owns its rows of one output, as in FlashAttention-2's backward split. The
 residuals are the inputs alone (no softmax, no statistics). Key blocks every row of a query block
@@ -56,11 +58,16 @@ from scaling.kernels.tiles import cdiv
 class MosaicBlocks:
     """block_k: rows of each streamed block (keys for the forward and dQ, queries for dK/dV);
     num_stages: slots in the producer's ring; pingpong: FlashAttention-3's alternation of the two
-    consumers (off: they run freely). The stationary block is 64 rows per consumer (wgmma's M)."""
+    consumers (off: they run freely); split_dkdv (below). The stationary block is 64 rows per
+    consumer (wgmma's M)."""
 
     block_k: int = 64
     num_stages: int = 2
     pingpong: bool = True
+    # dK and dV from separate kernels (each recomputing K Q^T): one [64, d] accumulator per
+    # consumer instead of two. None: split where d > 64, since two [64, 128] fp32 accumulators
+    # beside the score tiles spill 432 B under the consumers' 232 registers (benchmarks/mosaic_compile)
+    split_dkdv: bool | None = None
 
     def __post_init__(self):
         if self.block_k % 64 or not 64 <= self.block_k <= 256:
@@ -127,31 +134,36 @@ def _forward_step(ctx: StepContext, *, masked: bool, inv_norm: float):
     ctx.free(1)
 
 
-def _score_grad(s, dp, ctx: StepContext, *, masked: bool, inv_norm: float, query_rows: bool):
-    """(P, dS) of one tile from its scores and dP: silu(s) / norm and dp silu'(s) / norm, masked
-    (query_rows: the tile's rows are queries, else keys)."""
+def _silu_and_slope(s, ctx: StepContext, *, masked: bool, inv_norm: float, query_rows: bool):
+    """(P, G) of one score tile: P = silu(s) / norm and G = silu'(s) / norm, zero where masked
+    (query_rows: the tile's rows are queries, else keys), so that dS = dP * G. Taking G before dP
+    is computed keeps one tile, not s and sigmoid(s), alive beside it (registers: the dK/dV
+    kernel's two [64, d] accumulators already hold 128)."""
     sig = _sigmoid(s)
     p = s * sig * inv_norm
-    ds = dp * (sig * (1.0 + s * (1.0 - sig))) * inv_norm
+    g = sig * (1.0 + s * (1.0 - sig)) * inv_norm
     if masked:
         rows, cols = ctx.positions()
         seen = _seen(rows, cols, *ctx.scalars) if query_rows else _seen(cols, rows, *ctx.scalars)
-        p, ds = jnp.where(seen, p, 0.0), jnp.where(seen, ds, 0.0)
-    return p, ds
+        p, g = jnp.where(seen, p, 0.0), jnp.where(seen, g, 0.0)
+    return p, g
 
 
-def _dq_step(ctx: StepContext, *, masked: bool, inv_norm: float):
-    (q, do), (k, v), (dq,), (ds_tile,) = ctx.stationary, ctx.streamed, ctx.accs, ctx.work
+def _grad_step(ctx: StepContext, *, masked: bool, inv_norm: float, query_rows: bool):
+    """dQ (query_rows: Q, dO stationary; K, V streamed) or dK (K, V stationary; Q, dO streamed):
+    for stationary (a, c) and streamed (b, e), S = a b^T, dP = c e^T, acc += (dP * G) b, which
+    is S = Q K^T, dP = dO V^T, dQ += dS K or S^T = K Q^T, dP^T = V dO^T, dK += dS^T Q."""
+    (a, c), (b, e), (acc,), (ds_tile,) = ctx.stationary, ctx.streamed, ctx.accs, ctx.work
     ctx.wait(0)
-    s = matmul(q, k.transpose((1, 0)), ctx.shape)
+    s = matmul(a, b.transpose((1, 0)), ctx.shape, after_issue=ctx.meet)
+    _, g = _silu_and_slope(s, ctx, masked=masked, inv_norm=inv_norm, query_rows=query_rows)
     ctx.wait(1)
-    dp = matmul(do, v.transpose((1, 0)), ctx.shape, after_issue=ctx.meet)
+    dp = matmul(c, e.transpose((1, 0)), ctx.shape)
     ctx.free(1)
-    _, ds = _score_grad(s, dp, ctx, masked=masked, inv_norm=inv_norm, query_rows=True)
-    ds_tile[...] = ds.astype(ds_tile.dtype)
+    ds_tile[...] = (dp * g).astype(ds_tile.dtype)
     plgpu.commit_smem()
     ctx.meet()
-    plgpu.wgmma(dq, ds_tile, k)
+    plgpu.wgmma(acc, ds_tile, b)
     plgpu.wgmma_wait(0)
     ctx.free(0)
 
@@ -159,18 +171,34 @@ def _dq_step(ctx: StepContext, *, masked: bool, inv_norm: float):
 def _dkdv_step(ctx: StepContext, *, masked: bool, inv_norm: float):
     (k, v), (q, do), (dk, dv), (p_tile, ds_tile) = ctx.stationary, ctx.streamed, ctx.accs, ctx.work
     ctx.wait(0)
-    st = matmul(k, q.transpose((1, 0)), ctx.shape)
-    ctx.wait(1)
-    dpt = matmul(v, do.transpose((1, 0)), ctx.shape, after_issue=ctx.meet)
-    pt, dst = _score_grad(st, dpt, ctx, masked=masked, inv_norm=inv_norm, query_rows=False)
+    st = matmul(k, q.transpose((1, 0)), ctx.shape, after_issue=ctx.meet)
+    pt, g = _silu_and_slope(st, ctx, masked=masked, inv_norm=inv_norm, query_rows=False)
     p_tile[...] = pt.astype(p_tile.dtype)
-    ds_tile[...] = dst.astype(ds_tile.dtype)
+    ctx.wait(1)
+    dpt = matmul(v, do.transpose((1, 0)), ctx.shape)
+    ds_tile[...] = (dpt * g).astype(ds_tile.dtype)
     plgpu.commit_smem()
     ctx.meet()
     plgpu.wgmma(dv, p_tile, do)
     plgpu.wgmma(dk, ds_tile, q)
     plgpu.wgmma_wait(0)
     ctx.free(0)
+    ctx.free(1)
+
+
+def _dv_step(ctx: StepContext, *, masked: bool, inv_norm: float):
+    """dV alone (split_dkdv): K stationary, Q and dO streamed; dV += P^T dO."""
+    (k,), (q, do), (dv,), (p_tile,) = ctx.stationary, ctx.streamed, ctx.accs, ctx.work
+    ctx.wait(0)
+    st = matmul(k, q.transpose((1, 0)), ctx.shape, after_issue=ctx.meet)
+    ctx.free(0)
+    pt, _ = _silu_and_slope(st, ctx, masked=masked, inv_norm=inv_norm, query_rows=False)
+    p_tile[...] = pt.astype(p_tile.dtype)
+    plgpu.commit_smem()
+    ctx.wait(1)
+    ctx.meet()
+    plgpu.wgmma(dv, p_tile, do)
+    plgpu.wgmma_wait(0)
     ctx.free(1)
 
 
@@ -202,10 +230,16 @@ def _mha_fwd(q, k, v, lengths, n_hist, cfg):
 def _mha_bwd(cfg: _Config, residuals, do):
     q, k, v, lengths, n_hist = residuals
     do = do.astype(q.dtype)
-    [dq] = cfg.call(_dq_step, _query_major_ranges, [q, do], [k, v], [lengths, n_hist], n_out=1, n_work=1,
-                    name="hstu_mgpu_dq")
-    dk, dv = cfg.call(_dkdv_step, _key_major_ranges, [k, v], [q, do], [lengths, n_hist], n_out=2, n_work=2,
-                      name="hstu_mgpu_dkdv")
+    scalars = [lengths, n_hist]
+    dq_step, dk_step = (functools.partial(_grad_step, query_rows=rows) for rows in (True, False))
+    [dq] = cfg.call(dq_step, _query_major_ranges, [q, do], [k, v], scalars, n_out=1, n_work=1, name="hstu_mgpu_dq")
+    split = cfg.blocks.split_dkdv if cfg.blocks.split_dkdv is not None else q.shape[-1] > 64
+    if split:
+        [dv] = cfg.call(_dv_step, _key_major_ranges, [k], [q, do], scalars, n_out=1, n_work=1, name="hstu_mgpu_dv")
+        [dk] = cfg.call(dk_step, _key_major_ranges, [k, v], [q, do], scalars, n_out=1, n_work=1, name="hstu_mgpu_dk")
+    else:
+        dk, dv = cfg.call(_dkdv_step, _key_major_ranges, [k, v], [q, do], scalars, n_out=2, n_work=2,
+                          name="hstu_mgpu_dkdv")
     return dq, dk, dv, None, None
 
 
