@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +44,12 @@ class Ranges(NamedTuple):
     producer loads; the same for both consumers) and the consumer's own [own_first, own_last) ⊆ it,
     in which [full_lo, full_hi) needs no mask."""
 
-    first: Any
-    last: Any
-    own_first: Any
-    full_lo: Any
-    full_hi: Any
-    own_last: Any
+    first: jax.Array
+    last: jax.Array
+    own_first: jax.Array
+    full_lo: jax.Array
+    full_hi: jax.Array
+    own_last: jax.Array
 
 
 @dataclasses.dataclass
@@ -89,8 +89,8 @@ def matmul(a, b, shape: tuple[int, int], after_issue: Callable[[], None] | None 
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _kernel(*refs, n_stat: int, n_stream: int, n_scalar: int, n_acc: int, n_work: int, bs: int, stages: int,
-            pingpong: bool, ranges: Callable, step: Callable, interpret: bool):
+def _kernel(*refs, n_stat: int, n_stream: int, n_scalar: int, n_acc: int, bs: int, stages: int, pingpong: bool,
+            ranges: Callable, step: Callable, interpret: bool):
     stat_refs, refs = refs[:n_stat], refs[n_stat:]
     stream_refs, refs = refs[:n_stream], refs[n_stream:]
     scalar_refs, refs = refs[:n_scalar], refs[n_scalar:]
@@ -154,7 +154,7 @@ def _kernel(*refs, n_stat: int, n_stream: int, n_scalar: int, n_acc: int, n_work
 
         dims = [o.shape[-1] for o in out_refs]
         results = pl.run_scoped(walk, *[plgpu.ACC((ROWS, d), jnp.float32) for d in dims])
-        for tile, value, out in zip(stat, results, out_refs):  # the stationary tiles are spent
+        for tile, value in zip(stat, results):  # the stationary tiles are spent: they stage the outputs
             tile[...] = value.astype(tile.dtype)
         plgpu.commit_smem()
         for tile, out in zip(stat, out_refs):
@@ -209,7 +209,7 @@ def pipelined_call(stationary: Sequence[jax.Array], streamed: Sequence[jax.Array
         plgpu.Barrier(num_arrivals=2),  # the consumers' turns (ping-pong)
     )
     body = functools.partial(_kernel, n_stat=n_stat, n_stream=n_stream, n_scalar=len(scalars), n_acc=n_out,
-                             n_work=n_work, bs=stream_block, stages=stages, pingpong=pingpong, ranges=ranges,
+                             bs=stream_block, stages=stages, pingpong=pingpong, ranges=ranges,
                              step=step, interpret=interpret)
 
     def entry(*refs):
