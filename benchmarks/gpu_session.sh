@@ -16,7 +16,8 @@
 #   profile  benchmarks/kernel_profile.py: device time per kernel at L=4096, d=128, with the bias
 #            and without                                   -> OUT/profile.jsonl
 #   gr       benchmarks/hstu_reference_side_by_side.py vs generative-recommenders' Triton hstu_mha
-#            (ours on Triton and on Mosaic GPU, XLA)
+#            (ours on Triton and on Mosaic GPU, XLA; L = 4096 first: GR autotunes at each new
+#            shape, so a step cut short keeps the shape the aims care most about)
 #                                                          -> OUT/hstu_side_by_side.json
 #   train    benchmarks/train_step.py                      -> OUT/train_step.json
 #   ncu      Nsight Compute on one HSTU forward + backward at L=4096, d=128 with the bias (the
@@ -34,7 +35,7 @@
 #
 # Budget: a device command may run 10 minutes, so a global deadline (DEADLINE=570 seconds from the
 # start) cuts the last step short rather than lose the whole call; the step timeouts (seconds,
-# override with T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TRAIN, T_NCU, T_TILES) sum to 640. Steps can be
+# override with T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TRAIN, T_NCU, T_TILES) sum to 660. Steps can be
 # split over two calls on a warm machine: `... OUT env test kernels profile` then `... OUT gr train ncu tiles`.
 #
 # Packages: the device image's python3 has JAX (CUDA), flax, optax, orbax, PyTorch and Triton, but
@@ -160,8 +161,8 @@ for step in $STEPS; do
             tests/test_residual_norm.py tests/test_row_norm.py tests/test_hstu_mosaic.py $TEST_SELECT ;;
     kernels) run kernels "${T_KERNELS:-140}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
     profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f append_json profile_both); profile_both" ;;
-    gr) run gr "${T_GR:-80}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
-          --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
+    gr) run gr "${T_GR:-100}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
+          --lengths 4096,2048,1024,512,8192 --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
     tiles) run tiles "${T_TILES:-80}" "$PY" -m benchmarks.tile_sweep --out "$OUT/tiles.json" $SMOKE_FLAG ;;
     ncu) run ncu "${T_NCU:-60}" bash -c "$(declare -f ncu_kernels); ncu_kernels" ;;
     train) run train "${T_TRAIN:-120}" "$PY" -m benchmarks.train_step --steps 10 --out "$OUT/train_step.json" \
