@@ -14,7 +14,7 @@
 #            LayerNorm kernels, softmax)
 #                                                          -> OUT/kernels.json
 #   profile  benchmarks/kernel_profile.py: device time per kernel at L=4096, d=128, with the bias
-#            and without                                   -> OUT/profile.jsonl
+#            and without, and the Mosaic GPU kernels'      -> OUT/profile.jsonl
 #   gr       benchmarks/hstu_reference_side_by_side.py vs generative-recommenders' Triton hstu_mha
 #            (ours on Triton and on Mosaic GPU, XLA; L = 4096 first: GR autotunes at each new
 #            shape, so a step cut short keeps the shape the aims care most about)
@@ -35,7 +35,7 @@
 #
 # Budget: a device command may run 10 minutes, so a global deadline (DEADLINE=570 seconds from the
 # start) cuts the last step short rather than lose the whole call; the step timeouts (seconds,
-# override with T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TRAIN, T_NCU, T_TILES) sum to 660. Steps can be
+# override with T_ENV, T_TEST, T_KERNELS, T_PROFILE, T_GR, T_TRAIN, T_NCU, T_TILES) sum to 680. Steps can be
 # split over two calls on a warm machine: `... OUT env test kernels profile` then `... OUT gr train ncu tiles`.
 #
 # Packages: the device image's python3 has JAX (CUDA), flax, optax, orbax, PyTorch and Triton, but
@@ -129,7 +129,7 @@ append_json() {
 
 profile_both() {
   : > "$OUT/profile.jsonl"
-  for flag in "" --no-bias; do
+  for flag in "" --no-bias "--impl mosaic"; do
     "$PY" -m benchmarks.kernel_profile $flag $SMOKE_FLAG --out /tmp/gpu_session_profile.json > /dev/null \
       || echo "profile $flag failed"
     append_json /tmp/gpu_session_profile.json "$OUT/profile.jsonl"
@@ -160,7 +160,7 @@ for step in $STEPS; do
             tests/test_kernels.py tests/test_fm_block.py tests/test_flash_attention.py tests/test_hstu_projection.py \
             tests/test_residual_norm.py tests/test_row_norm.py tests/test_hstu_mosaic.py $TEST_SELECT ;;
     kernels) run kernels "${T_KERNELS:-140}" "$PY" -m benchmarks.kernels --out "$OUT/kernels.json" $SMOKE_FLAG ;;
-    profile) run profile "${T_PROFILE:-40}" bash -c "$(declare -f append_json profile_both); profile_both" ;;
+    profile) run profile "${T_PROFILE:-60}" bash -c "$(declare -f append_json profile_both); profile_both" ;;
     gr) run gr "${T_GR:-100}" "$PY" -m benchmarks.hstu_reference_side_by_side --gr-path "$GR_PATH" --iters 10 \
           --lengths 4096,2048,1024,512,8192 --out "$OUT/hstu_side_by_side.json" $SMOKE_FLAG ;;
     tiles) run tiles "${T_TILES:-80}" "$PY" -m benchmarks.tile_sweep --out "$OUT/tiles.json" $SMOKE_FLAG ;;

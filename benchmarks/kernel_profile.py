@@ -1,7 +1,7 @@
 """Where the HSTU attention step spends its device time, kernel by kernel (for a GPU session).
 
     python -m benchmarks.kernel_profile [--length 4096] [--dim 128] [--heads 4] [--tokens 32768]
-        [--no-bias] [--heads-per-program 0] [--iters 5] [--smoke] [--out FILE]
+        [--no-bias] [--impl pallas|mosaic] [--heads-per-program 0] [--iters 5] [--smoke] [--out FILE]
 
 Runs the forward + backward of `impl=pallas` HSTU attention (bf16, the relative bias unless
 --no-bias; B = tokens / L full-length sequences) under `jax.profiler.trace`, reads the Perfetto
@@ -16,6 +16,9 @@ with P = B h L (L + 1) / 2 causal pairs and d = the head dim:
 
 So the report says which kernel takes the time and how far each is from the tensor cores' rate;
 the elementwise share (SiLU, mask, bias: benchmarks/kernel_ir.py) is what a low ratio points at.
+`--impl mosaic` profiles the Mosaic GPU kernels instead (scaling/kernels/hstu_attention_mgpu.py,
+no bias): hstu_mgpu_fwd 4 d P, _dq 6 d P, and dK/dV as one kernel (_dkdv, 8 d P) or two (_dv
+4 d P: k q^T, p^T dO; _dk 6 d P: k q^T, v dO^T, dS^T q).
 Events are taken from the device's stream lines (on a GPU, "/device:GPU:0"'s "Stream" threads);
 on a CPU (--smoke, interpret mode) there is no device line and the host's events are summed
 instead, which checks the script, not the speed.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import glob
 import gzip
 import json
@@ -36,9 +40,11 @@ import jax
 from benchmarks.json_report import emit
 from benchmarks.kernels import hstu_functions, hstu_inputs, matmul_tflops
 from scaling.kernels.hstu_attention import Blocks
+from scaling.kernels.hstu_attention_mgpu import MosaicBlocks
 
-KERNELS = ("hstu_attention_fwd", "hstu_attention_dkdv", "hstu_attention_dq", "hstu_attention_dbias")
-FLOPS_PER_PAIR = {"hstu_attention_fwd": 4, "hstu_attention_dkdv": 8, "hstu_attention_dq": 6, "hstu_attention_dbias": 4}
+FLOPS_PER_PAIR = {"hstu_attention_fwd": 4, "hstu_attention_dkdv": 8, "hstu_attention_dq": 6, "hstu_attention_dbias": 4,
+                  "hstu_mgpu_fwd": 4, "hstu_mgpu_dq": 6, "hstu_mgpu_dkdv": 8, "hstu_mgpu_dv": 4, "hstu_mgpu_dk": 6}
+KERNELS = tuple(FLOPS_PER_PAIR)
 
 
 def device_times(trace_dir: str) -> tuple[dict[str, float], str]:
@@ -76,13 +82,14 @@ def kernel_of(event: str) -> str | None:
 
 
 def profile(length: int, dim: int, heads: int, tokens: int, bias: bool, blocks: Blocks, iters: int,
-            matmul_n: int) -> dict:
-    """The report for one shape (module docstring)."""
+            matmul_n: int, impl: str = "pallas") -> dict:
+    """The report for one shape (module docstring); impl mosaic: the Mosaic GPU kernels, no bias."""
     batch = max(1, tokens // length)
     args, (lengths, ts, cot) = hstu_inputs(batch, length, heads, dim)
+    bias = bias and impl == "pallas"
     if not bias:
         args = (*args[:3], None, None)
-    _, both = hstu_functions("pallas", blocks, length, lengths, ts if bias else None, cot)
+    _, both = hstu_functions(impl, blocks, length, lengths, ts if bias else None, cot)
     for _ in range(2):  # compile (and let any lazily compiled helper compile) outside the trace
         jax.block_until_ready(both(*args))
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -108,8 +115,10 @@ def profile(length: int, dim: int, heads: int, tokens: int, bias: bool, blocks: 
         r["share_of_step"] = r["ms_per_call"] / (kernel_ms + other_ms)
     return {
         "benchmark": "kernel_profile", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-        "events_from": source, "dtype": "bfloat16", "L": length, "d": dim, "heads": heads, "batch": batch,
-        "bias": bias, "tiles": blocks.resolve(heads, dim, bias)._asdict(), "iters": iters,
+        "events_from": source, "impl": impl, "dtype": "bfloat16", "L": length, "d": dim, "heads": heads,
+        "batch": batch, "bias": bias, "iters": iters,
+        "tiles": (blocks.resolve(heads, dim, bias)._asdict() if impl == "pallas"
+                  else dataclasses.asdict(MosaicBlocks())),
         "matmul_bf16_tflops": peak, "kernels": sorted(rows, key=lambda r: -r["ms_per_call"]),
         "pallas_ms_per_call": kernel_ms, "other_ms_per_call": other_ms,
         "other_top": [{"event": e, "ms_per_call": us / 1e3} for e, us in other.most_common(8)],
@@ -123,6 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32768, help="tokens per call (B = tokens / L)")
     parser.add_argument("--no-bias", action="store_true", help="without the relative bias")
+    parser.add_argument("--impl", choices=("pallas", "mosaic"), default="pallas",
+                        help="the Triton kernels, or the Mosaic GPU ones (no bias)")
     parser.add_argument("--heads-per-program", type=int, default=0, help="0: the library's default")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (CPU: the kernels in interpret mode)")
@@ -131,9 +142,13 @@ def main(argv: list[str] | None = None) -> dict:
     blocks = Blocks(heads_per_program=args.heads_per_program or None)
     if args.smoke:
         small = Blocks.uniform(16, heads_per_program=blocks.heads_per_program)
-        report = profile(64, 16, 2, 128, not args.no_bias, small, 2, 256)
+        if args.impl == "mosaic":  # head dims in multiples of 64; one sequence of one head (interpreted)
+            report = profile(64, 64, 1, 64, False, small, 2, 256, "mosaic")
+        else:
+            report = profile(64, 16, 2, 128, not args.no_bias, small, 2, 256)
     else:
-        report = profile(args.length, args.dim, args.heads, args.tokens, not args.no_bias, blocks, args.iters, 8192)
+        report = profile(args.length, args.dim, args.heads, args.tokens, not args.no_bias, blocks, args.iters, 8192,
+                         args.impl)
     emit(report, args.out)
     return report
 

@@ -72,6 +72,7 @@ from benchmarks.json_report import emit
 from scaling.kernels.flash_attention import flash_mha, visible_pairs
 from scaling.kernels.fm_block import fm_block, kernel_fits, tile_sizes
 from scaling.kernels.hstu_attention import Blocks, hstu_mha, projected_mha
+from scaling.kernels.hstu_attention_mgpu import mosaic_mha
 from scaling.kernels.residual_norm import residual_layer_norm
 from scaling.kernels.row_norm import gated_layer_norm
 from scaling.kernels.tiles import TILE_FIELDS
@@ -142,7 +143,11 @@ def hstu_forward_flops(batch: int, heads: int, length: int, dim: int) -> float:
 
 
 def hstu_functions(impl: str, blocks: Blocks | None, length: int, lengths, ts, cot):
+    """`with_backward` of HSTU attention: impl auto | pallas | xla through `hstu_mha`, or mosaic
+    (the Mosaic GPU kernels at their defaults; no bias: pass pos_w = ts_w = None)."""
     def forward(q, k, v, pos_w, ts_w):
+        if impl == "mosaic":
+            return mosaic_mha(q, k, v, lengths, norm=float(length))
         return hstu_mha(q, k, v, lengths, norm=float(length), pos_w=pos_w, ts_w=ts_w, timestamps=ts, impl=impl,
                         blocks=blocks)
 

@@ -341,6 +341,9 @@ def test_kernel_profile_sums_device_stream_time_per_kernel(tmp_path):
     assert totals == {"hstu_attention_dkdv_0d1d2d": 300.0, "hstu_attention_dq": 200.0, "loop_reduce_fusion": 50.0}
     assert kernel_of("hstu_attention_dkdv_0d1d2d") == "hstu_attention_dkdv"
     assert kernel_of("hstu_attention_dq") == "hstu_attention_dq" and kernel_of("loop_reduce_fusion") is None
+    # the Mosaic GPU kernels' CUDA names; dk is a prefix of dkdv
+    assert kernel_of("hstu_mgpu_dkdv_mosaic_gpu_kernel") == "hstu_mgpu_dkdv"
+    assert kernel_of("hstu_mgpu_dk_mosaic_gpu_kernel") == "hstu_mgpu_dk"
 
 
 # ------------------------------------------------------------------------------------------------
