@@ -13,6 +13,8 @@ Each aim is computed from the rows the session's benchmarks wrote, never assumed
   hstu_vs_gr               generative-recommenders' Triton hstu_mha time over ours, forward and
                            forward + backward, same shapes without bias
                            (benchmarks/hstu_reference_side_by_side.py); aim >= 1 (parity or better)
+  hstu_mosaic_vs_gr        the same for the Mosaic GPU kernels (scaling/kernels/hstu_attention_mgpu.py),
+                           listed last: they are not the model's path
   train_step_mfu           HSTU and Wukong bf16 train steps with the kernels: model FLOPs over the
                            measured matmul peak (benchmarks/train_step.py); aim >= 0.35
 
@@ -142,29 +144,31 @@ def kernel_aims(kernels: dict | None) -> list[dict]:
     return aims
 
 
-def gr_aim(side_by_side: dict | None) -> dict:
+def gr_aim(side_by_side: dict | None, impl: str = "pallas") -> dict:
     """Ours against GR's Triton kernel (hstu_reference_side_by_side.py's JSON), at every shape GR
-    ran."""
+    ran: the Triton kernels (impl pallas: the aim), or the Mosaic GPU ones (impl mosaic: the same
+    comparison, reported beside it; they are not the model's path)."""
+    name = "hstu_vs_gr" if impl == "pallas" else f"hstu_{impl}_vs_gr"
     if side_by_side is None:
-        return _aim("hstu_vs_gr", GR_RATIO, [], "no hstu_side_by_side.json (the gr step did not run)")
+        return _aim(name, GR_RATIO, [], "no hstu_side_by_side.json (the gr step did not run)")
     if side_by_side.get("gr_skipped"):
-        return _aim("hstu_vs_gr", GR_RATIO, [], f"GR's kernel did not run: {side_by_side['gr_skipped']}")
+        return _aim(name, GR_RATIO, [], f"GR's kernel did not run: {side_by_side['gr_skipped']}")
     by_shape = {(r["impl"], r["L"], r["d"]): r for r in side_by_side.get("rows", [])}
     values = []
-    for (impl, length, dim), gr in sorted(by_shape.items()):
-        if impl != "gr" or not _ok(gr, "fwd_ms", "fwd_bwd_ms"):
+    for (row_impl, length, dim), gr in sorted(by_shape.items()):
+        if row_impl != "gr" or not _ok(gr, "fwd_ms", "fwd_bwd_ms"):
             continue
-        ours = by_shape.get(("pallas", length, dim))
+        ours = by_shape.get((impl, length, dim))
         for part in ("fwd", "fwd_bwd"):
             entry = {"L": length, "d": dim, "part": part, "gr_ms": gr[f"{part}_ms"]}
             if ours is None:
-                entry["note"] = "no pallas row"
+                entry["note"] = f"no {impl} row"
             elif not _ok(ours, f"{part}_ms"):
                 entry["failed"] = _failure(ours)
             else:
                 entry.update(ours_ms=ours[f"{part}_ms"], value=gr[f"{part}_ms"] / ours[f"{part}_ms"])
             values.append(entry)
-    return _aim("hstu_vs_gr", GR_RATIO, values, "no shape where GR's kernel ran")
+    return _aim(name, GR_RATIO, values, "no shape where GR's kernel ran")
 
 
 def train_aim(train: dict | None) -> dict:
@@ -208,7 +212,8 @@ def load_session(out_dir: str) -> Session:
 def evaluate(out_dir: str) -> list[dict]:
     """Every aim from the JSON files a gpu_session.sh OUT folder holds."""
     session = load_session(out_dir)
-    return [*kernel_aims(session.kernels), gr_aim(session.side_by_side), train_aim(session.train)]
+    return [*kernel_aims(session.kernels), gr_aim(session.side_by_side), train_aim(session.train),
+            gr_aim(session.side_by_side, "mosaic")]
 
 
 def table(aims: list[dict]) -> str:

@@ -32,6 +32,7 @@ SIDE_BY_SIDE = {"benchmark": "hstu_reference_side_by_side", "gr_skipped": None, 
     {"impl": "pallas", "L": 4096, "d": 128, "fwd_ms": 1.0, "fwd_bwd_ms": 3.0},
     {"impl": "gr", "L": 2048, "d": 64, "fwd_ms": 0.3, "fwd_bwd_ms": 0.9},
     {"impl": "pallas", "L": 2048, "d": 64, "fwd_ms": 0.4, "fwd_bwd_ms": 0.9},
+    {"impl": "mosaic", "L": 4096, "d": 128, "fwd_ms": 0.8, "fwd_bwd_ms": 2.2},  # none at L = 2048
 ]}
 TRAIN = {"benchmark": "train_step", "interpret": False, "rows": [
     {"model": "hstu", "impl": "pallas", "step_ms": 30.0, "train_tflops": 400.0, "mfu": 0.5, "fraction_of_roofline": 0.6},
@@ -62,6 +63,9 @@ def test_every_aim_from_a_full_session(tmp_path):
     gr = found["hstu_vs_gr"]
     assert gr["worst"] == pytest.approx(0.75) and gr["met"] is False  # GR's forward at L = 2048 is faster
     assert len(gr["values"]) == 4
+    mosaic = found["hstu_mosaic_vs_gr"]  # the Mosaic GPU kernels, reported beside the aim
+    assert [v.get("value") for v in mosaic["values"]] == [None, None, pytest.approx(1.5), pytest.approx(1.5)]
+    assert mosaic["values"][0]["note"] == "no mosaic row" and mosaic["met"] is None  # partly measured
     mfu = found["train_step_mfu"]
     assert [v["model"] for v in mfu["values"]] == ["hstu", "wukong"]  # kernels only, OneTrans not an aim
     assert mfu["worst"] == pytest.approx(0.3) and mfu["met"] is False
