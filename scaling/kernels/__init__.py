@@ -12,7 +12,12 @@
                            2-D dots, ceiling division, the longest-rows-first grid order
     sharded.py             under a multi-device mesh: the kernel per device under shard_map (batch
                            over data x fsdp, heads over tensor where the layout splits heads)
+    hstu_attention_mgpu.py HSTU attention without bias on Mosaic GPU (Hopper), forward and
+                           backward, FlashAttention-3's structure; benchmarked, not the model's path
+    mgpu_pipeline.py       the warp-specialized pipeline those kernels share: a TMA producer
+                           warpgroup, two consumer warpgroups, ping-pong
 
-Every kernel is a `pl.pallas_call` with the Triton block structure (power-of-2 tiles >= 16, 2-D
-dots, no scratch memory, no atomics) and runs on CPU with `interpret=True`.
+Every Triton kernel is a `pl.pallas_call` with the Triton block structure (power-of-2 tiles >= 16,
+2-D dots, no scratch memory, no atomics) and runs on CPU with `interpret=True`; the Mosaic GPU
+kernels (`plgpu.kernel`) run on CPU in JAX's Mosaic GPU interpreter.
 """
