@@ -14,7 +14,7 @@ Each aim is computed from the rows the session's benchmarks wrote, never assumed
                            forward + backward, same shapes without bias
                            (benchmarks/hstu_reference_side_by_side.py); aim >= 1 (parity or better)
   hstu_mosaic_vs_gr        the same for the Mosaic GPU kernels (scaling/kernels/hstu_attention_mgpu.py),
-                           listed last: they are not the model's path
+                           listed last: the model runs them only with attention_impl: mosaic
   train_step_mfu           HSTU and Wukong bf16 train steps with the kernels: model FLOPs over the
                            measured matmul peak (benchmarks/train_step.py); aim >= 0.35
 
@@ -147,7 +147,7 @@ def kernel_aims(kernels: dict | None) -> list[dict]:
 def gr_aim(side_by_side: dict | None, impl: str = "pallas") -> dict:
     """Ours against GR's Triton kernel (hstu_reference_side_by_side.py's JSON), at every shape GR
     ran: the Triton kernels (impl pallas: the aim), or the Mosaic GPU ones (impl mosaic: the same
-    comparison, reported beside it; they are not the model's path)."""
+    comparison, reported beside it; the model runs them only with attention_impl: mosaic)."""
     name = "hstu_vs_gr" if impl == "pallas" else f"hstu_{impl}_vs_gr"
     if side_by_side is None:
         return _aim(name, GR_RATIO, [], "no hstu_side_by_side.json (the gr step did not run)")

@@ -13,7 +13,7 @@
     sharded.py             under a multi-device mesh: the kernel per device under shard_map (batch
                            over data x fsdp, heads over tensor where the layout splits heads)
     hstu_attention_mgpu.py HSTU attention without bias on Mosaic GPU (Hopper), forward and
-                           backward, FlashAttention-3's structure; benchmarked, not the model's path
+                           backward, FlashAttention-3's structure (HSTU's attention_impl: mosaic)
     mgpu_pipeline.py       the warp-specialized pipeline those kernels share: a TMA producer
                            warpgroup, two consumer warpgroups, ping-pong
 

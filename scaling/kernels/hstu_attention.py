@@ -49,6 +49,7 @@ import jax.numpy as jnp
 from scaling.kernels.dispatch import dispatch
 from scaling.kernels.hstu_attention_bwd import Packed, mha_backward
 from scaling.kernels.hstu_attention_fwd import MhaConfig, mha_forward
+from scaling.kernels.hstu_attention_mgpu import mosaic_mha
 from scaling.kernels.hstu_bias import edges_table, table_grads
 from scaling.kernels.sharded import splits_heads
 from scaling.kernels.tiles import TILE_FIELDS, KernelTiles, ieee_fp32_dots, tile_dim
@@ -56,7 +57,7 @@ from scaling.models.hstu_attention import (candidate_attention, hstu_attention, 
                                            time_buckets)
 
 __all__ = ["Blocks", "Tiles", "hstu_mha", "projected_mha", "projection_fusable", "candidate_mha",
-           "reference_mha", "pallas_mha"]
+           "reference_mha", "pallas_mha", "mosaic_hstu_mha"]
 
 
 class Tiles(NamedTuple):
@@ -393,6 +394,23 @@ def hstu_mha(q, k, v, lengths, *, norm: float, pos_w=None, ts_w=None, timestamps
     return dispatch(impl, kernel, reference, q, k, v, lengths, pos_w, ts_w, timestamps, query_timestamps,
                     num_candidates, buckets, names=(_HEADS, _HEADS, _HEADS, _ROWS, None, None, _SEQ, _SEQ, _ROWS,
                                                     ("batch", None, None)), out_names=_HEADS)
+
+
+def mosaic_hstu_mha(q, k, v, lengths, *, norm: float, interpret_off_gpu: bool = False) -> jax.Array:
+    """`hstu_mha` without bias through the Mosaic GPU kernels (hstu_attention_mgpu.py) on an NVIDIA
+    GPU, per device under a mesh; elsewhere the jnp reference, or with interpret_off_gpu the kernels
+    in JAX's Mosaic GPU interpreter (what the tests use: slow, and a whole training step under one
+    jit can starve XLA's CPU thread pool with the interpreter's warpgroup threads on a small
+    machine). The kernels take 16-bit inputs: float32 q, k, v run in bf16, the output cast back."""
+
+    def kernel(q, k, v, lengths, *, interpret):
+        dtype = q.dtype
+        half = (lambda x: x.astype(jnp.bfloat16)) if dtype == jnp.float32 else (lambda x: x)
+        return mosaic_mha(half(q), half(k), half(v), lengths, norm=norm, interpret=interpret).astype(dtype)
+
+    reference = functools.partial(reference_mha, norm=norm)
+    return dispatch("pallas" if interpret_off_gpu else "auto", kernel, reference, q, k, v, lengths,
+                    names=(_HEADS, _HEADS, _HEADS, _ROWS), out_names=_HEADS)
 
 
 def projected_mha(pre, lengths, *, heads: int, norm: float, alpha: float = 1.0, pos_w=None, ts_w=None,

@@ -30,7 +30,8 @@ exp and an IEEE division. P and dS reach their wgmmas through SMEM, not register
 Mosaic GPU interpreter (which runs these kernels on CPU for the tests) rejects a register A operand.
 
 Scope: no relative bias (it needs per-element gathers from its tables, which Mosaic GPU's
-register layouts do not offer), so the model's path stays on the Triton kernels; bf16 or fp16,
+register layouts do not offer): the model takes them with attention_impl: mosaic where it has none
+(relative_bias: false, through hstu_attention.mosaic_hstu_mha), else the Triton kernels; bf16 or fp16,
 head dims that are multiples of 64, one d for q, k and v. It is timed beside the Triton kernels
 and generative-recommenders' on the same shapes (benchmarks/hstu_reference_side_by_side.py, with
 its error against both); benchmarks/mosaic_compile.py compiles it through ptxas for sm_90a
@@ -233,9 +234,13 @@ def _mha_bwd(cfg: _Config, residuals, do):
     scalars = [lengths, n_hist]
     dq_step, dk_step = (functools.partial(_grad_step, query_rows=rows) for rows in (True, False))
     [dq] = cfg.call(dq_step, _query_major_ranges, [q, do], [k, v], scalars, n_out=1, n_work=1, name="hstu_mgpu_dq")
+    if cfg.interpret:  # one interpreted kernel at a time: each holds threads of XLA's CPU pool
+        dq, q, k, v, do = lax.optimization_barrier((dq, q, k, v, do))
     split = cfg.blocks.split_dkdv if cfg.blocks.split_dkdv is not None else q.shape[-1] > 64
     if split:
         [dv] = cfg.call(_dv_step, _key_major_ranges, [k], [q, do], scalars, n_out=1, n_work=1, name="hstu_mgpu_dv")
+        if cfg.interpret:
+            dv, q, k, v, do = lax.optimization_barrier((dv, q, k, v, do))
         [dk] = cfg.call(dk_step, _key_major_ranges, [k, v], [q, do], scalars, n_out=1, n_work=1, name="hstu_mgpu_dk")
     else:
         dk, dv = cfg.call(_dkdv_step, _key_major_ranges, [k, v], [q, do], scalars, n_out=2, n_work=2,

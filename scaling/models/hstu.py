@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from scaling.config_schema import knob
+from scaling.config_schema import ConfigError, knob
 from scaling.data.spec import SequenceSpec
 from scaling.kernels.dispatch import IMPL_HELP, KernelImpl
-from scaling.kernels.hstu_attention import hstu_mha, projected_mha, projection_fusable
+from scaling.kernels.hstu_attention import hstu_mha, mosaic_hstu_mha, projected_mha, projection_fusable
 from scaling.kernels.row_norm import gated_layer_norm
 from scaling.models.embedding import embedding_table
 from scaling.sharding.embedding import lookup, natural_table
@@ -79,9 +79,20 @@ class HSTUConfig(SequenceModelConfig):
     temperature: float = knob(0.05, gt=0.0, help="softmax temperature of the cosine logits")
     relative_bias: bool = knob(True, help="learned position + time bias in attention (false: the newer STU's none)")
     attention_alpha: float = knob(1.0, gt=0.0, help="score scale silu(alpha q.k + rab); the newer STU uses 1/sqrt(qk_dim)")
-    attention_impl: KernelImpl = knob("auto", help=f"HSTU attention (scaling/kernels/hstu_attention.py). {IMPL_HELP}")
+    attention_impl: Literal["auto", "pallas", "xla", "mosaic"] = knob(
+        "auto", help=f"HSTU attention (scaling/kernels/hstu_attention.py). {IMPL_HELP}; mosaic: the Mosaic GPU "
+        "kernels on NVIDIA GPUs (Hopper; relative_bias false, qk_dim = v_dim a multiple of 64; bf16 inside), the "
+        "jnp reference elsewhere")
     norm_impl: KernelImpl = knob("auto", help="the LayerNorms and the output gate "
                                  f"(scaling/kernels/row_norm.py). {IMPL_HELP}")
+
+    def check(self) -> None:
+        if self.attention_impl == "mosaic":
+            if self.relative_bias:
+                raise ConfigError("attention_impl", "mosaic has no relative bias: set relative_bias: false")
+            if self.qk_dim != self.v_dim or self.qk_dim % 64:
+                raise ConfigError("attention_impl", f"mosaic needs qk_dim = v_dim, a multiple of 64; got qk_dim "
+                                                    f"{self.qk_dim}, v_dim {self.v_dim}")
 
     def encoder_flops(self, n: int | None = None, *, causal: bool = False) -> float:
         """Forward FLOPs of the encoder over one padded sequence of length n (default max_len).
@@ -179,8 +190,11 @@ class HSTUBlock(nnx.Module):
         the time buckets [B, N, N] if already computed (the encoder computes them once)."""
         n = x.shape[1]
         u, v, q, k = self.project(x)
-        attn = hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n, impl=self.cfg.attention_impl,
-                        **self._bias(n, timestamps, query_timestamps, buckets))
+        if self.cfg.attention_impl == "mosaic":
+            attn = mosaic_hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n)
+        else:
+            attn = hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n, impl=self.cfg.attention_impl,
+                            **self._bias(n, timestamps, query_timestamps, buckets))
         return self.output(x, u, attn), k, v
 
     def __call__(self, x: jax.Array, timestamps: jax.Array, lengths: jax.Array,
@@ -190,7 +204,7 @@ class HSTUBlock(nnx.Module):
         layout allows (`projection_fusable`), the projection's SiLU and the attention run as one
         op whose kernel backward writes the projection's gradient directly (`projected_mha`)."""
         cfg, n = self.cfg, x.shape[1]
-        if cfg.attention_impl == "xla" or not projection_fusable(cfg.num_heads, cfg.qk_dim, cfg.v_dim):
+        if cfg.attention_impl in ("xla", "mosaic") or not projection_fusable(cfg.num_heads, cfg.qk_dim, cfg.v_dim):
             return self.forward_with_kv(x, timestamps, lengths, query_timestamps, norm=norm, buckets=buckets)[0]
         u, attn = projected_mha(self.pre_activation(x), lengths, heads=cfg.num_heads, alpha=cfg.attention_alpha,
                                 norm=norm or cfg.attn_norm or n, impl=cfg.attention_impl,

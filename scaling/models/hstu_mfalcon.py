@@ -128,7 +128,9 @@ def candidate_outputs(model: HSTU, cache: MFalconCache, candidates: jax.Array) -
                        request_time=cache.request_time) if model.cfg.relative_bias else {})
         attn = candidate_mha(q, k, v, cache.keys[layer], cache.values[layer], cache.lengths, norm=norm,
                              rab_hist=cache.rab_hist[layer], rab_self=cache.rab_self[layer],
-                             impl=model.cfg.attention_impl, **tables)
+                             # the Mosaic GPU kernels have no candidates-only form: the Triton ones score
+                             impl="auto" if model.cfg.attention_impl == "mosaic" else model.cfg.attention_impl,
+                             **tables)
         x = block.output(x, u, attn)
     return l2_normalize(x)
 
