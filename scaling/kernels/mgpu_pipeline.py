@@ -33,6 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from scaling.kernels.sharded import vary_like
+
 ROWS = 64  # stationary rows per consumer: one wgmma's M
 # A 128-byte swizzle over 64-element rows of 16-bit values: the layout TMA writes and wgmma reads
 # without bank conflicts (the one FlashAttention-3 uses).
@@ -215,12 +217,15 @@ def pipelined_call(stationary: Sequence[jax.Array], streamed: Sequence[jax.Array
     def entry(*refs):
         pl.run_scoped(lambda allocated: body(*refs, allocated), scratch, collective_axes="wg")
 
+    inputs = (*stationary, *streamed, *scalars)
     call = plgpu.kernel(entry, out_type=[jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stationary[:n_out]],
                         grid=(heads, npad // (2 * ROWS), bsz), grid_names=("heads", "pair", "batch"),
                         num_threads=3, thread_name="wg", kernel_name=name,
                         compiler_params=plgpu.CompilerParams(approx_math=True))
-    args = (*stationary, *streamed, *scalars)
     if interpret:
         with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()):
-            return list(call(*args))
-    return list(call(*args))
+            outs = call(*inputs)
+    else:
+        outs = call(*inputs)
+    # inside shard_map the outputs vary over the mesh axes the inputs do (its check_vma)
+    return [vary_like(o, *inputs) for o in outs]

@@ -49,6 +49,15 @@ def out_struct(shape: Sequence[int], dtype: Any, *like: jax.Array | None) -> jax
     return jax.ShapeDtypeStruct(tuple(shape), dtype, manual_axis_type=ManualAxisType(varying=varying))
 
 
+def vary_like(out: jax.Array, *like: jax.Array | None) -> jax.Array:
+    """out cast to vary over every manual mesh axis one of `like` varies over (a kernel whose
+    output type carries no varying axes, as Mosaic GPU's `plgpu.kernel` in JAX 0.11; no-op outside
+    shard_map)."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in like if x is not None))
+    missing = tuple(sorted(varying - jax.typeof(out).manual_axis_type.varying))
+    return jax.lax.pcast(out, missing, to="varying") if missing else out
+
+
 def _free_axes(mesh) -> dict[str, int]:
     """{axis: size} of the mesh's axes that are not manual yet (size > 1 only)."""
     types = dict(zip(mesh.axis_names, mesh.axis_types))
