@@ -52,7 +52,7 @@ from scaling.kernels.hstu_attention_fwd import MhaConfig, mha_forward
 from scaling.kernels.hstu_attention_mgpu import mosaic_mha
 from scaling.kernels.hstu_bias import edges_table, table_grads
 from scaling.kernels.sharded import splits_heads
-from scaling.kernels.tiles import TILE_FIELDS, KernelTiles, ieee_fp32_dots, tile_dim
+from scaling.kernels.tiles import TILE_FIELDS, KernelTiles, ieee_fp32_dots, pad_to, tile_dim
 from scaling.models.hstu_attention import (candidate_attention, hstu_attention, next_timestamps, relative_bias,
                                            time_buckets)
 
@@ -242,14 +242,6 @@ def _mha_bwd(cfg: MhaConfig, residuals, do, packed: Packed | None = None):
 _mha.defvjp(_mha_fwd, _mha_bwd)
 
 
-def _pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
-    if x.shape[axis] == size:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, widths)
-
-
 def _bias_inputs(pos_w, ts_w, timestamps, query_timestamps, npad: int):
     """(pos_w, ts_w, ts, qts) as the kernels take them: fp32 tables, int32 timestamps padded to npad
     (query times default to `next_timestamps`); Nones without the bias."""
@@ -258,7 +250,7 @@ def _bias_inputs(pos_w, ts_w, timestamps, query_timestamps, npad: int):
     if ts_w is None or timestamps is None or pos_w.shape[0] % 2 == 0:
         raise ValueError("the relative bias needs pos_w [2P - 1], ts_w and timestamps")
     qts = next_timestamps(timestamps) if query_timestamps is None else query_timestamps
-    ts, qts = (_pad_to(x.astype(jnp.int32), 1, npad) for x in (timestamps, qts))
+    ts, qts = (pad_to(x.astype(jnp.int32), 1, npad) for x in (timestamps, qts))
     return pos_w.astype(jnp.float32), ts_w.astype(jnp.float32), ts, qts
 
 
@@ -296,8 +288,8 @@ def pallas_mha(q, k, v, lengths, pos_w=None, ts_w=None, timestamps=None, query_t
     n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates.astype(jnp.int32), 0, lengths)
     dqk_p, dv_p = tile_dim(dqk), tile_dim(dv)
     tiles, sizes, npad = _tiling(blocks, n, heads, max(dqk_p, dv_p), pos_w is not None, q.dtype)
-    q, k = (_pad_to(_pad_to(x, 1, npad), 3, dqk_p) for x in (q, k))
-    v = _pad_to(_pad_to(v, 1, npad), 3, dv_p)
+    q, k = (pad_to(pad_to(x, 1, npad), 3, dqk_p) for x in (q, k))
+    v = pad_to(pad_to(v, 1, npad), 3, dv_p)
     pos_w, ts_w, ts, qts = _bias_inputs(pos_w, ts_w, timestamps, query_timestamps, npad)
     cfg = _config(norm, sizes, tiles, blocks, pos_w, ts_w, n, interpret, num_candidates=num_candidates,
                   candidates_only=candidates_only)
@@ -366,7 +358,7 @@ def pallas_projected_mha(pre, lengths, pos_w=None, ts_w=None, timestamps=None, q
         raise ValueError(f"projected_mha needs pre [B, N, 4 x {heads} heads x d] with d a power of two >= 16, "
                          f"got width {width}")
     tiles, sizes, npad = _tiling(blocks, n, heads, d, pos_w is not None, pre.dtype)
-    pre = _pad_to(pre.reshape(bsz, n, 4, heads, d), 1, npad)
+    pre = pad_to(pre.reshape(bsz, n, 4, heads, d), 1, npad)
     lengths = jnp.clip(lengths.astype(jnp.int32), 0, n)
     pos_w, ts_w, ts, qts = _bias_inputs(pos_w, ts_w, timestamps, query_timestamps, npad)
     cfg = _config(norm, sizes, tiles, blocks, pos_w, ts_w, n, interpret)
@@ -405,8 +397,8 @@ def mosaic_hstu_mha(q, k, v, lengths, *, norm: float, interpret_off_gpu: bool = 
 
     def kernel(q, k, v, lengths, *, interpret):
         dtype = q.dtype
-        half = (lambda x: x.astype(jnp.bfloat16)) if dtype == jnp.float32 else (lambda x: x)
-        return mosaic_mha(half(q), half(k), half(v), lengths, norm=norm, interpret=interpret).astype(dtype)
+        q, k, v = (x.astype(jnp.bfloat16) if dtype == jnp.float32 else x for x in (q, k, v))
+        return mosaic_mha(q, k, v, lengths, norm=norm, interpret=interpret).astype(dtype)
 
     reference = functools.partial(reference_mha, norm=norm)
     return dispatch("pallas" if interpret_off_gpu else "auto", kernel, reference, q, k, v, lengths,

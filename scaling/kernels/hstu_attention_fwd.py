@@ -148,10 +148,12 @@ def sigmoid(s: jax.Array, cfg: MhaConfig, fast: bool) -> jax.Array:
     return 0.5 + 0.5 * _tanh(0.5 * s, cfg) if fast else jax.nn.sigmoid(s)
 
 
-def tile_mask(rows, cols, length, n_hist, q_first):
-    """Which (query row, key col) pairs attend; rows/cols int32, broadcastable to the tile."""
+def tile_mask(rows, cols, length, n_hist, q_first=None):
+    """Which (query row, key col) pairs attend; rows/cols int32, broadcastable to the tile.
+    q_first: the first computed query row (candidates_only), None for every row."""
     seen = ((cols <= rows) & (cols < n_hist)) | (cols == rows)
-    return seen & (rows < length) & (cols < length) & (rows >= q_first)
+    seen = seen & (rows < length) & (cols < length)
+    return seen if q_first is None else seen & (rows >= q_first)
 
 
 def seq_scalars(len_ref, hist_ref, b, cfg: MhaConfig):

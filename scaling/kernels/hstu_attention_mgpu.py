@@ -51,8 +51,10 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from scaling.kernels.hstu_attention_bwd import silu_derivative, tanh_sigmoid
+from scaling.kernels.hstu_attention_fwd import tile_mask
 from scaling.kernels.mgpu_pipeline import ROWS, TILE_COLS, Ranges, StepContext, matmul, pipelined_call
-from scaling.kernels.tiles import cdiv
+from scaling.kernels.tiles import cdiv, pad_to
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,17 +77,6 @@ class MosaicBlocks:
             raise ValueError(f"block_k={self.block_k}: expected 64, 128, 192 or 256")
         if self.num_stages < 2:
             raise ValueError(f"num_stages={self.num_stages}: the ring needs at least 2 slots")
-
-
-def _sigmoid(x: jax.Array) -> jax.Array:
-    """(1 + tanh(x / 2)) / 2: one tanh.approx.f32 under approx_math."""
-    half = 0.5 * x
-    return 0.5 + 0.5 * jnp.tanh(half)
-
-
-def _seen(query, key, length, n_hist):
-    """Which (query position, key position) pairs attend; int32 tiles."""
-    return (((key <= query) & (key < n_hist)) | (key == query)) & (query < length) & (key < length)
 
 
 def _query_major_ranges(bk: int):
@@ -118,14 +109,27 @@ def _key_major_ranges(bq: int):
     return ranges
 
 
+def _silu_and_slope(s, ctx: StepContext, *, masked: bool, inv_norm: float, query_rows: bool):
+    """(P, G) of one score tile: P = silu(s) / norm and G = silu'(s) / norm, zero where masked
+    (query_rows: the tile's rows are queries, else keys), so that dS = dP * G. Taking G before dP
+    is computed keeps one tile, not s and sigmoid(s), alive beside it (registers: the dK/dV
+    kernel's two [64, d] accumulators already hold 128)."""
+    sig = tanh_sigmoid(s)
+    p = s * sig * inv_norm
+    g = silu_derivative(s, sig) * inv_norm
+    if masked:
+        rows, cols = ctx.positions()
+        seen = tile_mask(rows, cols, *ctx.scalars) if query_rows else tile_mask(cols, rows, *ctx.scalars)
+        p, g = jnp.where(seen, p, 0.0), jnp.where(seen, g, 0.0)
+    return p, g
+
+
 def _forward_step(ctx: StepContext, *, masked: bool, inv_norm: float):
     (q,), (k, v), (o,), (p_tile,) = ctx.stationary, ctx.streamed, ctx.accs, ctx.work
     ctx.wait(0)
     s = matmul(q, k.transpose((1, 0)), ctx.shape, after_issue=ctx.meet)
     ctx.free(0)
-    p = s * _sigmoid(s) * inv_norm
-    if masked:
-        p = jnp.where(_seen(*ctx.positions(), *ctx.scalars), p, 0.0)
+    p, _ = _silu_and_slope(s, ctx, masked=masked, inv_norm=inv_norm, query_rows=True)
     p_tile[...] = p.astype(p_tile.dtype)
     plgpu.commit_smem()
     ctx.wait(1)
@@ -133,21 +137,6 @@ def _forward_step(ctx: StepContext, *, masked: bool, inv_norm: float):
     plgpu.wgmma(o, p_tile, v)
     plgpu.wgmma_wait(0)  # P's SMEM is rewritten next block
     ctx.free(1)
-
-
-def _silu_and_slope(s, ctx: StepContext, *, masked: bool, inv_norm: float, query_rows: bool):
-    """(P, G) of one score tile: P = silu(s) / norm and G = silu'(s) / norm, zero where masked
-    (query_rows: the tile's rows are queries, else keys), so that dS = dP * G. Taking G before dP
-    is computed keeps one tile, not s and sigmoid(s), alive beside it (registers: the dK/dV
-    kernel's two [64, d] accumulators already hold 128)."""
-    sig = _sigmoid(s)
-    p = s * sig * inv_norm
-    g = sig * (1.0 + s * (1.0 - sig)) * inv_norm
-    if masked:
-        rows, cols = ctx.positions()
-        seen = _seen(rows, cols, *ctx.scalars) if query_rows else _seen(cols, rows, *ctx.scalars)
-        p, g = jnp.where(seen, p, 0.0), jnp.where(seen, g, 0.0)
-    return p, g
 
 
 def _grad_step(ctx: StepContext, *, masked: bool, inv_norm: float, query_rows: bool):
@@ -251,12 +240,6 @@ def _mha_bwd(cfg: _Config, residuals, do):
 _mha.defvjp(_mha_fwd, _mha_bwd)
 
 
-def _pad(x: jax.Array, axis: int, size: int) -> jax.Array:
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (0, size - x.shape[axis])
-    return jnp.pad(x, pad)
-
-
 def mosaic_mha(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, num_candidates: jax.Array | None = None,
                *, norm: float, blocks: MosaicBlocks | None = None, interpret: bool | None = None) -> jax.Array:
     """HSTU attention without bias on Mosaic GPU (module docstring); differentiable in q, k, v.
@@ -280,6 +263,6 @@ def mosaic_mha(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, num
     n_hist = lengths if num_candidates is None else lengths - jnp.clip(num_candidates.astype(jnp.int32), 0, lengths)
     unit = math.lcm(2 * ROWS, blocks.block_k)  # whole stationary pairs and streamed blocks
     npad = -(-n // unit) * unit
-    out = _mha(*(_pad(x, 1, npad) for x in (q, k, v)), lengths, n_hist,
+    out = _mha(*(pad_to(x, 1, npad) for x in (q, k, v)), lengths, n_hist,
                _Config(norm=float(norm), blocks=blocks, interpret=bool(interpret)))
     return out[:, :n]

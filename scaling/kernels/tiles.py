@@ -55,6 +55,15 @@ def tile_dim(n: int) -> int:
     return max(16, pl.next_power_of_2(n))
 
 
+def pad_to(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """x zero-padded at the end of `axis` to `size` (x itself when it is that long already)."""
+    if x.shape[axis] == size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, widths)
+
+
 def heavy_first(i, count):
     """The query block grid step i computes: the last first. Causal rows near the end see the most
     keys, so launching them first keeps the last wave of programs short."""
