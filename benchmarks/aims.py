@@ -182,7 +182,8 @@ def train_aim(train: dict | None) -> dict:
     for model in ("hstu", "wukong"):
         row = rows.get(model)
         if row is None:
-            values.append({"model": model, "note": "no row (not run)"})
+            cut = "" if train.get("complete", True) else ": the train step was cut short"
+            values.append({"model": model, "note": f"no row (not run{cut})"})
         elif not _ok(row, "mfu"):
             values.append({"model": model, "failed": _failure(row)})
         else:

@@ -2,7 +2,7 @@
 what XLA made of them: whether the step fits in the GPU's memory, what it launches, and a roofline
 of where its time would go.
 
-    python -m benchmarks.gpu_aot [--gpu h100|h200] [--cases hstu,wukong,onetrans] [--impls pallas,xla]
+    python -m benchmarks.gpu_aot [--gpu h100|h200] [--cases hstu,wukong,hstu_stu,onetrans] [--impls pallas,xla]
         [--devices 1] [--top 12] [--hlo-dir DIR] [--triton-python PY] [--dtype bfloat16|float32]
         [--smoke] [--out FILE]
 
@@ -16,7 +16,8 @@ the GPU described below with XLA's real GPU pipeline (fusion, Triton gemms, the 
 Triton lowering to PTX), without autotuning. The steps are those of benchmarks/train_step.py (its
 CASES, the same large sizes), built by scaling/train/setup.py as a run builds them, on a mesh of
 `--devices` compile-only GPUs. `--impls pallas` runs the kernels through `impl=auto`, which lowers
-the kernel branch for the CUDA target.
+the kernel branch for the CUDA target; `--impls mosaic` the Mosaic GPU attention of the cases that
+have it (train_step.MOSAIC_CASES).
 
 Per case it reports:
   memory    XLA's buffer assignment: arguments + temporaries + outputs not aliased to inputs, per
@@ -52,7 +53,7 @@ from benchmarks.gpu_targets import GPUS, GpuTarget, causal_pair_fraction, step_r
 from benchmarks.json_report import emit
 from benchmarks.kernel_compile import compile_ttir
 from benchmarks.triton_ir import captured
-from benchmarks.train_step import CASES, case_overrides
+from benchmarks.train_step import CASES, case_overrides, impls_of
 
 
 def launch_params(text: str) -> dict[str, tuple[int, int]]:
@@ -183,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
-    parser.add_argument("--impls", default="pallas,xla", help="pallas (the kernels, via impl=auto), xla, or both")
+    parser.add_argument("--impls", default="pallas,xla",
+                        help="pallas (the kernels, via impl=auto), xla, mosaic (cases with the Mosaic GPU attention)")
     parser.add_argument("--devices", type=int, default=1, help="GPUs on the mesh (one host)")
     parser.add_argument("--top", type=int, default=12, help="largest roofline items to list per case")
     parser.add_argument("--hlo-dir", default="", help="also write each optimized HLO text here")
@@ -196,10 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
     unknown = [c for c in args.cases.split(",") if c not in CASES]
-    bad_impls = [i for i in args.impls.split(",") if i not in ("pallas", "xla")]
+    bad_impls = [i for i in args.impls.split(",") if i not in ("pallas", "xla", "mosaic")]
     if unknown or bad_impls or args.devices < 1:
         print(f"gpu_aot: --cases must name {', '.join(CASES)} (got {', '.join(unknown) or 'ok'}), --impls "
-              f"pallas and/or xla (got {', '.join(bad_impls) or 'ok'}), --devices >= 1", file=sys.stderr)
+              f"pallas, xla or mosaic (got {', '.join(bad_impls) or 'ok'}), --devices >= 1", file=sys.stderr)
         return 2
     if args.triton_python and shutil.which(args.triton_python) is None:
         print(f"gpu_aot: --triton-python {args.triton_python!r} is not an executable Python", file=sys.stderr)
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     for name in args.cases.split(","):
-        for impl in args.impls.split(","):
+        for impl in impls_of(name, args.impls.split(",")):
             try:
                 row = compile_case(name, impl, gpu, devices, args.smoke, args.top, args.hlo_dir, args.triton_python,
                                    args.dtype)

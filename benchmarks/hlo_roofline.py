@@ -20,7 +20,7 @@ at most one element of each operand per output element; a fusion operand whose e
 through elementwise ops, in slices / dynamic slices / gathers counts what those read; a fusion
 whose root updates a buffer in place (dynamic-update-slice, scatter) writes the update (at most
 the buffer's size: a scatter-add into a small table), not the whole buffer. Custom calls (Pallas
-/ Triton kernels) report no FLOPs in HLO: `kernel_flops(name, operand types)` supplies them
+kernels, on Triton or Mosaic GPU) report no FLOPs in HLO: `kernel_flops(name, operand types)` supplies them
 (benchmarks/gpu_targets.py knows this repo's), and `kernel_bytes(name, operand types, result
 type)` may replace the whole-operands count for a kernel that touches only part of an operand. Loops count their body once and are listed in
 `warnings`. Not counted: the CUDA-core work of elementwise ops (a kernel heavy in it, like HSTU
@@ -351,7 +351,10 @@ def roofline(text: str, peak_flops: float, bandwidth: float, launch_s: float = 2
                 target = re.search(r'custom_call_target="([^"]*)"', inst.attrs)
                 target = target.group(1) if target else ""
                 kname = re.search(r'\bname = "([^"]*)"', inst.attrs)
-                if "triton" in target and kname:
+                if target.startswith("mosaic_gpu"):
+                    # a Mosaic GPU kernel's name is in its op_name: .../NAME/mpmd_map
+                    kname = re.search(r"([\w.\-]+)/mpmd_map$", inst.op_name)
+                if ("triton" in target or target.startswith("mosaic_gpu")) and kname:
                     name, kind = kname.group(1), "pallas"
                     operands = [shapes.get(o, "") for o in inst.operands]
                     flops = kernel_flops(name, operands) if kernel_flops else 0.0

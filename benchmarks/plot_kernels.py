@@ -13,8 +13,9 @@ three panels:
   fwd+bwd      forward + backward speedup against L: the XLA reference's time over ours (aim 3x
                at L >= 2048), and GR's time over ours without bias (aim 1, parity), for the
                Triton kernels and the Mosaic GPU ones.
-  train steps  MFU of each model's bf16 train step, with the kernels and with XLA (aim 35% for
-               HSTU and Wukong).
+  train steps  MFU of each model's bf16 train step, with the kernels, with XLA, and for hstu_stu
+               (HSTU without the relative bias) with the Mosaic GPU attention (aim 35% for HSTU
+               and Wukong).
 
 Rows that failed (e.g. the XLA reference out of memory at L = 8192) are listed under the panels.
 Results from interpret mode, i.e. not from a GPU, are titled as such. Writes FILE (default
@@ -38,6 +39,8 @@ _MARKER = {"GR, no bias": "^", "Mosaic GPU, no bias": "s", "Mosaic GPU serial, n
            "Mosaic GPU fused dK/dV, no bias": "+"}
 _SIDE_LABELS = {"gr": "GR, no bias", "pallas": "ours, no bias", "mosaic": "Mosaic GPU, no bias",
                 "mosaic_serial": "Mosaic GPU serial, no bias", "mosaic_fused": "Mosaic GPU fused dK/dV, no bias"}
+
+_MFU_STYLE = {"pallas": ("kernels", "#d62728"), "mosaic": ("Mosaic GPU attention", "#9467bd"), "xla": ("XLA", "0.6")}
 
 
 def _colour(dim: int) -> str:
@@ -136,10 +139,13 @@ def _speedup_panel(ax, data: dict) -> None:
 
 def _mfu_panel(ax, data: dict) -> None:
     models = sorted({model for model, _ in data["mfu"]})
-    for offset, (impl, colour) in zip((-0.2, 0.2), (("pallas", "#d62728"), ("xla", "0.6"))):
+    impls = [i for i in ("pallas", "mosaic", "xla") if any(key[1] == i for key in data["mfu"])]
+    width = 0.8 / max(len(impls), 1)
+    for n, impl in enumerate(impls):
+        offset = (n - (len(impls) - 1) / 2) * width
         xs = [i + offset for i, m in enumerate(models) if (m, impl) in data["mfu"]]
         ys = [data["mfu"][(m, impl)] for m in models if (m, impl) in data["mfu"]]
-        bars = ax.bar(xs, ys, width=0.38, color=colour, label="kernels" if impl == "pallas" else "XLA")
+        bars = ax.bar(xs, ys, width=0.95 * width, color=_MFU_STYLE[impl][1], label=_MFU_STYLE[impl][0])
         ax.bar_label(bars, labels=[f"{y:.0%}" for y in ys], fontsize=7)
     ax.axhline(MFU, color="0.3", lw=0.9, ls=(0, (1, 3)), label=f"aim: {MFU:.0%} (HSTU, Wukong)")
     ax.set_xticks(range(len(models)), models)

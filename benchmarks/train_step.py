@@ -1,12 +1,15 @@
 """Training-step benchmark: step time, examples/s and MFU of HSTU, Wukong and OneTrans in bf16,
 with the Pallas kernels (`impl=pallas`) against the XLA references (`impl=xla`).
 
-    python -m benchmarks.train_step [--out FILE] [--smoke] [--steps 20] [--cases hstu,wukong,onetrans]
+    python -m benchmarks.train_step [--out FILE] [--smoke] [--steps 20] [--cases hstu,wukong,hstu_stu,onetrans]
+        [--impls pallas,mosaic,xla]
 
 Each case is a sweep config (sweeps/*.yaml) with large-size overrides, `train.compute_dtype=
 bfloat16` and the kernel knobs (HSTU: model.attention_impl and model.norm_impl, its attention and
 LayerNorm kernels; OneTrans: model.attention_impl, the softmax attention; Wukong: model.fm_impl
-and model.norm_impl, the FM block and the layer output's residual LayerNorm). The step is the training code's own: the
+and model.norm_impl, the FM block and the layer output's residual LayerNorm). `hstu_stu` is the
+HSTU case without the relative bias, the one `impl=mosaic` applies to: its attention on the Mosaic
+GPU kernels, its LayerNorms on the Triton ones. The step is the training code's own: the
 model, task, optimizers and `StepFunctions.train_step` are built as scaling/train/loop.py builds
 them (one device, state donated), and timed on one real batch repeated `--steps` times after a
 compile + warm-up step (wall clock, block_until_ready at the end).
@@ -21,7 +24,9 @@ step XLA compiled (benchmarks/hlo_roofline.py at the GPU's datasheet peaks: its 
 split by kind and largest source lines) and `fraction_of_roofline` = bound / measured step time:
 how close the step ran to what its compiled program allows, and where the rest must have gone.
 
---smoke runs tiny sizes for 5 timed steps (CPU: the kernels in interpret mode) to check the script works.
+--smoke runs tiny sizes for 5 timed steps (CPU: the kernels in interpret mode, the Mosaic GPU
+attention as the jnp reference) to check the script works. --out is rewritten after each row, so a
+run cut short by a time limit keeps the rows it finished ("complete": false).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.json_report import emit
+from benchmarks.json_report import emit, write_json
 from benchmarks.gpu_targets import GPUS, GpuTarget, causal_pair_fraction, gpu_of, step_roofline
 from benchmarks.kernels import matmul_tflops
 from scaling.config import load_run_config
@@ -71,6 +76,18 @@ CASES: dict[str, tuple[str, str, list[str], list[str]]] = {
     ], [
         "model.size=xxs", "train.batch_size=16", "data.eval_examples=256",
     ]),
+    # The same HSTU without the relative bias (the newer STU form, `relative_bias: false`): the case
+    # where impl=mosaic runs the Mosaic GPU attention kernels, against the Triton ones and XLA
+    "hstu_stu": ("hstu_synthetic.yaml", "model.attention_impl,model.norm_impl", [
+        "model.size=custom", "model.embed_dim=1024", "model.num_layers=8", "model.num_heads=8", "model.qk_dim=128",
+        "model.v_dim=128", "model.max_len=1024", "model.relative_bias=false", "model.dropout=0.0",
+        "data.max_length=1024", "data.mean_length=600", "data.num_users=256", "data.num_items=20000",
+        "train.batch_size=32",
+    ], [
+        "model.size=custom", "model.embed_dim=64", "model.num_layers=1", "model.num_heads=1", "model.qk_dim=64",
+        "model.v_dim=64", "model.max_len=32", "model.relative_bias=false", "model.dropout=0.0", "data.num_users=64",
+        "data.num_items=200", "data.num_negatives=8", "train.batch_size=4",
+    ]),
     # OneTrans near the paper's OneTrans-L (8 layers, d=384) on 2 x 256-event sequences
     "onetrans": ("onetrans_synthetic.yaml", "model.attention_impl", [
         "model.size=custom", "model.dim=384", "model.num_layers=8", "model.num_heads=8", "model.ffn_dim=1536",
@@ -79,16 +96,24 @@ CASES: dict[str, tuple[str, str, list[str], list[str]]] = {
         "model.size=xs", "train.batch_size=8", "data.eval_examples=256",
     ]),
 }
+MOSAIC_CASES = ("hstu_stu",)  # impl=mosaic: the attention on Mosaic GPU, the Triton kernels for the rest
+
+
+def impls_of(name: str, impls: list[str]) -> list[str]:
+    """The impls of `impls` that case `name` runs: mosaic only where MOSAIC_CASES has it."""
+    return [i for i in impls if i != "mosaic" or name in MOSAIC_CASES]
 
 
 def case_overrides(name: str, impl: str, *, smoke: bool, dtype: str = "bfloat16") -> tuple[str, list[str]]:
-    """(sweep config path, overrides) of CASES[name] with its kernel knob at `impl` (auto | pallas
-    | xla), in `dtype`, without evaluation, progress or W&B: what this benchmark and
-    benchmarks/gpu_aot.py compile."""
+    """(sweep config path, overrides) of CASES[name] with its kernel knobs at `impl` (auto | pallas
+    | xla | mosaic: the attention on Mosaic GPU, the other knobs auto), in `dtype`, without
+    evaluation, progress or W&B: what this benchmark and benchmarks/gpu_aot.py compile."""
     path, knobs, large, small = CASES[name]
+    # auto: the kernels on a GPU, compile-only ones included (pallas would interpret them there)
+    values = [impl if impl != "mosaic" or k == "model.attention_impl" else "auto" for k in knobs.split(",")]
     return os.path.join(SWEEPS, path), [*(small if smoke else large), f"train.compute_dtype={dtype}",
-                                        "train.eval_every=0", "logging.progress=false",
-                                        "logging.wandb.mode=disabled", *(f"{k}={impl}" for k in knobs.split(","))]
+                                        "train.eval_every=0", "logging.progress=false", "logging.wandb.mode=disabled",
+                                        *(f"{k}={v}" for k, v in zip(knobs.split(","), values))]
 
 
 def step_time(config, steps: int, dataset=None, roofline_gpu: GpuTarget | None = None) -> dict:
@@ -138,23 +163,32 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case (after one warm-up)")
-    parser.add_argument("--impls", default="pallas,xla")
+    parser.add_argument("--impls", default="pallas,mosaic,xla",
+                        help="pallas (the kernels), xla (the references), mosaic (hstu_stu's Mosaic GPU attention)")
     parser.add_argument("--smoke", "--small", action="store_true", help="tiny sizes, 5 steps (CPU: interpret mode)")
     parser.add_argument("--roofline", choices=["auto", "none", *GPUS], default="auto",
                         help="bound each compiled step at this GPU's datasheet peaks (auto: the device's, if an H100/H200)")
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args(argv)
+    cases, impls = args.cases.split(","), args.impls.split(",")
+    unknown = [c for c in cases if c not in CASES] + [i for i in impls if i not in ("pallas", "xla", "mosaic", "auto")]
+    if unknown:
+        print(f"train_step: unknown {', '.join(unknown)}: --cases takes {', '.join(CASES)}; --impls pallas, xla, "
+              "mosaic, auto", file=sys.stderr)
+        return 2
     roofline_gpu = (gpu_of(jax.devices()[0].device_kind) if args.roofline == "auto"
                     else None if args.roofline == "none" else GPUS[args.roofline])
     steps = 5 if args.smoke else args.steps
     peak = matmul_tflops(256 if args.smoke else 8192, 3 if args.smoke else 10)
     rows = []
     datasets: dict = {}  # by data config: the impls of a model share one data set
-    cases = args.cases.split(",")
     # The models the MFU aims are for (HSTU, Wukong) first, impl by impl (the kernels first), then
-    # the others: a run cut short by a time limit keeps what the aims need
-    plan = [(name, impl) for first in (True, False) for impl in args.impls.split(",") for name in cases
-            if (name in AIMED) == first]
+    # the others case by case: a run cut short by a time limit keeps what the aims need
+    plan = [(name, impl) for impl in impls for name in cases if name in AIMED and impl in impls_of(name, impls)]
+    plan += [(name, impl) for name in cases if name not in AIMED for impl in impls_of(name, impls)]
+    result = {"benchmark": "train_step", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+              "interpret": jax.default_backend() != "gpu", "jax": jax.__version__, "smoke": args.smoke,
+              "matmul_bf16_tflops": peak, "complete": False, "rows": rows}
     for name, impl in plan:
         path, overrides = case_overrides(name, impl, smoke=args.smoke)
         overrides.append(f"train.steps={steps + 1}")
@@ -169,9 +203,9 @@ def main(argv=None) -> int:
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
-    result = {"benchmark": "train_step", "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-              "interpret": jax.default_backend() != "gpu", "jax": jax.__version__, "smoke": args.smoke,
-              "matmul_bf16_tflops": peak, "rows": rows}
+        if args.out:  # what is finished survives a time limit
+            write_json(result, args.out)
+    result["complete"] = True
     emit(result, args.out, indent=2)
     return 0
 

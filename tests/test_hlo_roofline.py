@@ -16,6 +16,7 @@ from scaling.kernels.fm_block import fm_block
 
 # A module as XLA's GPU compiler prints it: a Triton gemm fusion, a loop fusion slicing an
 # elementwise chain, a reduction of a converted slice, a gather, an all-reduce, an in-place dynamic-update-slice, a Pallas (Triton) custom call,
+# a Pallas Mosaic GPU one (its name in its op_name),
 # and the stack-frame tables (frame 2 is Flax's, called from frame 1, the project's).
 MODULE = """HloModule jit_step, is_scheduled=true
 
@@ -76,7 +77,7 @@ StackFrames
   ROOT %dus = f32[1000,32]{1,0} dynamic-update-slice(%b0, %u0, %s0, %z)
 }
 
-ENTRY %main (a: bf16[64,128], b: bf16[128,256], t: f32[1000,32], i: s32[16,1], s: s32[], q: bf16[2,256,4,32]) -> (bf16[64,64], f32[64], f32[1000,32], bf16[2,256,4,32]) {
+ENTRY %main (a: bf16[64,128], b: bf16[128,256], t: f32[1000,32], i: s32[16,1], s: s32[], q: bf16[2,256,4,32]) -> (bf16[64,64], f32[64], f32[1000,32], bf16[2,256,4,32], bf16[2,256,4,32]) {
   %a = bf16[64,128]{1,0} parameter(0)
   %b = bf16[128,256]{1,0} parameter(1)
   %t = f32[1000,32]{1,0} parameter(2)
@@ -90,7 +91,8 @@ ENTRY %main (a: bf16[64,128], b: bf16[128,256], t: f32[1000,32], i: s32[16,1], s
   %ar = f32[16,32]{1,0} all-reduce(%lk), replica_groups={}, to_apply=%sum
   %up = f32[1000,32]{1,0} fusion(%t, %ar, %s), kind=kLoop, calls=%update
   %k = bf16[2,256,4,32]{3,2,1,0} custom-call(%s, %s, %q, %q, /*index=4*/%q), custom_call_target="__gpu$xla.gpu.triton", backend_config={grid_x = 1 : i32, ir = "ML\\EFR(x)", name = "hstu_attention_fwd", num_warps = 4 : i32}
-  ROOT %r = (bf16[64,64]{1,0}, f32[64]{0}, f32[1000,32]{1,0}, bf16[2,256,4,32]{3,2,1,0}) tuple(%sl, %rs, %up, %k)
+  %m = bf16[2,256,4,32]{3,2,1,0} custom-call(%q, %q, %q, %s, %s), custom_call_target="mosaic_gpu_v2", api_version=API_VERSION_TYPED_FFI, metadata={op_name="jit(step)/hstu_mgpu_fwd/mpmd_map" stack_frame_id=1}, backend_config={kernel_hash = "\8A\8D"}
+  ROOT %r = (bf16[64,64]{1,0}, f32[64]{0}, f32[1000,32]{1,0}, bf16[2,256,4,32]{3,2,1,0}, bf16[2,256,4,32]{3,2,1,0}) tuple(%sl, %rs, %up, %k, %m)
 }
 """
 
@@ -106,7 +108,7 @@ def test_every_kernel_of_a_hand_written_module_is_counted_by_hand():
     report = roofline(MODULE, peak_flops=1e12, bandwidth=1e9, launch_s=1e-6, kernel_flops=pallas_flops(1.0),
                       collective_bandwidth=1e6)
     kernels = {k.name: k for k in report["kernels"]}
-    assert set(kernels) == {"mm", "sl", "rs", "lk", "ar", "up", "hstu_attention_fwd"}  # parameters, tuple: free
+    assert set(kernels) == {"mm", "sl", "rs", "lk", "ar", "up", "hstu_attention_fwd", "hstu_mgpu_fwd"}  # tuple: free
 
     mm = kernels["mm"]
     assert (mm.kind, mm.flops) == ("matmul", 2 * 64 * 256 * 128)
@@ -131,6 +133,9 @@ def test_every_kernel_of_a_hand_written_module_is_counted_by_hand():
     k = kernels["hstu_attention_fwd"]
     assert (k.kind, k.flops) == ("pallas", 4 * 32 * PAIRS)
     assert k.bytes == 4 + 4 + 4 * (2 * 256 * 4 * 32 * 2)
+    m = kernels["hstu_mgpu_fwd"]
+    assert (m.kind, m.flops, m.bytes) == ("pallas", 4 * 32 * PAIRS, 4 + 4 + 4 * (2 * 256 * 4 * 32 * 2))
+    assert m.source == "scaling/models/foo.py:10 Foo.__call__"
 
     for kernel in report["kernels"]:
         if kernel is not ar:
@@ -200,7 +205,7 @@ def test_gpu_aot_without_the_cuda_plugin_says_what_to_install(capsys):
     assert "pip install -e '.[cuda12]'" in capsys.readouterr().err
     assert gpu_aot_main(["--cases", "nope"]) == 2
     assert gpu_aot_main(["--impls", "triton"]) == 2
-    assert "--impls pallas and/or xla (got triton)" in capsys.readouterr().err
+    assert "--impls pallas, xla or mosaic (got triton)" in capsys.readouterr().err
 
 
 def test_launch_params_and_every_distinct_triton_module_are_captured(tmp_path):

@@ -35,6 +35,7 @@ SIDE_BY_SIDE = {"benchmark": "hstu_reference_side_by_side", "rows": [
 TRAIN = {"benchmark": "train_step", "device": "NVIDIA H100 80GB HBM3", "interpret": False, "rows": [
     {"model": "hstu", "impl": "pallas", "mfu": 0.41}, {"model": "hstu", "impl": "xla", "mfu": 0.2},
     {"model": "wukong", "impl": "pallas", "error": "ValueError: boom"},
+    {"model": "hstu_stu", "impl": "mosaic", "mfu": 0.45},
 ]}
 
 
@@ -52,7 +53,7 @@ def test_the_series_are_the_rows_ratios_and_failures():
     assert ("over XLA", 64) not in speed  # its XLA row failed: no ratio
     assert speed[("over GR, no bias", 128)] == [(4096, pytest.approx(1.2))]
     assert speed[("Mosaic over GR, no bias", 128)] == [(4096, pytest.approx(1.5))]
-    assert data["mfu"] == {("hstu", "pallas"): 0.41, ("hstu", "xla"): 0.2}
+    assert data["mfu"] == {("hstu", "pallas"): 0.41, ("hstu", "xla"): 0.2, ("hstu_stu", "mosaic"): 0.45}
     assert data["failed"] == ["HSTU XLA L=4096 d=64: XlaRuntimeError: RESOURCE_EXHAUSTED",
                               "train step wukong pallas: ValueError: boom"]
     assert data["matmul_tflops"] == 750.0 and data["device"] == "NVIDIA H100 80GB HBM3"
