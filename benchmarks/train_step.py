@@ -55,15 +55,16 @@ from scaling.train.tasks import make_task
 SWEEPS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sweeps")
 
 AIMED = ("hstu", "wukong")  # the training-step MFU aims of the kernels' issue are for these
+# HSTU at industrial width (d=1024, 8 heads of 128: the kernels' d=128 case) on 1024-event
+# histories of mean length 600 (256 users: the step reads one batch of 32)
+_HSTU_LARGE = [
+    "model.size=custom", "model.embed_dim=1024", "model.num_layers=8", "model.num_heads=8", "model.qk_dim=128",
+    "model.v_dim=128", "model.max_len=1024", "model.dropout=0.0", "data.max_length=1024", "data.mean_length=600",
+    "data.num_users=256", "data.num_items=20000", "train.batch_size=32",
+]
 # name -> (sweep config, kernel knobs (comma-separated: all set to the impl), large overrides, smoke overrides)
 CASES: dict[str, tuple[str, str, list[str], list[str]]] = {
-    # HSTU at industrial width (d=1024, 8 heads of 128: the kernels' d=128 case) on 1024-event
-    # histories of mean length 600 (256 users: the step reads one batch of 32)
-    "hstu": ("hstu_synthetic.yaml", "model.attention_impl,model.norm_impl", [
-        "model.size=custom", "model.embed_dim=1024", "model.num_layers=8", "model.num_heads=8", "model.qk_dim=128",
-        "model.v_dim=128", "model.max_len=1024", "model.dropout=0.0", "data.max_length=1024", "data.mean_length=600",
-        "data.num_users=256", "data.num_items=20000", "train.batch_size=32",
-    ], [
+    "hstu": ("hstu_synthetic.yaml", "model.attention_impl,model.norm_impl", _HSTU_LARGE, [
         "model.size=xs", "model.max_len=32", "model.dropout=0.0", "data.num_users=64", "data.num_items=200",
         "data.num_negatives=8", "train.batch_size=4",
     ]),
@@ -79,10 +80,7 @@ CASES: dict[str, tuple[str, str, list[str], list[str]]] = {
     # The same HSTU without the relative bias (the newer STU form, `relative_bias: false`): the case
     # where impl=mosaic runs the Mosaic GPU attention kernels, against the Triton ones and XLA
     "hstu_stu": ("hstu_synthetic.yaml", "model.attention_impl,model.norm_impl", [
-        "model.size=custom", "model.embed_dim=1024", "model.num_layers=8", "model.num_heads=8", "model.qk_dim=128",
-        "model.v_dim=128", "model.max_len=1024", "model.relative_bias=false", "model.dropout=0.0",
-        "data.max_length=1024", "data.mean_length=600", "data.num_users=256", "data.num_items=20000",
-        "train.batch_size=32",
+        *_HSTU_LARGE, "model.relative_bias=false",
     ], [
         "model.size=custom", "model.embed_dim=64", "model.num_layers=1", "model.num_heads=1", "model.qk_dim=64",
         "model.v_dim=64", "model.max_len=32", "model.relative_bias=false", "model.dropout=0.0", "data.num_users=64",
