@@ -177,6 +177,8 @@ def main(argv=None) -> int:
 
     import jax
 
+    from benchmarks.kernels import hstu_forward_flops
+    from scaling.atomic_json import write_json
     from scaling.kernels.hstu_attention import Blocks
 
     if args.smoke:
@@ -201,15 +203,14 @@ def main(argv=None) -> int:
         result["rows"].append(row)
         print(json.dumps(row), file=sys.stderr)
         if args.out:
-            with open(args.out, "w") as f:
-                f.write(json.dumps(result, indent=2) + "\n")
+            write_json(args.out, result, indent=2)
 
     for dim in dims:
         for length in lengths:
             batch = max(1, tokens // length)
             rng = np.random.default_rng(0)
             arrays = [(rng.normal(size=(batch, length, heads, dim)) * 0.5).astype(np.float32) for _ in range(4)]
-            fwd_flops = 4 * dim * batch * heads * length * (length + 1) / 2
+            fwd_flops = hstu_forward_flops(batch, heads, length, dim)
             gr_out = pallas_out = None
             for impl in impls:
                 if impl == "gr" and gr is None:

@@ -42,9 +42,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.json_report import emit, write_json
+from benchmarks.json_report import emit
 from benchmarks.gpu_targets import GPUS, GpuTarget, causal_pair_fraction, gpu_of, step_roofline
 from benchmarks.kernels import matmul_tflops
+from scaling.atomic_json import write_json
 from scaling.config import load_run_config
 from scaling.models.registry import build_model
 from scaling.train.loop import dataset_of
@@ -202,7 +203,7 @@ def main(argv=None) -> int:
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
         if args.out:  # what is finished survives a time limit
-            write_json(result, args.out)
+            write_json(args.out, result, indent=2)
     result["complete"] = True
     emit(result, args.out, indent=2)
     return 0

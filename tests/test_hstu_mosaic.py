@@ -99,6 +99,18 @@ def test_mosaic_forward_rejects_what_it_cannot_run():
         MosaicBlocks(num_stages=1)
 
 
+def test_hstu_mha_routes_mosaic_without_bias_only():
+    from scaling.kernels.hstu_attention import hstu_mha
+
+    q, k, v = (x[:, :64] for x in _inputs(64))
+    lengths = jnp.minimum(jnp.asarray(LENGTHS, jnp.int32), 64)
+    off_gpu = hstu_mha(q, k, v, lengths, norm=64.0, impl="mosaic")  # the jnp reference off a GPU
+    assert jnp.array_equal(off_gpu, reference_mha(q, k, v, lengths, norm=64.0))
+    with pytest.raises(ValueError, match="no relative bias"):
+        hstu_mha(q, k, v, lengths, norm=64.0, impl="mosaic", pos_w=jnp.zeros(127), ts_w=jnp.zeros(9),
+                 timestamps=jnp.zeros((len(LENGTHS), 64), jnp.int32))
+
+
 def test_the_model_knob_checks_what_the_kernels_need():
     from scaling.config import ModelConfig
     from scaling.config_schema import ConfigError, build
@@ -122,16 +134,15 @@ def test_an_hstu_encoder_on_the_mosaic_kernels_matches_xla(monkeypatch):
 
     from scaling.data.spec import SequenceSpec
     from scaling.kernels import hstu_attention
-    from scaling.models import hstu
     from scaling.models.hstu import HSTU, HSTUConfig
 
-    calls = []
+    calls, original = [], hstu_attention.mosaic_hstu_mha
 
     def interpreted(*args, **kwargs):
         calls.append(1)
-        return hstu_attention.mosaic_hstu_mha(*args, **kwargs, interpret_off_gpu=True)
+        return original(*args, **kwargs, interpret_off_gpu=True)
 
-    monkeypatch.setattr(hstu, "mosaic_hstu_mha", interpreted)
+    monkeypatch.setattr(hstu_attention, "mosaic_hstu_mha", interpreted)
 
     rng = np.random.default_rng(3)
     lengths = jnp.asarray([20, 7, 1], jnp.int32)

@@ -34,5 +34,5 @@ def test_smoke_run_writes_a_row_per_impl(tmp_path):
     assert set(rows) == {"mosaic", "xla"}
     for row in rows.values():
         assert "error" not in row and row["step_ms"] > 0 and row["mfu"] > 0
-    # the same model, data, seed and steps: the last step's loss agrees between the impls
+    # the same model, data, seed and steps (on CPU both attentions are the jnp reference): one loss
     assert abs(rows["mosaic"]["loss"] - rows["xla"]["loss"]) < 0.05 * abs(rows["xla"]["loss"])

@@ -13,7 +13,8 @@ fixed `norm` (the padded length in the research code, never the row's valid coun
                           M-FALCON's placement)
   candidates_only         only candidate rows are computed (others are zero): M-FALCON's cached
                           scoring, see `candidate_mha`
-  impl                    auto | pallas | xla (scaling/kernels/dispatch.py)
+  impl                    auto | pallas | xla (scaling/kernels/dispatch.py), or mosaic: the
+                          Mosaic GPU kernels without the bias (`mosaic_hstu_mha`)
 
 The kernel path (`pallas_mha`) pads N to a multiple of the blocks and the head dims to powers of
 two >= 16 (Triton's tl.dot minimum), runs the forward kernel (hstu_attention_fwd.py) under a
@@ -380,6 +381,10 @@ def hstu_mha(q, k, v, lengths, *, norm: float, pos_w=None, ts_w=None, timestamps
              num_candidates=None, candidates_only: bool = False, buckets=None, impl: str = "auto",
              blocks: Blocks | None = None) -> jax.Array:
     """HSTU attention [B, N, h, dv] by `impl` (module docstring); jit- and grad-compatible."""
+    if impl == "mosaic":
+        if pos_w is not None or candidates_only:
+            raise ValueError("impl='mosaic' has no relative bias and no candidates-only form")
+        return mosaic_hstu_mha(q, k, v, lengths, num_candidates, norm=norm)
     static = dict(norm=norm, candidates_only=candidates_only)
     kernel = functools.partial(pallas_mha, blocks=blocks, **static)
     reference = functools.partial(reference_mha, **static)
@@ -388,21 +393,24 @@ def hstu_mha(q, k, v, lengths, *, norm: float, pos_w=None, ts_w=None, timestamps
                                                     ("batch", None, None)), out_names=_HEADS)
 
 
-def mosaic_hstu_mha(q, k, v, lengths, *, norm: float, interpret_off_gpu: bool = False) -> jax.Array:
+def mosaic_hstu_mha(q, k, v, lengths, num_candidates=None, *, norm: float,
+                    interpret_off_gpu: bool = False) -> jax.Array:
     """`hstu_mha` without bias through the Mosaic GPU kernels (hstu_attention_mgpu.py) on an NVIDIA
     GPU, per device under a mesh; elsewhere the jnp reference, or with interpret_off_gpu the kernels
     in JAX's Mosaic GPU interpreter (what the tests use: slow, and a whole training step under one
     jit can starve XLA's CPU thread pool with the interpreter's warpgroup threads on a small
     machine). The kernels take 16-bit inputs: float32 q, k, v run in bf16, the output cast back."""
 
-    def kernel(q, k, v, lengths, *, interpret):
+    def kernel(q, k, v, lengths, num_candidates, *, interpret):
         dtype = q.dtype
         q, k, v = (x.astype(jnp.bfloat16) if dtype == jnp.float32 else x for x in (q, k, v))
-        return mosaic_mha(q, k, v, lengths, norm=norm, interpret=interpret).astype(dtype)
+        return mosaic_mha(q, k, v, lengths, num_candidates, norm=norm, interpret=interpret).astype(dtype)
 
-    reference = functools.partial(reference_mha, norm=norm)
-    return dispatch("pallas" if interpret_off_gpu else "auto", kernel, reference, q, k, v, lengths,
-                    names=(_HEADS, _HEADS, _HEADS, _ROWS), out_names=_HEADS)
+    def reference(q, k, v, lengths, num_candidates):
+        return reference_mha(q, k, v, lengths, num_candidates=num_candidates, norm=norm)
+
+    return dispatch("pallas" if interpret_off_gpu else "auto", kernel, reference, q, k, v, lengths, num_candidates,
+                    names=(_HEADS, _HEADS, _HEADS, _ROWS, _ROWS), out_names=_HEADS)
 
 
 def projected_mha(pre, lengths, *, heads: int, norm: float, alpha: float = 1.0, pos_w=None, ts_w=None,

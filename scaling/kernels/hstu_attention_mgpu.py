@@ -124,17 +124,20 @@ def _silu_and_slope(s, ctx: StepContext, *, masked: bool, inv_norm: float, query
     return p, g
 
 
-def _forward_step(ctx: StepContext, *, masked: bool, inv_norm: float):
-    (q,), (k, v), (o,), (p_tile,) = ctx.stationary, ctx.streamed, ctx.accs, ctx.work
+def _pv_step(ctx: StepContext, *, masked: bool, inv_norm: float, query_rows: bool):
+    """The forward (query_rows: Q stationary; K, V streamed) or dV (K stationary; Q, dO streamed):
+    for stationary a and streamed (b, c), S = a b^T, acc += P c with P = silu(S) / norm, which is
+    S = Q K^T, O += P V or S^T = K Q^T, dV += P^T dO."""
+    (a,), (b, c), (acc,), (p_tile,) = ctx.stationary, ctx.streamed, ctx.accs, ctx.work
     ctx.wait(0)
-    s = matmul(q, k.transpose((1, 0)), ctx.shape, after_issue=ctx.meet)
+    s = matmul(a, b.transpose((1, 0)), ctx.shape, after_issue=ctx.meet)
     ctx.free(0)
-    p, _ = _silu_and_slope(s, ctx, masked=masked, inv_norm=inv_norm, query_rows=True)
+    p, _ = _silu_and_slope(s, ctx, masked=masked, inv_norm=inv_norm, query_rows=query_rows)
     p_tile[...] = p.astype(p_tile.dtype)
     plgpu.commit_smem()
     ctx.wait(1)
     ctx.meet()  # the tensor cores are this consumer's again
-    plgpu.wgmma(o, p_tile, v)
+    plgpu.wgmma(acc, p_tile, c)
     plgpu.wgmma_wait(0)  # P's SMEM is rewritten next block
     ctx.free(1)
 
@@ -176,20 +179,9 @@ def _dkdv_step(ctx: StepContext, *, masked: bool, inv_norm: float):
     ctx.free(1)
 
 
-def _dv_step(ctx: StepContext, *, masked: bool, inv_norm: float):
-    """dV alone (split_dkdv): K stationary, Q and dO streamed; dV += P^T dO."""
-    (k,), (q, do), (dv,), (p_tile,) = ctx.stationary, ctx.streamed, ctx.accs, ctx.work
-    ctx.wait(0)
-    st = matmul(k, q.transpose((1, 0)), ctx.shape, after_issue=ctx.meet)
-    ctx.free(0)
-    pt, _ = _silu_and_slope(st, ctx, masked=masked, inv_norm=inv_norm, query_rows=False)
-    p_tile[...] = pt.astype(p_tile.dtype)
-    plgpu.commit_smem()
-    ctx.wait(1)
-    ctx.meet()
-    plgpu.wgmma(dv, p_tile, do)
-    plgpu.wgmma_wait(0)
-    ctx.free(1)
+# Each kernel's step: the query-major forward and dQ, the key-major dV and dK
+_forward_step, _dv_step = (functools.partial(_pv_step, query_rows=rows) for rows in (True, False))
+_dq_step, _dk_step = (functools.partial(_grad_step, query_rows=rows) for rows in (True, False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,8 +213,7 @@ def _mha_bwd(cfg: _Config, residuals, do):
     q, k, v, lengths, n_hist = residuals
     do = do.astype(q.dtype)
     scalars = [lengths, n_hist]
-    dq_step, dk_step = (functools.partial(_grad_step, query_rows=rows) for rows in (True, False))
-    [dq] = cfg.call(dq_step, _query_major_ranges, [q, do], [k, v], scalars, n_out=1, n_work=1, name="hstu_mgpu_dq")
+    [dq] = cfg.call(_dq_step, _query_major_ranges, [q, do], [k, v], scalars, n_out=1, n_work=1, name="hstu_mgpu_dq")
     if cfg.interpret:  # one interpreted kernel at a time: each holds threads of XLA's CPU pool
         dq, q, k, v, do = lax.optimization_barrier((dq, q, k, v, do))
     split = cfg.blocks.split_dkdv if cfg.blocks.split_dkdv is not None else q.shape[-1] > 64
@@ -230,7 +221,7 @@ def _mha_bwd(cfg: _Config, residuals, do):
         [dv] = cfg.call(_dv_step, _key_major_ranges, [k], [q, do], scalars, n_out=1, n_work=1, name="hstu_mgpu_dv")
         if cfg.interpret:
             dv, q, k, v, do = lax.optimization_barrier((dv, q, k, v, do))
-        [dk] = cfg.call(dk_step, _key_major_ranges, [k, v], [q, do], scalars, n_out=1, n_work=1, name="hstu_mgpu_dk")
+        [dk] = cfg.call(_dk_step, _key_major_ranges, [k, v], [q, do], scalars, n_out=1, n_work=1, name="hstu_mgpu_dk")
     else:
         dk, dv = cfg.call(_dkdv_step, _key_major_ranges, [k, v], [q, do], scalars, n_out=2, n_work=2,
                           name="hstu_mgpu_dkdv")

@@ -29,7 +29,7 @@ from flax import nnx
 from scaling.config_schema import ConfigError, knob
 from scaling.data.spec import SequenceSpec
 from scaling.kernels.dispatch import IMPL_HELP, KernelImpl
-from scaling.kernels.hstu_attention import hstu_mha, mosaic_hstu_mha, projected_mha, projection_fusable
+from scaling.kernels.hstu_attention import hstu_mha, projected_mha, projection_fusable
 from scaling.kernels.row_norm import gated_layer_norm
 from scaling.models.embedding import embedding_table
 from scaling.sharding.embedding import lookup, natural_table
@@ -190,11 +190,8 @@ class HSTUBlock(nnx.Module):
         the time buckets [B, N, N] if already computed (the encoder computes them once)."""
         n = x.shape[1]
         u, v, q, k = self.project(x)
-        if self.cfg.attention_impl == "mosaic":
-            attn = mosaic_hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n)
-        else:
-            attn = hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n, impl=self.cfg.attention_impl,
-                            **self._bias(n, timestamps, query_timestamps, buckets))
+        attn = hstu_mha(q, k, v, lengths, norm=norm or self.cfg.attn_norm or n, impl=self.cfg.attention_impl,
+                        **self._bias(n, timestamps, query_timestamps, buckets))
         return self.output(x, u, attn), k, v
 
     def __call__(self, x: jax.Array, timestamps: jax.Array, lengths: jax.Array,

@@ -37,6 +37,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from scaling.atomic_json import write_json
 from scaling.config import RunConfig, load_run_config, load_yaml, run_id, set_path
 from scaling.config_schema import ConfigError, _did_you_mean
 
@@ -116,13 +117,7 @@ class Sweep:
         }
 
     def write_manifest(self) -> str:
-        os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, "sweep.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.manifest(), f, indent=2, default=str)
-        os.replace(tmp, path)
-        return path
+        return write_json(os.path.join(self.directory, "sweep.json"), self.manifest(), indent=2, default=str)
 
 
 def _fmt(value: Any) -> str:

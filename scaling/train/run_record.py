@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 import jax
 
+from scaling.atomic_json import write_json
+
 Status = Literal["ok", "diverged", "failed", "oom", "running"]
 
 _PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "wandb", "recsys-scaling")
@@ -132,12 +134,7 @@ class RunRecord:
         return out
 
     def write(self, run_dir: str) -> str:
-        path = os.path.join(run_dir, "result.json")
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.to_json(), f, indent=2, sort_keys=False, default=float)
-        os.replace(tmp, path)
-        return path
+        return write_json(os.path.join(run_dir, "result.json"), self.to_json(), indent=2, default=float)
 
 
 def read_record(path: str) -> dict[str, Any]:
